@@ -1,0 +1,325 @@
+"""The one settings object.
+
+Every value can come from a `RAGSTREAM_`-prefixed environment variable (nested with `__`,
+e.g. `RAGSTREAM_KAFKA__BOOTSTRAP_SERVERS`), from an optional TOML/YAML/JSON config file
+named by `RAGSTREAM_CONFIG_FILE`, or from defaults. The defaults describe the embedded stack
+under `./.ragstream/`; production values (Kafka, Triton, Weaviate, Iceberg REST) come from env
+or file. Nothing else in ragstream reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from ragstream.schemas.errors import ConfigError
+
+__all__ = [
+    "ChunkingSettings",
+    "EmbedSettings",
+    "IcebergSettings",
+    "KafkaSettings",
+    "Settings",
+    "TritonSettings",
+    "VectorStoreSettings",
+    "load_settings",
+    "write_settings_file",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    """Where the broker is and how topics are named.
+
+    `bootstrap_servers=None` means the embedded Tansu broker on `embedded_port`.
+    """
+
+    bootstrap_servers: str | None = None
+    embedded_port: int = 19092
+    topic_prefix: str = "ragstream"
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    # Tansu does not wake a parked fetch when data arrives, so every hop waits out the fetch
+    # wait. Small on the embedded broker; raise it (e.g. 500) against Apache Kafka to save CPU.
+    fetch_max_wait_ms: int = Field(default=10, ge=0)
+    session_timeout_s: float = 6.0
+    heartbeat_interval_s: float = 1.5
+    max_message_bytes: int = 16 * 1024 * 1024
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.bootstrap_servers is None
+
+    @property
+    def servers(self) -> str:
+        return self.bootstrap_servers or f"127.0.0.1:{self.embedded_port}"
+
+
+class TritonSettings(_Section):
+    """Triton endpoint. `url=None` means the local pytriton server on `embedded_grpc_port`."""
+
+    url: str | None = None
+    embedded_grpc_port: int = 18001
+    embedded_http_port: int = 18000
+    embedded_metrics_port: int = 18002
+    request_timeout_s: float = 30.0
+    startup_timeout_s: float = 120.0
+    embed_model: str = "embed-minilm"
+    max_batch_size: int = Field(default=64, ge=1)
+    batch_queue_delay_us: int = Field(default=2000, ge=0)
+    cpu_threads: int = Field(default=2, ge=1)
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None
+
+    @property
+    def grpc_url(self) -> str:
+        return self.url or f"127.0.0.1:{self.embedded_grpc_port}"
+
+
+class EmbedSettings(_Section):
+    """Embed-stage batching: full batches under load, no added wait when idle."""
+
+    batch_size: int = Field(default=32, ge=1)
+    # Upper bound on how long a partial batch waits for more chunks that are already in flight.
+    max_wait_ms: int = Field(default=5, ge=0)
+    dimension: int = 384
+    model_id: str = "all-MiniLM-L6-v2"
+
+
+class ChunkingSettings(_Section):
+    """Chunk sizes, plus the limits that keep one hostile document from stalling ingest."""
+
+    max_tokens: int = Field(default=200, ge=16, le=510)
+    overlap_tokens: int = Field(default=40, ge=0)
+    max_document_bytes: int = Field(default=2_000_000, ge=1)
+    # Extracted text can be far larger than the bytes (compressed PDF streams).
+    max_text_chars: int = Field(default=4_000_000, ge=1)
+    max_pdf_pages: int = Field(default=500, ge=1)
+    # Checked between pages; a single page cannot be interrupted.
+    pdf_time_budget_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingSettings:
+        if self.overlap_tokens * 2 > self.max_tokens:
+            raise ValueError("overlap_tokens must be at most half of max_tokens")
+        return self
+
+
+class VectorStoreSettings(_Section):
+    """`kind="lancedb"` is embedded under the data dir; `kind="weaviate"` needs `weaviate_url`."""
+
+    kind: Literal["lancedb", "weaviate"] = "lancedb"
+    lancedb_uri: str | None = None
+    table: str = "chunks"
+    weaviate_url: str | None = None
+    weaviate_grpc_port: int = 50051
+    weaviate_api_key: SecretStr | None = None
+    weaviate_collection: str = "RagstreamChunk"
+    # gRPC host and TLS follow `weaviate_url` unless set (e.g. a separate gRPC ingress).
+    weaviate_grpc_host: str | None = None
+    weaviate_grpc_secure: bool | None = None
+    weaviate_timeout_s: float = Field(default=30.0, gt=0)
+    # How stale a LanceDB reader may be: 0 re-checks the table on every read (a cheap manifest
+    # check on local disk), so another process's writes are visible at once; None never re-checks.
+    lancedb_read_consistency_s: float | None = Field(default=0.0, ge=0)
+    # Rows written after the FTS index was built stay searchable (scanned, not indexed), so this
+    # only bounds how much is scanned. 0 turns the writer's background optimize off.
+    lancedb_optimize_interval_s: float = Field(default=60.0, ge=0)
+    lancedb_keep_versions_s: float = Field(default=3600.0, ge=0)
+    # Hybrid search fuses the top `top_k * hybrid_candidates_factor` of each ranked list.
+    hybrid_candidates_factor: int = Field(default=4, ge=1)
+    rrf_k: int = Field(default=60, ge=1)
+
+
+class IcebergSettings(_Section):
+    """`catalog_uri=None` means a SQLite SqlCatalog with a file warehouse under the data dir."""
+
+    catalog_name: str = "ragstream"
+    catalog_uri: str | None = None
+    catalog_type: Literal["sql", "rest"] = "sql"
+    warehouse: str | None = None
+    namespace: str = "ragstream"
+    s3_endpoint: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+
+
+class Settings(BaseSettings):
+    """All of ragstream's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAGSTREAM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path(".ragstream")
+    config_file: Path | None = None
+    log_level: str = "INFO"
+    default_tenant: str = "default"
+    kafka: KafkaSettings = KafkaSettings()
+    triton: TritonSettings = TritonSettings()
+    embed: EmbedSettings = EmbedSettings()
+    chunking: ChunkingSettings = ChunkingSettings()
+    vector_store: VectorStoreSettings = VectorStoreSettings()
+    iceberg: IcebergSettings = IcebergSettings()
+    workers: tuple[str, ...] = ("ingest", "embed", "index")
+    worker_restart_backoff_s: float = 1.0
+    ready_timeout_s: float = 180.0
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls, init_settings, env_settings))
+
+    # Derived paths of the embedded stack -------------------------------------------------
+    @cached_property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @cached_property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @cached_property
+    def lancedb_uri(self) -> str:
+        return self.vector_store.lancedb_uri or str(self.data_dir / "lancedb")
+
+    @cached_property
+    def iceberg_catalog_uri(self) -> str:
+        return self.iceberg.catalog_uri or f"sqlite:///{self.data_dir / 'iceberg' / 'catalog.db'}"
+
+    @cached_property
+    def iceberg_warehouse(self) -> str:
+        return self.iceberg.warehouse or f"file://{self.data_dir / 'iceberg' / 'warehouse'}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.kafka.topic_prefix}.{name}"
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by `config_file` (argument or env). TOML, YAML or JSON by suffix.
+
+    It ranks below the environment, so `RAGSTREAM_*` variables override the file.
+    """
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        *named_by: PydanticBaseSettingsSource,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._named_by = named_by
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        for source in self._named_by:
+            raw = source().get("config_file")
+            if raw:
+                return read_config_file(Path(str(raw)).expanduser())
+        return {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a config file; unknown keys fail later in validation, with their name.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data.pop("config_file", None)
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings: explicit overrides > environment > config file > defaults.
+
+    Raises:
+        ConfigError: the file or a value is invalid; the message names the field.
+    """
+    from pydantic import ValidationError
+
+    if config_file is not None:
+        overrides["config_file"] = config_file
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def write_settings_file(settings: Settings, path: Path) -> Path:
+    """Write the resolved settings (secrets included, mode 0600) for child processes.
+
+    Children started with `RAGSTREAM_CONFIG_FILE=path` then agree with the parent even when
+    the parent's values came from arguments rather than the environment.
+    """
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    data = plain(settings.model_dump(exclude={"config_file"}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.touch(mode=0o600)
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,131 @@
+"""The embedded stack: which processes make it up and how each is known to be ready.
+
+Broker first; then Triton and the workers together (a worker's group join overlaps the model
+load, and the embed stage retries until Triton answers). Topics, the LanceDB directory and
+the Iceberg namespace are created once the broker is up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ragstream.infra import kafka
+from ragstream.infra.iceberg import ensure_namespace
+from ragstream.infra.settings import Settings, write_settings_file
+from ragstream.infra.supervisor import Component, Supervisor
+from ragstream.streams.topics import ALL_TOPICS
+from ragstream.workers.main import STAGES, heartbeat_path
+
+__all__ = ["build_supervisor", "create_all_topics", "state_path", "worker_health"]
+
+log = logging.getLogger(__name__)
+
+_HEARTBEAT_STALE_S = 10.0
+
+
+def state_path(settings: Settings) -> Path:
+    return settings.run_dir / "stack.json"
+
+
+def create_all_topics(settings: Settings) -> list[str]:
+    specs = [
+        kafka.NewTopicSpec(t.full_name(settings.kafka.topic_prefix), settings.kafka.partitions)
+        for t in ALL_TOPICS
+    ]
+    return kafka.create_topics(settings, specs)
+
+
+def worker_health(settings: Settings, stage: str) -> dict[str, object] | None:
+    """The worker's last heartbeat, or None if it has none or it is stale."""
+    try:
+        hb: dict[str, object] = json.loads(heartbeat_path(settings, stage).read_text())
+    except (OSError, ValueError):
+        return None
+    ts = hb.get("ts")
+    if not isinstance(ts, int | float) or time.time() - ts > _HEARTBEAT_STALE_S:
+        return None
+    return hb
+
+
+def _worker_ready(settings: Settings, stage: str) -> bool:
+    hb = worker_health(settings, stage)
+    return bool(hb and hb.get("ready"))
+
+
+def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervisor:
+    """Describe the embedded stack; nothing starts until `Supervisor.start()`."""
+    from ragstream.infra.model_server import model_server_command
+    from ragstream.infra.triton import is_ready as triton_ready
+
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = write_settings_file(settings, settings.run_dir / "settings.json")
+    child_env = {"RAGSTREAM_CONFIG_FILE": str(settings_file), "PYTHONUNBUFFERED": "1"}
+    components: list[Component] = []
+
+    if settings.kafka.embedded:
+
+        def after_broker() -> None:
+            created = create_all_topics(settings)
+            if created:
+                log.info("created topics: %s", ", ".join(created))
+
+        components.append(
+            Component(
+                name="broker",
+                argv=kafka.broker_command(settings),
+                ready=lambda: kafka.broker_is_up(settings, timeout_s=1.0),
+                wave=0,
+                after_start=after_broker,
+                # Memory storage: a restarted broker has lost the workers' offsets and groups.
+                restart_dependents=tuple(f"worker-{s}" for s in settings.workers),
+                stop_timeout_s=5.0,
+            )
+        )
+
+    if with_models and settings.triton.embedded:
+        argv, env = model_server_command(settings)
+        env.update(child_env)
+        components.append(
+            Component(
+                name="triton",
+                argv=argv,
+                env=env,
+                ready=lambda: all(triton_ready(settings, timeout_s=1.0).values()),
+                wave=1,
+                stop_timeout_s=20.0,
+            )
+        )
+
+    for stage in settings.workers:
+        if stage not in STAGES:
+            from ragstream.schemas.errors import ConfigError
+
+            raise ConfigError(f"unknown worker stage {stage!r}; known: {', '.join(STAGES)}")
+        components.append(
+            Component(
+                name=f"worker-{stage}",
+                argv=[sys.executable, "-m", "ragstream", "worker", stage],
+                env=child_env,
+                ready=lambda stage=stage: _worker_ready(settings, stage),  # type: ignore[misc]
+                liveness=lambda stage=stage: worker_health(settings, stage) is not None,  # type: ignore[misc]
+                wave=1,
+            )
+        )
+
+    Path(settings.lancedb_uri).mkdir(parents=True, exist_ok=True)
+    if settings.iceberg.catalog_type == "sql":
+        ensure_namespace(settings)
+    return Supervisor(
+        components,
+        log_dir=settings.log_dir,
+        state_path=state_path(settings),
+        ready_timeout_s=settings.ready_timeout_s,
+        restart_backoff_s=settings.worker_restart_backoff_s,
+    )
+
+

@@ -1,0 +1,90 @@
+"""One error hierarchy. The subtree an error belongs to says what happens next.
+
+- `BadInputError`: the message can never succeed. It goes to the dead-letter topic with its
+  `kind` as the reason, and the caller (if one can be identified) gets an error response.
+- `TransientError`: a dependency hiccup. The stage retries with backoff, then dead-letters.
+- `ConfigError`: the deployment is wrong. The process fails at start with a clear message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadInputError",
+    "ConfigError",
+    "DependencyUnavailable",
+    "DocumentTooLarge",
+    "EmptyDocument",
+    "RagstreamError",
+    "SchemaViolation",
+    "StartupError",
+    "TransientError",
+    "UnreadableDocument",
+    "UnsupportedMediaType",
+]
+
+
+class RagstreamError(Exception):
+    """Root of every error ragstream raises on purpose."""
+
+
+# --- dead-letter ------------------------------------------------------------------------
+class BadInputError(RagstreamError):
+    """The input itself is bad; retrying cannot help. Dead-letter it."""
+
+    kind = "bad_input"
+
+
+class SchemaViolation(BadInputError):
+    """Bytes that are not JSON, or JSON that does not match the topic's event contract."""
+
+    kind = "schema_violation"
+
+
+class UnsupportedMediaType(BadInputError):
+    kind = "unsupported_media_type"
+
+
+class UnreadableDocument(BadInputError):
+    """The bytes claim a media type but cannot be parsed as one (e.g. a corrupt PDF)."""
+
+    kind = "unreadable_document"
+
+
+class EmptyDocument(BadInputError):
+    """Parsing succeeded but left no text to index."""
+
+    kind = "empty_document"
+
+
+class DocumentTooLarge(BadInputError):
+    kind = "document_too_large"
+
+
+# --- retry ------------------------------------------------------------------------------
+class TransientError(RagstreamError):
+    """A dependency failed in a way that may pass. Retry after `retry_after_s`."""
+
+    kind = "transient"
+
+    def __init__(self, message: str, *, retry_after_s: float = 0.5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DependencyUnavailable(TransientError):
+    """Triton, the vector store or the catalog did not answer."""
+
+    kind = "dependency_unavailable"
+
+
+# --- fail at start ----------------------------------------------------------------------
+class ConfigError(RagstreamError):
+    """Settings are invalid or inconsistent. Fix the configuration and start again."""
+
+    kind = "config_error"
+
+
+class StartupError(RagstreamError):
+    """A component of the stack could not be started or did not become ready in time."""
+
+    kind = "startup_error"

@@ -1,0 +1,1 @@
+"""One module per stage: a plain `handle_*` coroutine plus a thin Faust agent (`register`)."""

@@ -1,0 +1,194 @@
+"""Worker processes: `ragstream worker STAGE` runs one stage as a Faust worker.
+
+Each stage is a thin agent: it takes messages off its input topic and hands them to the
+`StageRunner` with the stage's plain handler. A timer writes a heartbeat file (liveness,
+partition assignment, counters) that the supervisor and `ragstream status` read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragstream.infra.settings import Settings
+from ragstream.schemas.errors import ConfigError
+from ragstream.schemas.events import Event
+from ragstream.streams.app import RagstreamApp, create_app, faust_topic
+from ragstream.streams.stage import Emit, Message, StageRunner
+from ragstream.streams.topics import CHUNKS, DOCUMENTS, EMBEDDED, TopicSpec
+
+__all__ = ["STAGES", "StageDef", "build_worker_app", "heartbeat_path", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]]
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    source: TopicSpec
+    batch_size: Callable[[Settings], int]
+    max_wait_s: Callable[[Settings], float]
+    open: Callable[[Settings], Any]
+    """Returns an async context manager yielding the stage's handler."""
+
+
+class _Resources:
+    """Starts the stage's dependencies when the agent starts and closes them after."""
+
+    def __init__(self, build: Callable[[], Awaitable[tuple[Handler, list[Any]]]]) -> None:
+        self._build = build
+        self._closables: list[Any] = []
+
+    async def __aenter__(self) -> Handler:
+        handler, self._closables = await self._build()
+        return handler
+
+    async def __aexit__(self, *exc: object) -> None:
+        for c in reversed(self._closables):
+            await c.close()
+
+
+def _open_ingest(settings: Settings) -> _Resources:
+    async def build() -> tuple[Handler, list[Any]]:
+        from ragstream.infra.vectorstore import open_vector_store
+        from ragstream.workers import ingest
+
+        store = open_vector_store(settings)
+        await store.start()
+        deps = ingest.build_deps(settings, store)
+
+        async def handler(events: Sequence[Event]) -> Sequence[Emit]:
+            return await ingest.handle(events, deps)
+
+        return handler, [store]
+
+    return _Resources(build)
+
+
+def _open_embed(settings: Settings) -> _Resources:
+    async def build() -> tuple[Handler, list[Any]]:
+        from ragstream.infra.embedder import TritonEmbedder
+        from ragstream.workers.embed import handle_chunks
+
+        embedder = TritonEmbedder(settings)
+        await embedder.start()
+
+        async def handler(events: Sequence[Event]) -> Sequence[Emit]:
+            return await handle_chunks(events, embedder)
+
+        return handler, [embedder]
+
+    return _Resources(build)
+
+
+def _open_index(settings: Settings) -> _Resources:
+    async def build() -> tuple[Handler, list[Any]]:
+        from ragstream.infra.vectorstore import open_vector_store
+        from ragstream.workers.index import handle_embedded
+
+        store = open_vector_store(settings)
+        await store.start()
+
+        async def handler(events: Sequence[Event]) -> Sequence[Emit]:
+            return await handle_embedded(events, store)
+
+        return handler, [store]
+
+    return _Resources(build)
+
+
+STAGES: dict[str, StageDef] = {
+    "ingest": StageDef("ingest", DOCUMENTS, lambda s: 1, lambda s: 0.0, _open_ingest),
+    "embed": StageDef(
+        "embed", CHUNKS, lambda s: s.embed.batch_size, lambda s: s.embed.max_wait_ms / 1000, _open_embed
+    ),
+    "index": StageDef("index", EMBEDDED, lambda s: 256, lambda s: 0.005, _open_index),
+}
+"""Every stage, registered explicitly."""
+
+
+def heartbeat_path(settings: Settings, stage: str) -> Path:
+    return settings.run_dir / f"worker-{stage}.json"
+
+
+def build_worker_app(settings: Settings, stage: str) -> tuple[RagstreamApp, StageRunner]:
+    """The Faust app for one stage with its agent and heartbeat timer registered."""
+    try:
+        sdef = STAGES[stage]
+    except KeyError:
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}") from None
+    app = create_app(settings, stage)
+    topics: dict[str, Any] = {}
+
+    async def send(topic: str, key: bytes, value: bytes) -> Awaitable[Any]:
+        t = topics.get(topic)
+        if t is None:
+            t = topics[topic] = app.topic(topic, value_serializer="raw", key_serializer="raw")
+        fut: Awaitable[Any] = await t.send(key=key, value=value)
+        return fut
+
+    runner = StageRunner(settings, stage, send)
+    source = faust_topic(app, settings, sdef.source)
+    batch_size = sdef.batch_size(settings)
+    max_wait_s = sdef.max_wait_s(settings)
+
+    @app.agent(source, name=f"{settings.kafka.topic_prefix}.{stage}")  # type: ignore[untyped-decorator]
+    async def agent(stream: Any) -> None:
+        async with sdef.open(settings) as handler:
+            runner.ready = True
+            if batch_size == 1:
+                async for event in stream.events():
+                    await runner.run_one(sdef.source, Message.from_faust(event), lambda e: handler([e]))
+            else:
+                async for batch in stream.take_events(batch_size, within=max(max_wait_s, 0.001)):
+                    await runner.run_batch(sdef.source, [Message.from_faust(e) for e in batch], handler)
+
+    hb = heartbeat_path(settings, stage)
+
+    @app.timer(0.5)  # type: ignore[untyped-decorator]
+    async def heartbeat() -> None:
+        write_heartbeat(hb, stage, runner, bool(app.consumer.assignment()))
+
+    return app, runner
+
+
+def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "stage": stage,
+                "pid": os.getpid(),
+                "ts": time.time(),
+                "ready": runner.ready and assigned,
+                "processed": runner.processed,
+                "dead_lettered": runner.dead_lettered,
+            }
+        )
+    )
+    tmp.replace(path)
+
+
+def run_worker(settings: Settings, stage: str) -> None:
+    """Run one stage until SIGTERM/SIGINT (Faust's worker handles both gracefully)."""
+    import faust
+
+    app, _ = build_worker_app(settings, stage)
+    heartbeat_path(settings, stage).unlink(missing_ok=True)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level,
+        quiet=True,
+        redirect_stdouts=False,
+        override_logging=False,
+    )
+    worker.execute_from_commandline()
