@@ -33,7 +33,7 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(topics_app, name="topics")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -123,7 +123,7 @@ def _up_detached(settings: Settings, config: Path | None) -> None:
             break
         if code is not None:
             err.print(f"[red]ragstream failed to start[/] (exit {code}). See {log_path}:")
-            err.print(_tail(log_path))
+            err.print(_tail(log_path), markup=False, highlight=False)
             raise typer.Exit(1)
         if time.monotonic() - started > settings.ready_timeout_s + 30:
             err.print(f"[red]not ready after {settings.ready_timeout_s:.0f}s[/]; see {log_path}")

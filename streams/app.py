@@ -64,6 +64,8 @@ class RagstreamApp(faust.App):  # type: ignore[misc]
 def create_app(settings: Settings, stage: str, **conf: Any) -> RagstreamApp:
     """Build (but do not start) the Faust app of one stage."""
     kafka = settings.kafka
+    datadir = settings.data_dir / "run" / "faust" / stage
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     servers = ";".join(f"kafka://{s}" for s in kafka.servers.split(","))
     app = RagstreamApp(
         f"{kafka.topic_prefix}-{stage}",
@@ -87,7 +89,7 @@ def create_app(settings: Settings, stage: str, **conf: Any) -> RagstreamApp:
         web_enabled=False,
         web_bind="127.0.0.1",
         autodiscover=False,
-        datadir=str(settings.data_dir / "run" / "faust" / stage),
+        datadir=str(datadir),
         **conf,
     )
     app.fetch_max_wait_ms = kafka.fetch_max_wait_ms

@@ -71,7 +71,8 @@ async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Emit
     """
     state = await deps.store.document_state(doc.tenant, doc.document_id)
     if state is not None and doc.version < state.version:
-        return [emit(_verdict(doc, "stale", state.fingerprint or "", state.chunk_count))]
+        newest = max(state.fingerprints.values(), key=lambda f: f.version)
+        return [emit(_verdict(doc, "stale", newest.fingerprint, newest.chunk_count))]
 
     if doc.deleted:
         return [
@@ -97,10 +98,10 @@ async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Emit
 
     fingerprint = document_fingerprint(doc, data)
     if state is not None and state.is_complete(fingerprint):
-        return [emit(_verdict(doc, "unchanged", fingerprint, state.chunk_count))]
+        return [emit(_verdict(doc, "unchanged", fingerprint, state.fingerprints[fingerprint].chunk_count))]
 
     # Parsing and tokenising are CPU-bound; keep the event loop free for heartbeats.
-    spans, title = await asyncio.to_thread(_parse_and_chunk, doc, data, deps.chunker)
+    spans, title = await asyncio.to_thread(_parse_and_chunk, doc, data, deps)
     title = doc.title or title or doc.source.rsplit("/", 1)[-1] or doc.document_id
     n = len(spans)
     return [
@@ -135,9 +136,9 @@ async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Emit
     ]
 
 
-def _parse_and_chunk(doc: DocumentSubmitted, data: bytes, chunker: Chunker) -> tuple[list[Any], str]:
-    parsed = parse_document(data, doc.media_type, source=doc.source)
-    return list(chunker.chunk(parsed)), parsed.title
+def _parse_and_chunk(doc: DocumentSubmitted, data: bytes, deps: IngestDeps) -> tuple[list[Any], str]:
+    parsed = parse_document(data, doc.media_type, source=doc.source, settings=deps.chunking)
+    return list(deps.chunker.chunk(parsed)), parsed.title
 
 
 def _verdict(doc: DocumentSubmitted, outcome: Any, fingerprint: str, chunk_count: int) -> DocumentIndexed:

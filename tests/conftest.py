@@ -1,0 +1,114 @@
+"""Shared fixtures.
+
+`stack` starts the real embedded stack once per test session, through the real commands
+(`ragstream up --detach`, `ragstream down`), on free ports and a temporary data dir, and
+checks at the end that `down` left no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ragstream.infra.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "corpus"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    env: dict[str, str]
+
+    def cli(self, *args: str, timeout_s: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ragstream", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=REPO,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"ragstream {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+def stack_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
+    env.update(
+        {
+            "RAGSTREAM_DATA_DIR": str(data_dir),
+            "RAGSTREAM_KAFKA__EMBEDDED_PORT": str(free_port()),
+            "RAGSTREAM_TRITON__EMBEDDED_GRPC_PORT": str(free_port()),
+            "RAGSTREAM_TRITON__EMBEDDED_HTTP_PORT": str(free_port()),
+            "RAGSTREAM_TRITON__EMBEDDED_METRICS_PORT": str(free_port()),
+            "RAGSTREAM_LOG_LEVEL": "INFO",
+            "COLUMNS": "200",
+        }
+    )
+    return env
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def processes_using(data_dir: Path) -> list[psutil.Process]:
+    """Processes whose command line or environment points into the data dir."""
+    found = []
+    needle = str(data_dir)
+    for p in psutil.process_iter(["cmdline", "pid"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if needle in cmd or needle in str(p.environ().get("RAGSTREAM_DATA_DIR", "")) or needle in str(
+                p.environ().get("RAGSTREAM_CONFIG_FILE", "")
+            ):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("ragstream-data")
+    env = stack_env(data_dir)
+    s = Stack(settings_from_env(env), env)
+    try:
+        s.cli("up", "--detach", timeout_s=300)
+    except BaseException:
+        s.cli("down", check=False)
+        for log in sorted((data_dir / "logs").glob("*.log")):
+            sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}\n")
+        raise
+    yield s
+    s.cli("down", timeout_s=120)
+    deadline = time.monotonic() + 10
+    while processes_using(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftovers = processes_using(data_dir)
+    assert not leftovers, f"`ragstream down` left processes behind: {[p.info['cmdline'] for p in leftovers]}"
