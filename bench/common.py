@@ -93,6 +93,8 @@ class RssSampler:
         self.interval_s = interval_s
         self.peak_bytes = 0
         self.peak_by_name: dict[str, int] = {}
+        self.cpu_s_by_name: dict[str, float] = {}
+        self._cpu_seen: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -103,6 +105,13 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def mark_cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each labelled process (user + system)."""
+        out: dict[str, float] = {}
+        for name, cpu in self._cpu_seen.values():
+            out[name] = out.get(name, 0.0) + cpu
+        return out
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -116,10 +125,12 @@ class RssSampler:
             for p in procs:
                 try:
                     rss = p.memory_info().rss
+                    t = p.cpu_times()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
                 total += rss
                 name = _label(p)
+                self._cpu_seen[p.pid] = (name, t.user + t.system)
                 by_name[name] = by_name.get(name, 0) + rss
             if total > self.peak_bytes:
                 self.peak_bytes = total

@@ -101,8 +101,14 @@ def run(target_chunks: int = 600) -> Results:
                 warm.mkdir()
                 (warm / "w.md").write_text("# Warm-up\n\nOne small document to open every path once.")
                 ingest(settings, [warm], timeout_s=120)
+                time.sleep(0.5)
+                cpu0 = rss.mark_cpu()
                 report = ingest(settings, [root], timeout_s=900)
-                time.sleep(1.0)
+                time.sleep(0.5)
+                cpu1 = rss.mark_cpu()
+                idle0 = rss.mark_cpu()
+                time.sleep(5.0)
+                idle1 = rss.mark_cpu()
         finally:
             stack.down()
         statuses = {o.status for o in report.outcomes}
@@ -128,6 +134,12 @@ def run(target_chunks: int = 600) -> Results:
         res.add("stack peak RSS (sum over processes)", f"{peak_gb:.2f} GB", "<= 2.5 GB", verdict(peak_gb <= 2.5))
         for name, b in sorted(rss.peak_by_name.items(), key=lambda kv: -kv[1]):
             res.add(f"  of which {name}", f"{b / 1e6:.0f} MB")
+        cpu = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
+        for name, secs in sorted(cpu.items(), key=lambda kv: -kv[1]):
+            res.add(f"CPU during ingest: {name}", f"{secs:.1f} s ({secs / report.elapsed_s * 100:.0f}% of a core)")
+        idle = sum(idle1.values()) - sum(idle0.values())
+        res.add("stack CPU when idle", f"{idle / 5.0 * 100:.1f}% of a core")
+        res.raw["cpu_during_ingest_s"] = cpu
         res.raw.update(
             {
                 "documents": n_docs,

