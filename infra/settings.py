@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -142,10 +142,17 @@ class VectorStoreSettings(_Section):
     # How stale a LanceDB reader may be: 0 re-checks the table on every read (a cheap manifest
     # check on local disk), so another process's writes are visible at once; None never re-checks.
     lancedb_read_consistency_s: float | None = Field(default=0.0, ge=0)
-    # Rows written after the FTS index was built stay searchable (scanned, not indexed), so this
-    # only bounds how much is scanned. 0 turns the writer's background optimize off.
-    lancedb_optimize_interval_s: float = Field(default=60.0, ge=0)
+    # Rows written after the FTS index was built stay searchable (scanned, not indexed), but every
+    # write adds a fragment and the scan grows: 160 unoptimized 32-row writes made hybrid search
+    # 10x slower. The writer optimizes after this many writes, or this long after its first
+    # unoptimized write. interval 0 turns the writer's background optimize off.
+    lancedb_optimize_interval_s: float = Field(default=30.0, ge=0)
+    lancedb_optimize_after_writes: int = Field(default=100, ge=1)
     lancedb_keep_versions_s: float = Field(default=3600.0, ge=0)
+    # Exact (flat) vector search costs ~60-100 ms per query at 50k rows here; from this many rows
+    # the writer's optimize builds an IVF_HNSW_SQ index (~16 s at 50k rows). 0 = always flat.
+    lancedb_vector_index_min_rows: int = Field(default=50_000, ge=0)
+    lancedb_vector_index_partitions: int = Field(default=64, ge=1)
     # Hybrid search fuses the top `top_k * hybrid_candidates_factor` of each ranked list.
     hybrid_candidates_factor: int = Field(default=4, ge=1)
     rrf_k: int = Field(default=60, ge=1)
@@ -186,8 +193,23 @@ class Settings(BaseSettings):
     vector_store: VectorStoreSettings = VectorStoreSettings()
     iceberg: IcebergSettings = IcebergSettings()
     workers: tuple[str, ...] = ("ingest", "embed", "index")
+    weaviate_url: str | None = Field(default=None, exclude=True)
+    """Shorthand env `RAGSTREAM_WEAVIATE_URL`; moved into `vector_store.weaviate_url`."""
     worker_restart_backoff_s: float = 1.0
     ready_timeout_s: float = 180.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weaviate_shorthand(cls, data: Any) -> Any:
+        """`RAGSTREAM_WEAVIATE_URL` is shorthand for `RAGSTREAM_VECTOR_STORE__WEAVIATE_URL`."""
+        if isinstance(data, dict) and data.get("weaviate_url"):
+            data = dict(data)
+            url = data.pop("weaviate_url")
+            vs = data.get("vector_store")
+            vs = dict(vs) if isinstance(vs, dict) else ({} if vs is None else vs.model_dump())
+            vs.setdefault("weaviate_url", url)
+            data["vector_store"] = vs
+        return data
 
     @field_validator("data_dir")
     @classmethod
