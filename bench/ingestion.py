@@ -88,7 +88,9 @@ def run(target_chunks: int = 600) -> Results:
         settings = stack.settings
         root, texts = make_corpus(target_chunks, work, settings)
         n_docs = len(list(collect_files([root])))
-        console.print(f"corpus: {n_docs} documents, {len(texts)} chunks (batch size {settings.embed.batch_size})")
+        console.print(
+            f"corpus: {n_docs} documents, {len(texts)} chunks (batch size {settings.embed.batch_size})"
+        )
 
         before = asyncio.run(in_process_rate(settings, texts))
         console.print(f"in-process before: {before:.1f} chunks/s")
@@ -130,13 +132,22 @@ def run(target_chunks: int = 600) -> Results:
             f"{baseline:.1f} chunks/s (before {before:.1f}, after {after:.1f})",
         )
         res.add("ratio end-to-end / in-process", f"{ratio:.2f}", ">= 0.80", verdict(ratio >= 0.8))
-        res.add("`ragstream up` ready", f"{stack.ready_after_s:.1f} s", "<= 30 s", verdict(stack.ready_after_s <= 30))
-        res.add("stack peak RSS (sum over processes)", f"{peak_gb:.2f} GB", "<= 2.5 GB", verdict(peak_gb <= 2.5))
+        res.add(
+            "`ragstream up` ready",
+            f"{stack.ready_after_s:.1f} s",
+            "<= 30 s",
+            verdict(stack.ready_after_s <= 30),
+        )
+        res.add(
+            "stack peak RSS (sum over processes)", f"{peak_gb:.2f} GB", "<= 2.5 GB", verdict(peak_gb <= 2.5)
+        )
         for name, b in sorted(rss.peak_by_name.items(), key=lambda kv: -kv[1]):
             res.add(f"  of which {name}", f"{b / 1e6:.0f} MB")
         cpu = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
         for name, secs in sorted(cpu.items(), key=lambda kv: -kv[1]):
-            res.add(f"CPU during ingest: {name}", f"{secs:.1f} s ({secs / report.elapsed_s * 100:.0f}% of a core)")
+            res.add(
+                f"CPU during ingest: {name}", f"{secs:.1f} s ({secs / report.elapsed_s * 100:.0f}% of a core)"
+            )
         idle = sum(idle1.values()) - sum(idle0.values())
         res.add("stack CPU when idle", f"{idle / 5.0 * 100:.1f}% of a core")
         res.raw["cpu_during_ingest_s"] = cpu

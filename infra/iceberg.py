@@ -21,7 +21,9 @@ def catalog_properties(settings: Settings) -> dict[str, str]:
         props["type"] = "sql"
     else:
         if not ice.catalog_uri:
-            raise ConfigError("iceberg.catalog_type=rest needs iceberg.catalog_uri (RAGSTREAM_ICEBERG__CATALOG_URI)")
+            raise ConfigError(
+                "iceberg.catalog_type=rest needs iceberg.catalog_uri (RAGSTREAM_ICEBERG__CATALOG_URI)"
+            )
         props["type"] = "rest"
     if ice.s3_endpoint:
         props["s3.endpoint"] = ice.s3_endpoint

@@ -137,7 +137,7 @@ class Supervisor:
 
     # -- internals ---------------------------------------------------------------------
     def _spawn(self, c: Component) -> None:
-        logf = open(self.log_dir / f"{c.name}.log", "ab")  # noqa: SIM115 - owned by the child
+        logf = open(self.log_dir / f"{c.name}.log", "ab")
         logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {c.name}\n".encode())
         logf.flush()
         env = {**os.environ, **c.env}
@@ -162,7 +162,9 @@ class Supervisor:
                 assert c.proc is not None
                 code = c.proc.poll()
                 if code is not None:
-                    raise StartupError(f"{c.name} exited with {_describe(code)} while starting:\n{self._tail(c)}")
+                    raise StartupError(
+                        f"{c.name} exited with {_describe(code)} while starting:\n{self._tail(c)}"
+                    )
                 if _safe(c.ready):
                     c.ready_at = time.monotonic()
                     log.info("%s ready after %.1fs", c.name, c.ready_at - c.started_at)
@@ -182,7 +184,9 @@ class Supervisor:
             code = c.proc.poll()
             if code is not None:
                 c.last_exit = _describe(code)
-                log.error("%s exited with %s; restarting. Last log lines:\n%s", c.name, c.last_exit, self._tail(c))
+                log.error(
+                    "%s exited with %s; restarting. Last log lines:\n%s", c.name, c.last_exit, self._tail(c)
+                )
                 self._restart(c)
                 continue
             if c.ready_at is None and _safe(c.ready):
@@ -270,14 +274,14 @@ def _describe(code: int) -> str:
 def _safe(check: Callable[[], bool]) -> bool:
     try:
         return bool(check())
-    except Exception:  # noqa: BLE001 - a failing probe means "not ready", nothing more
+    except Exception:
         return False
 
 
 def _safe_call(fn: Callable[[], None], name: str) -> None:
     try:
         fn()
-    except Exception as exc:  # noqa: BLE001 - retried on the next restart
+    except Exception as exc:
         log.error("after-start hook of %s failed: %s", name, exc)
 
 
@@ -321,10 +325,11 @@ def stop_stack(state_path: Path, timeout_s: float = 60.0) -> bool:
     if state is None:
         return False
     sup = state.get("supervisor_pid")
+    sup = sup if isinstance(sup, int) else None
     children = [v.get("pid") for v in state.get("components", {}).values()]
     if not _alive(sup) and not any(_alive(p) for p in children):
         return False
-    if _alive(sup):
+    if sup is not None and _alive(sup):
         os.kill(sup, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while _alive(sup) and time.monotonic() < deadline:

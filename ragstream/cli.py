@@ -27,7 +27,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-schemas_app = typer.Typer(help="Event contracts (JSON Schema) for producers in any language.", no_args_is_help=True)
+schemas_app = typer.Typer(
+    help="Event contracts (JSON Schema) for producers in any language.", no_args_is_help=True
+)
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(topics_app, name="topics")
@@ -39,8 +41,12 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="Config file (TOML/YAML/JSON). Env: RAGSTREAM_CONFIG_FILE."),
 ]
-TenantOpt = Annotated[str | None, typer.Option("--tenant", "-t", help="Tenant (default: settings.default_tenant).")]
-GroupOpt = Annotated[list[str] | None, typer.Option("--group", "-g", help="Access group; repeat for several.")]
+TenantOpt = Annotated[
+    str | None, typer.Option("--tenant", "-t", help="Tenant (default: settings.default_tenant).")
+]
+GroupOpt = Annotated[
+    list[str] | None, typer.Option("--group", "-g", help="Access group; repeat for several.")
+]
 
 
 def _settings(config: Path | None) -> Settings:
@@ -59,7 +65,9 @@ def _settings(config: Path | None) -> Settings:
 @app.command()
 def up(
     config: ConfigOpt = None,
-    detach: Annotated[bool, typer.Option("--detach", "-d", help="Start in the background and return once ready.")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Start in the background and return once ready.")
+    ] = False,
 ) -> None:
     """Start the embedded stack: broker, Triton, workers, LanceDB and the Iceberg catalog.
 
@@ -71,7 +79,9 @@ def up(
     settings = _settings(config)
     state = read_state(state_path(settings))
     if state and _pid_alive(state.get("supervisor_pid")):
-        err.print(f"[red]A stack is already running (supervisor pid {state['supervisor_pid']}).[/] Use `ragstream down`.")
+        err.print(
+            f"[red]A stack is already running (supervisor pid {state['supervisor_pid']}).[/] Use `ragstream down`."
+        )
         raise typer.Exit(1)
 
     if detach:
@@ -180,7 +190,9 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     broker_ok = kafka.broker_is_up(settings, timeout_s=1.0)
-    rows.append({"component": "broker", "healthy": broker_ok, "detail": settings.kafka.servers, **proc_info("broker")})
+    rows.append(
+        {"component": "broker", "healthy": broker_ok, "detail": settings.kafka.servers, **proc_info("broker")}
+    )
     t = triton_ready(settings, timeout_s=1.0)
     models = ", ".join(f"{k}={'ready' if v else 'down'}" for k, v in t.items() if k != "server")
     rows.append(
@@ -229,7 +241,14 @@ def _catalog_row(settings: Settings) -> dict[str, Any]:
         detail = settings.iceberg_catalog_uri
     except RagstreamError as exc:
         ok, detail = False, str(exc)
-    return {"component": "iceberg-catalog", "healthy": ok, "detail": detail, "pid": None, "restarts": 0, "last_exit": None}
+    return {
+        "component": "iceberg-catalog",
+        "healthy": ok,
+        "detail": detail,
+        "pid": None,
+        "restarts": 0,
+        "last_exit": None,
+    }
 
 
 def _print_status(settings: Settings, rows: list[dict[str, Any]] | None = None) -> None:
@@ -270,7 +289,9 @@ def ingest(
     config: ConfigOpt = None,
     tenant: TenantOpt = None,
     group: GroupOpt = None,
-    meta: Annotated[list[str] | None, typer.Option("--meta", "-m", help="Metadata key=value; repeatable.")] = None,
+    meta: Annotated[
+        list[str] | None, typer.Option("--meta", "-m", help="Metadata key=value; repeatable.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until every document is indexed or dead-lettered.")] = True,
     timeout_s: Annotated[float, typer.Option("--timeout-s", help="How long to wait for outcomes.")] = 600.0,
 ) -> None:
@@ -379,9 +400,15 @@ def search(
 ) -> None:
     """Search the index directly (the same search the retrieval stage runs)."""
     settings = _settings(config)
-    hits = asyncio.run(_search(settings, query, tenant or settings.default_tenant, group or [], mode, top_k, alpha))
+    hits = asyncio.run(
+        _search(settings, query, tenant or settings.default_tenant, group or [], mode, top_k, alpha)
+    )
     if as_json:
-        console.print_json(json.dumps([h.model_dump() if hasattr(h, "model_dump") else h.__dict__ for h in hits], default=str))
+        console.print_json(
+            json.dumps(
+                [h.model_dump() if hasattr(h, "model_dump") else h.__dict__ for h in hits], default=str
+            )
+        )
         return
     table = Table(title=f"{mode} search: {query}")
     for col in ("#", "score", "document", "chunk", "heading", "text"):
@@ -389,7 +416,14 @@ def search(
     for i, h in enumerate(hits, 1):
         heading = " > ".join(h.headings) if getattr(h, "headings", None) else ""
         text = h.text.replace("\n", " ")
-        table.add_row(str(i), f"{h.score:.4f}", h.document_id, str(h.chunk_index), heading, text[:160] + ("…" if len(text) > 160 else ""))
+        table.add_row(
+            str(i),
+            f"{h.score:.4f}",
+            h.document_id,
+            str(h.chunk_index),
+            heading,
+            text[:160] + ("…" if len(text) > 160 else ""),
+        )
     console.print(table)
 
 
@@ -408,7 +442,7 @@ async def _search(
             embedder = TritonEmbedder(settings)
             await embedder.start()
             try:
-                vector = [float(x) for x in (await embedder.embed([query]))[0]]
+                vector = tuple(float(x) for x in (await embedder.embed([query]))[0])
             finally:
                 await embedder.close()
         return list(
@@ -460,7 +494,9 @@ def init(config: ConfigOpt = None) -> None:
     settings = _settings(config)
     created = create_all_topics(settings)
     ensure_namespace(settings)
-    console.print(f"topics created: {', '.join(created) or 'none (all existed)'}; namespace {settings.iceberg.namespace} ready")
+    console.print(
+        f"topics created: {', '.join(created) or 'none (all existed)'}; namespace {settings.iceberg.namespace} ready"
+    )
 
 
 @topics_app.command("create")
@@ -489,7 +525,9 @@ def topics_list(config: ConfigOpt = None) -> None:
 
 
 @schemas_app.command("export")
-def schemas_export(directory: Annotated[Path, typer.Argument(help="Where to write the .json files.")]) -> None:
+def schemas_export(
+    directory: Annotated[Path, typer.Argument(help="Where to write the .json files.")],
+) -> None:
     """Write a JSON Schema for every event, so non-Python producers can validate."""
     from ragstream.schemas.export import export_json_schemas
 

@@ -94,7 +94,9 @@ def _submission(
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
-        return _publish_failure(doc_id, tenant, source, "unreadable_document", f"cannot read {path}: {exc}", b"")
+        return _publish_failure(
+            doc_id, tenant, source, "unreadable_document", f"cannot read {path}: {exc}", b""
+        )
     if len(data) > limit:
         size = path.stat().st_size
         return _publish_failure(
@@ -125,9 +127,14 @@ def _submission(
     )
 
 
-def _publish_failure(doc_id: str, tenant: str, source: str, kind: str, reason: str, data: bytes) -> DeadLettered:
+def _publish_failure(
+    doc_id: str, tenant: str, source: str, kind: str, reason: str, data: bytes
+) -> DeadLettered:
     record = dead_letter_record(
-        "publish", Message(topic="", partition=None, offset=None, key=doc_id.encode(), value=data), kind, reason
+        "publish",
+        Message(topic="", partition=None, offset=None, key=doc_id.encode(), value=data),
+        kind,
+        reason,
     )
     return record.model_copy(
         update={
@@ -163,19 +170,23 @@ def ingest(
     prefix = settings.kafka.topic_prefix
     events: list[tuple[Event, str, str]] = []  # (event, document id, path)
     for path, doc_id in collect_files(paths):
-        events.append((_submission(settings, path, doc_id, tenant, groups, metadata or {}), doc_id, str(path)))
+        events.append(
+            (_submission(settings, path, doc_id, tenant, groups, metadata or {}), doc_id, str(path))
+        )
     for doc_id in delete_ids:
-        events.append((DocumentSubmitted(tenant=tenant, document_id=doc_id, deleted=True), doc_id, "(delete)"))
+        events.append(
+            (DocumentSubmitted(tenant=tenant, document_id=doc_id, deleted=True), doc_id, "(delete)")
+        )
 
     consumer = _outcome_consumer(settings) if wait else None
     pending: dict[str, tuple[str, str]] = {}
     report = IngestReport()
     producer = kafka.make_producer(settings)
     try:
-        for i, (event, doc_id, path) in enumerate(events, 1):
+        for i, (event, doc_id, origin) in enumerate(events, 1):
             spec = DEADLETTER if isinstance(event, DeadLettered) else DOCUMENTS
             producer.send(spec.full_name(prefix), key=event.kafka_key(), value=encode(event))
-            pending[event.event_id] = (doc_id, path)
+            pending[event.event_id] = (doc_id, origin)
             if on_published:
                 on_published(i, len(events))
         producer.flush()
@@ -197,8 +208,8 @@ def ingest(
                             on_outcome(outcome)
     finally:
         consumer.close()
-    for doc_id, path in pending.values():
-        report.outcomes.append(Outcome(doc_id, path, "timeout", reason=f"no outcome within {timeout_s:.0f}s"))
+    for doc_id, origin in pending.values():
+        report.outcomes.append(Outcome(doc_id, origin, "timeout", reason=f"no outcome within {timeout_s:.0f}s"))
     report.elapsed_s = time.monotonic() - started
     return report
 
@@ -233,7 +244,7 @@ def _match(record: Any, pending: dict[str, tuple[str, str]]) -> Outcome | None:
                 return None
             return Outcome(hit[0], hit[1], ev.outcome, chunk_count=ev.chunk_count)
         ev = decode(DEADLETTER, record.value)
-    except Exception:  # noqa: BLE001 - someone else's malformed record is not our outcome
+    except Exception:
         return None
     assert isinstance(ev, DeadLettered)
     hit = pending.pop(ev.source_event_id or "", None)

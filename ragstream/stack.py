@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -127,5 +126,3 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
         ready_timeout_s=settings.ready_timeout_s,
         restart_backoff_s=settings.worker_restart_backoff_s,
     )
-
-

@@ -49,7 +49,7 @@ class _Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
 
 
-class RagstreamApp(faust.App):  # type: ignore[misc]
+class RagstreamApp(faust.App):
     """A Faust app whose Kafka consumer honours our fetch wait."""
 
     fetch_max_wait_ms: int | None = None

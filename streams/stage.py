@@ -129,7 +129,7 @@ class StageRunner:
             for m, _ in good:
                 await self.dead_letter(m, exc)
             return
-        except Exception as exc:  # noqa: BLE001 - isolate the culprit, the worker lives on
+        except Exception as exc:
             if len(good) == 1:
                 await self.dead_letter(good[0][0], exc)
                 return
@@ -145,7 +145,7 @@ class StageRunner:
     async def _guarded(self, message: Message, call: Callable[[], Awaitable[Sequence[Emit]]]) -> None:
         try:
             outputs = await self._retrying(call)
-        except Exception as exc:  # noqa: BLE001 - dead-lettered, the worker lives on
+        except Exception as exc:
             await self.dead_letter(message, exc)
             return
         await self.publish(outputs)

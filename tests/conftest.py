@@ -46,7 +46,9 @@ class Stack:
             cwd=REPO,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"ragstream {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"ragstream {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
 
@@ -84,8 +86,10 @@ def processes_using(data_dir: Path) -> list[psutil.Process]:
     for p in psutil.process_iter(["cmdline", "pid"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if needle in cmd or needle in str(p.environ().get("RAGSTREAM_DATA_DIR", "")) or needle in str(
-                p.environ().get("RAGSTREAM_CONFIG_FILE", "")
+            if (
+                needle in cmd
+                or needle in str(p.environ().get("RAGSTREAM_DATA_DIR", ""))
+                or needle in str(p.environ().get("RAGSTREAM_CONFIG_FILE", ""))
             ):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -140,7 +140,7 @@ def build_worker_app(settings: Settings, stage: str) -> tuple[RagstreamApp, Stag
     batch_size = sdef.batch_size(settings)
     max_wait_s = sdef.max_wait_s(settings)
 
-    @app.agent(source, name=f"{settings.kafka.topic_prefix}.{stage}")  # type: ignore[untyped-decorator]
+    @app.agent(source, name=f"{settings.kafka.topic_prefix}.{stage}")
     async def agent(stream: Any) -> None:
         async with sdef.open(settings) as handler:
             runner.ready = True

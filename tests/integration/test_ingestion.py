@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -63,7 +62,9 @@ async def embedder(stack: Stack) -> Any:
     await e.close()
 
 
-async def search(store: VectorStore, embedder: Any, q: str, tenant: str, groups: tuple[str, ...], mode: str, k: int = 5):
+async def search(
+    store: VectorStore, embedder: Any, q: str, tenant: str, groups: tuple[str, ...], mode: str, k: int = 5
+):
     vector = None if mode == "keyword" else tuple(float(x) for x in (await embedder.embed([q]))[0])
     return await store.search(
         SearchQuery(tenant=tenant, access_groups=groups, text=q, vector=vector, top_k=k, mode=mode)  # type: ignore[arg-type]
@@ -80,7 +81,9 @@ async def test_corpus_is_indexed_with_the_chunk_counts_the_chunker_produces(
     for (root, tenant, _), report in zip(CORPORA, corpus_reports, strict=True):
         files = list(collect_files([root]))
         assert len(report.outcomes) == len(files)
-        assert report.ok, [(o.document_id, o.status, o.reason) for o in report.outcomes if o.status != "indexed"]
+        assert report.ok, [
+            (o.document_id, o.status, o.reason) for o in report.outcomes if o.status != "indexed"
+        ]
         by_id = {o.document_id: o for o in report.outcomes}
         for path, did in files:
             want = expected_chunks(stack.settings, path)
@@ -156,7 +159,8 @@ async def test_a_new_version_replaces_the_old_chunks_and_a_delete_removes_them(
     (old_fp,) = old_state.fingerprints
 
     doc.write_text(
-        src.read_text() + "\n\n## Zeppelin travel\n\nTravel by airship requires the ZEPPELIN-77 approval form.\n"
+        src.read_text()
+        + "\n\n## Zeppelin travel\n\nTravel by airship requires the ZEPPELIN-77 approval form.\n"
     )
     report = ingest(stack.settings, [root], tenant="larkspur", timeout_s=120)
     assert [o.status for o in report.outcomes] == ["indexed"]
@@ -202,7 +206,9 @@ def read_deadletters(stack: Stack) -> list[dict[str, Any]]:
     from kafka import TopicPartition
 
     topic = f"{stack.settings.kafka.topic_prefix}.deadletter"
-    consumer = make_consumer(stack.settings, group_id=None, auto_offset_reset="earliest", consumer_timeout_ms=1500)
+    consumer = make_consumer(
+        stack.settings, group_id=None, auto_offset_reset="earliest", consumer_timeout_ms=1500
+    )
     try:
         consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)])
         return [json.loads(r.value) for r in consumer]
