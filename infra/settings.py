@@ -83,7 +83,8 @@ class TritonSettings(_Section):
     request_timeout_s: float = 30.0
     startup_timeout_s: float = 120.0
     embed_model: str = "embed-minilm"
-    max_batch_size: int = Field(default=64, ge=1)
+    # Equal to embed.batch_size, so the server never merges beyond the batch the stage sends.
+    max_batch_size: int = Field(default=32, ge=1)
     batch_queue_delay_us: int = Field(default=2000, ge=0)
     cpu_threads: int = Field(default=2, ge=1)
 
@@ -102,6 +103,8 @@ class EmbedSettings(_Section):
     batch_size: int = Field(default=32, ge=1)
     # Upper bound on how long a partial batch waits for more chunks that are already in flight.
     max_wait_ms: int = Field(default=5, ge=0)
+    # Batches in flight: the next batch computes on Triton while the last one is published.
+    pipeline_depth: int = Field(default=2, ge=1, le=8)
     dimension: int = 384
     model_id: str = "all-MiniLM-L6-v2"
 

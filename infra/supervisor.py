@@ -274,14 +274,14 @@ def _describe(code: int) -> str:
 def _safe(check: Callable[[], bool]) -> bool:
     try:
         return bool(check())
-    except Exception:
+    except Exception:  # noqa: BLE001 - a failing probe means "not ready", nothing more
         return False
 
 
 def _safe_call(fn: Callable[[], None], name: str) -> None:
     try:
         fn()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - retried on the component's next restart
         log.error("after-start hook of %s failed: %s", name, exc)
 
 

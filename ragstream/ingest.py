@@ -21,6 +21,7 @@ from typing import Any
 from ragstream.infra import kafka
 from ragstream.infra.parsing import media_type_for_path
 from ragstream.infra.settings import Settings
+from ragstream.schemas.errors import SchemaViolation
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, DocumentSubmitted, Event, MetadataValue
 from ragstream.streams.codec import decode, encode
 from ragstream.streams.stage import Message, dead_letter_record
@@ -209,7 +210,9 @@ def ingest(
     finally:
         consumer.close()
     for doc_id, origin in pending.values():
-        report.outcomes.append(Outcome(doc_id, origin, "timeout", reason=f"no outcome within {timeout_s:.0f}s"))
+        report.outcomes.append(
+            Outcome(doc_id, origin, "timeout", reason=f"no outcome within {timeout_s:.0f}s")
+        )
     report.elapsed_s = time.monotonic() - started
     return report
 
@@ -244,7 +247,7 @@ def _match(record: Any, pending: dict[str, tuple[str, str]]) -> Outcome | None:
                 return None
             return Outcome(hit[0], hit[1], ev.outcome, chunk_count=ev.chunk_count)
         ev = decode(DEADLETTER, record.value)
-    except Exception:
+    except SchemaViolation:  # someone else's malformed record is not our outcome
         return None
     assert isinstance(ev, DeadLettered)
     hit = pending.pop(ev.source_event_id or "", None)

@@ -89,67 +89,60 @@ class StageRunner:
         self.dead_lettered = 0
         self.last_progress_monotonic = time.monotonic()
 
-    # -- one message at a time ----------------------------------------------------------
-    async def run_one(
+    # -- processing (no publishing) ------------------------------------------------------
+    async def process_batch(
         self,
         spec: TopicSpec,
-        message: Message,
-        handler: Callable[[Event], Awaitable[Sequence[Emit]]],
-    ) -> None:
-        try:
-            event = decode(spec, message.value)
-        except SchemaViolation as exc:
-            await self.dead_letter(message, exc)
-            return
-        await self._guarded(message, lambda: handler(event))
+        messages: Sequence[Message],
+        handler: Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]],
+    ) -> list[Emit]:
+        """Decode all, hand the valid ones to `handler` in order, return what to publish.
 
-    # -- batches ------------------------------------------------------------------------
+        The result includes a dead-letter record for each message that failed. If the
+        handler rejects the batch, each event is retried on its own, so only the culprit is
+        dead-lettered. Never raises.
+        """
+        out: list[Emit] = []
+        good: list[tuple[Message, Event]] = []
+        for m in messages:
+            try:
+                good.append((m, decode(spec, m.value)))
+            except SchemaViolation as exc:
+                out.append(self._dead_letter(m, exc))
+        if not good:
+            return out
+        try:
+            out.extend(await self._retrying(lambda: handler([e for _, e in good])))
+            self._progress(len(good))
+            return out
+        except _RetriesExhausted as exc:
+            out.extend(self._dead_letter(m, exc) for m, _ in good)
+            return out
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit, the worker lives on
+            if len(good) == 1:
+                out.append(self._dead_letter(good[0][0], exc))
+                return out
+            log.info("%s: batch of %d failed (%s); retrying one by one", self.stage, len(good), exc)
+        for m, e in good:
+            try:
+                out.extend(await self._retrying(lambda e=e: handler([e])))  # type: ignore[misc]
+                self._progress(1)
+            except Exception as exc:  # noqa: BLE001 - dead-lettered, the worker lives on
+                out.append(self._dead_letter(m, exc))
+        return out
+
     async def run_batch(
         self,
         spec: TopicSpec,
         messages: Sequence[Message],
         handler: Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]],
     ) -> None:
-        """Decode all, hand the valid ones to `handler` in order, publish its output.
-
-        If the handler rejects the batch as bad input, each event is retried on its own, so
-        only the bad one is dead-lettered.
-        """
-        good: list[tuple[Message, Event]] = []
-        for m in messages:
-            try:
-                good.append((m, decode(spec, m.value)))
-            except SchemaViolation as exc:
-                await self.dead_letter(m, exc)
-        if not good:
-            return
-        try:
-            outputs = await self._retrying(lambda: handler([e for _, e in good]))
-        except _RetriesExhausted as exc:
-            for m, _ in good:
-                await self.dead_letter(m, exc)
-            return
-        except Exception as exc:
-            if len(good) == 1:
-                await self.dead_letter(good[0][0], exc)
-                return
-            log.info("%s: batch of %d failed (%s); retrying one by one", self.stage, len(good), exc)
-            for m, e in good:
-                await self._guarded(m, lambda e=e: handler([e]))  # type: ignore[misc]
-            return
-        await self.publish(outputs)
-        self.processed += len(good)
-        self.last_progress_monotonic = time.monotonic()
+        """Process and publish one batch (the unpipelined path)."""
+        await self.publish(await self.process_batch(spec, messages, handler))
 
     # -- shared -------------------------------------------------------------------------
-    async def _guarded(self, message: Message, call: Callable[[], Awaitable[Sequence[Emit]]]) -> None:
-        try:
-            outputs = await self._retrying(call)
-        except Exception as exc:
-            await self.dead_letter(message, exc)
-            return
-        await self.publish(outputs)
-        self.processed += 1
+    def _progress(self, n: int) -> None:
+        self.processed += n
         self.last_progress_monotonic = time.monotonic()
 
     async def _retrying(self, call: Callable[[], Awaitable[Sequence[Emit]]]) -> Sequence[Emit]:
@@ -178,6 +171,10 @@ class StageRunner:
             await fut
 
     async def dead_letter(self, message: Message, exc: BaseException) -> None:
+        """Publish a dead-letter record for one message now."""
+        await self.publish([self._dead_letter(message, exc)])
+
+    def _dead_letter(self, message: Message, exc: BaseException) -> Emit:
         if isinstance(exc, BadInputError):
             kind = exc.kind
         elif isinstance(exc, _RetriesExhausted):
@@ -195,9 +192,9 @@ class StageRunner:
         record = dead_letter_record(self.stage, message, kind, str(exc) or type(exc).__name__)
         if kind != "internal_error":
             log.info("%s: dead-lettered %s: %s", self.stage, kind, record.message)
-        await self.publish([Emit(DEADLETTER, record)])
         self.dead_lettered += 1
         self.last_progress_monotonic = time.monotonic()
+        return Emit(DEADLETTER, record)
 
 
 class _RetriesExhausted(Exception):

@@ -20,7 +20,8 @@ from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import ConfigError
 from ragstream.schemas.events import Event
 from ragstream.streams.app import RagstreamApp, create_app, faust_topic
-from ragstream.streams.stage import Emit, Message, StageRunner
+from ragstream.streams.pipeline import BatchPipeline
+from ragstream.streams.stage import Emit, StageRunner
 from ragstream.streams.topics import CHUNKS, DOCUMENTS, EMBEDDED, TopicSpec
 
 __all__ = ["STAGES", "StageDef", "build_worker_app", "heartbeat_path", "run_worker"]
@@ -38,6 +39,8 @@ class StageDef:
     max_wait_s: Callable[[Settings], float]
     open: Callable[[Settings], Any]
     """Returns an async context manager yielding the stage's handler."""
+    depth: Callable[[Settings], int] = lambda s: 1
+    """Batches in flight; >1 only for stages whose effects do not depend on order."""
 
 
 class _Resources:
@@ -106,11 +109,17 @@ def _open_index(settings: Settings) -> _Resources:
 
 
 STAGES: dict[str, StageDef] = {
-    "ingest": StageDef("ingest", DOCUMENTS, lambda s: 1, lambda s: 0.0, _open_ingest),
+    "ingest": StageDef("ingest", DOCUMENTS, lambda s: 8, lambda s: 0.0, _open_ingest),
     "embed": StageDef(
-        "embed", CHUNKS, lambda s: s.embed.batch_size, lambda s: s.embed.max_wait_ms / 1000, _open_embed
+        "embed",
+        CHUNKS,
+        lambda s: s.embed.batch_size,
+        lambda s: s.embed.max_wait_ms / 1000,
+        _open_embed,
+        depth=lambda s: s.embed.pipeline_depth,
     ),
-    "index": StageDef("index", EMBEDDED, lambda s: 256, lambda s: 0.005, _open_index),
+    # depth 1: a document is swapped in when its last chunk lands, which needs order.
+    "index": StageDef("index", EMBEDDED, lambda s: 256, lambda s: 0.0, _open_index),
 }
 """Every stage, registered explicitly."""
 
@@ -137,19 +146,20 @@ def build_worker_app(settings: Settings, stage: str) -> tuple[RagstreamApp, Stag
 
     runner = StageRunner(settings, stage, send)
     source = faust_topic(app, settings, sdef.source)
-    batch_size = sdef.batch_size(settings)
-    max_wait_s = sdef.max_wait_s(settings)
 
     @app.agent(source, name=f"{settings.kafka.topic_prefix}.{stage}")
     async def agent(stream: Any) -> None:
         async with sdef.open(settings) as handler:
+            pipeline = BatchPipeline(
+                runner,
+                sdef.source,
+                handler,
+                batch_size=sdef.batch_size(settings),
+                max_wait_s=sdef.max_wait_s(settings),
+                depth=sdef.depth(settings),
+            )
             runner.ready = True
-            if batch_size == 1:
-                async for event in stream.events():
-                    await runner.run_one(sdef.source, Message.from_faust(event), lambda e: handler([e]))
-            else:
-                async for batch in stream.take_events(batch_size, within=max(max_wait_s, 0.001)):
-                    await runner.run_batch(sdef.source, [Message.from_faust(e) for e in batch], handler)
+            await pipeline.run(stream.noack().events())
 
     hb = heartbeat_path(settings, stage)
 
