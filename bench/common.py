@@ -20,7 +20,7 @@ from rich.table import Table
 from ragstream.infra.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-console = Console()
+console = Console(width=130)
 
 
 def free_port() -> int:

@@ -56,6 +56,10 @@ class KafkaSettings(_Section):
     # Tansu does not wake a parked fetch when data arrives, so every hop waits out the fetch
     # wait. Small on the embedded broker; raise it (e.g. 500) against Apache Kafka to save CPU.
     fetch_max_wait_ms: int = Field(default=10, ge=0)
+    # The document path (ingest, embed, index) is throughput-bound, not latency-bound: under
+    # load a fetch returns at once anyway, and when idle a longer wait spares the broker
+    # hundreds of empty polls a second.
+    document_path_fetch_max_wait_ms: int = Field(default=100, ge=0)
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.5
     max_message_bytes: int = 16 * 1024 * 1024
@@ -196,6 +200,8 @@ class Settings(BaseSettings):
     vector_store: VectorStoreSettings = VectorStoreSettings()
     iceberg: IcebergSettings = IcebergSettings()
     workers: tuple[str, ...] = ("ingest", "embed", "index")
+    index_max_wait_ms: int = Field(default=50, ge=0)
+    """How long the index stage gathers embedded chunks into one store write."""
     weaviate_url: str | None = Field(default=None, exclude=True)
     """Shorthand env `RAGSTREAM_WEAVIATE_URL`; moved into `vector_store.weaviate_url`."""
     worker_restart_backoff_s: float = 1.0

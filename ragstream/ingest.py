@@ -222,7 +222,10 @@ def _outcome_consumer(settings: Settings) -> Any:
     from kafka import TopicPartition
 
     prefix = settings.kafka.topic_prefix
-    consumer = kafka.make_consumer(settings, group_id=None, auto_offset_reset="earliest")
+    # Outcomes are not latency-critical: a longer fetch wait spares the broker empty polls.
+    consumer = kafka.make_consumer(
+        settings, group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=100
+    )
     tps = [
         TopicPartition(spec.full_name(prefix), p)
         for spec in (INDEXED, DEADLETTER)

@@ -61,8 +61,13 @@ class RagstreamApp(faust.App):
         return _Transport(self.conf.broker_producer, self)
 
 
-def create_app(settings: Settings, stage: str, **conf: Any) -> RagstreamApp:
-    """Build (but do not start) the Faust app of one stage."""
+def create_app(
+    settings: Settings, stage: str, *, fetch_max_wait_ms: int | None = None, **conf: Any
+) -> RagstreamApp:
+    """Build (but do not start) the Faust app of one stage.
+
+    `fetch_max_wait_ms` defaults to `settings.kafka.fetch_max_wait_ms`.
+    """
     kafka = settings.kafka
     datadir = settings.data_dir / "run" / "faust" / stage
     datadir.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +97,7 @@ def create_app(settings: Settings, stage: str, **conf: Any) -> RagstreamApp:
         datadir=str(datadir),
         **conf,
     )
-    app.fetch_max_wait_ms = kafka.fetch_max_wait_ms
+    app.fetch_max_wait_ms = kafka.fetch_max_wait_ms if fetch_max_wait_ms is None else fetch_max_wait_ms
     return app
 
 

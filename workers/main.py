@@ -41,6 +41,7 @@ class StageDef:
     """Returns an async context manager yielding the stage's handler."""
     depth: Callable[[Settings], int] = lambda s: 1
     """Batches in flight; >1 only for stages whose effects do not depend on order."""
+    fetch_max_wait_ms: Callable[[Settings], int] = lambda s: s.kafka.fetch_max_wait_ms
 
 
 class _Resources:
@@ -108,8 +109,14 @@ def _open_index(settings: Settings) -> _Resources:
     return _Resources(build)
 
 
+def _document_path_wait(settings: Settings) -> int:
+    return settings.kafka.document_path_fetch_max_wait_ms
+
+
 STAGES: dict[str, StageDef] = {
-    "ingest": StageDef("ingest", DOCUMENTS, lambda s: 8, lambda s: 0.0, _open_ingest),
+    "ingest": StageDef(
+        "ingest", DOCUMENTS, lambda s: 8, lambda s: 0.0, _open_ingest, fetch_max_wait_ms=_document_path_wait
+    ),
     "embed": StageDef(
         "embed",
         CHUNKS,
@@ -117,9 +124,18 @@ STAGES: dict[str, StageDef] = {
         lambda s: s.embed.max_wait_ms / 1000,
         _open_embed,
         depth=lambda s: s.embed.pipeline_depth,
+        fetch_max_wait_ms=_document_path_wait,
     ),
     # depth 1: a document is swapped in when its last chunk lands, which needs order.
-    "index": StageDef("index", EMBEDDED, lambda s: 256, lambda s: 0.0, _open_index),
+    # A short gather turns many small LanceDB commits into few larger ones.
+    "index": StageDef(
+        "index",
+        EMBEDDED,
+        lambda s: 512,
+        lambda s: s.index_max_wait_ms / 1000,
+        _open_index,
+        fetch_max_wait_ms=_document_path_wait,
+    ),
 }
 """Every stage, registered explicitly."""
 
@@ -134,7 +150,7 @@ def build_worker_app(settings: Settings, stage: str) -> tuple[RagstreamApp, Stag
         sdef = STAGES[stage]
     except KeyError:
         raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}") from None
-    app = create_app(settings, stage)
+    app = create_app(settings, stage, fetch_max_wait_ms=sdef.fetch_max_wait_ms(settings))
     topics: dict[str, Any] = {}
 
     async def send(topic: str, key: bytes, value: bytes) -> Awaitable[Any]:
