@@ -4,7 +4,6 @@ Events are frozen pydantic v2 models that forbid unknown fields and carry a `sch
 """
 
 from ragstream.schemas.events import (
-    EVENT_TYPES,
     Chunk,
     ChunkCreated,
     ChunkEmbedded,
@@ -14,15 +13,30 @@ from ragstream.schemas.events import (
     DocumentSubmitted,
     Event,
 )
+from ragstream.schemas.queries import (
+    Citation,
+    ContextRetrieved,
+    QuerySubmitted,
+    ResponseCompleted,
+    TokenGenerated,
+    Usage,
+)
+from ragstream.schemas.registry import EVENT_TYPES
 
 __all__ = [
     "EVENT_TYPES",
     "Chunk",
     "ChunkCreated",
     "ChunkEmbedded",
+    "Citation",
+    "ContextRetrieved",
     "DeadLettered",
     "DocumentIndexed",
     "DocumentRetracted",
     "DocumentSubmitted",
     "Event",
+    "QuerySubmitted",
+    "ResponseCompleted",
+    "TokenGenerated",
+    "Usage",
 ]

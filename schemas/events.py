@@ -23,7 +23,6 @@ from pydantic import (
 )
 
 __all__ = [
-    "EVENT_TYPES",
     "Chunk",
     "ChunkCreated",
     "ChunkEmbedded",
@@ -242,17 +241,3 @@ class DeadLettered(Event):
 
     def kafka_key(self) -> bytes:
         return (self.original_key or self.source_event_id or self.event_id).encode()
-
-
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.model_fields["event_type"].default: cls
-    for cls in (
-        DocumentSubmitted,
-        ChunkCreated,
-        ChunkEmbedded,
-        DocumentRetracted,
-        DocumentIndexed,
-        DeadLettered,
-    )
-}
-"""Every event by its `event_type`; the JSON Schema export and the audit sink use it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ragstream.schemas.events import EVENT_TYPES
+from ragstream.schemas.registry import EVENT_TYPES
 
 __all__ = ["export_json_schemas"]
 

@@ -18,6 +18,7 @@ from ragstream.schemas.events import (
     DocumentSubmitted,
     Event,
 )
+from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, ResponseCompleted, TokenGenerated
 
 __all__ = [
     "ALL_TOPICS",
@@ -26,6 +27,10 @@ __all__ = [
     "DOCUMENTS",
     "EMBEDDED",
     "INDEXED",
+    "QUERIES",
+    "RESPONSES",
+    "RETRIEVALS",
+    "TOKENS",
     "TopicSpec",
     "topic_for",
 ]
@@ -74,7 +79,42 @@ DEADLETTER = TopicSpec(
     description="Messages a stage could not process, with the reason and the original bytes.",
 )
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (DOCUMENTS, CHUNKS, EMBEDDED, INDEXED, DEADLETTER)
+QUERIES = TopicSpec(
+    "queries",
+    (QuerySubmitted,),
+    key_doc="request_id",
+    description="Questions. Publish here.",
+)
+RETRIEVALS = TopicSpec(
+    "retrievals",
+    (ContextRetrieved,),
+    key_doc="request_id",
+    description="A query with the chunks retrieval chose for it, on its way to generation.",
+)
+TOKENS = TopicSpec(
+    "responses.tokens",
+    (TokenGenerated,),
+    key_doc="request_id",
+    description="Answer tokens as they are generated (streaming requests), ordered by sequence.",
+)
+RESPONSES = TopicSpec(
+    "responses",
+    (ResponseCompleted,),
+    key_doc="request_id",
+    description="Exactly one final response per request: ok, error or blocked. Consume here.",
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    DOCUMENTS,
+    CHUNKS,
+    EMBEDDED,
+    INDEXED,
+    QUERIES,
+    RETRIEVALS,
+    TOKENS,
+    RESPONSES,
+    DEADLETTER,
+)
 
 _BY_EVENT: dict[type[Event], TopicSpec] = {}
 for _spec in ALL_TOPICS:

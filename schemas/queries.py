@@ -1,0 +1,181 @@
+"""Event contracts for question answering.
+
+A caller publishes `QuerySubmitted` (key: `request_id`) and consumes `TokenGenerated` deltas
+(key: `request_id`, ordered by `sequence`) and exactly one final `ResponseCompleted` per
+request (key: `request_id`). Between the stages, `ContextRetrieved` carries the query and the
+chunks retrieval chose.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ragstream.schemas.events import Event, Identifier, MetadataValue, new_id
+
+__all__ = [
+    "Citation",
+    "ContextRetrieved",
+    "ConversationTurn",
+    "GenerationOptions",
+    "QuerySubmitted",
+    "ResponseCompleted",
+    "RetrievalOptions",
+    "RetrievedChunk",
+    "TokenGenerated",
+    "Usage",
+]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ConversationTurn(_Part):
+    role: Literal["user", "assistant"]
+    content: str = Field(max_length=20_000)
+
+
+class RetrievalOptions(_Part):
+    top_k: int = Field(default=5, ge=1, le=50)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Hybrid weighting: 1.0 = vector only, 0.0 = keyword (BM25) only."""
+    mode: Literal["hybrid", "vector", "keyword"] = "hybrid"
+    metadata_filters: dict[str, MetadataValue] = Field(default_factory=dict)
+    document_ids: tuple[str, ...] | None = None
+    neighbours: int = Field(default=0, ge=0, le=3)
+    """Also include this many chunks either side of each hit, from the same document."""
+
+
+class GenerationOptions(_Part):
+    route: str = Field(default="default", min_length=1, max_length=128)
+    """A route name from `generation.routes`; it names the Triton model to call."""
+    max_tokens: int = Field(default=256, ge=1, le=4096)
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+
+
+class QuerySubmitted(Event):
+    """A question. `request_id` correlates every event of its answer."""
+
+    event_type: Literal["query.submitted"] = "query.submitted"
+    schema_version: Literal[1] = 1
+    request_id: Identifier = Field(default_factory=new_id)
+    user: str = Field(default="anonymous", min_length=1, max_length=256)
+    access_groups: tuple[Identifier, ...] = ()
+    """The user's groups; retrieval only returns chunks open to one of them (or to all)."""
+    question: str = Field(min_length=1, max_length=8_000)
+    conversation_id: str | None = Field(default=None, max_length=256)
+    history: tuple[ConversationTurn, ...] = Field(default=(), max_length=50)
+    retrieval: RetrievalOptions = RetrievalOptions()
+    generation: GenerationOptions = GenerationOptions()
+    deadline_ms: int = Field(default=30_000, ge=1, le=600_000)
+    """Time budget from `produced_at`; past it, the caller gets an error response."""
+    stream: bool = True
+    """Publish `TokenGenerated` deltas as they are generated."""
+
+    key_field: ClassVar[str] = "request_id"
+
+    @model_validator(mode="after")
+    def _trace_is_request(self) -> QuerySubmitted:
+        # The request id is the trace id of everything that follows.
+        if self.trace_id != self.request_id:
+            object.__setattr__(self, "trace_id", self.request_id)
+        return self
+
+    def deadline_at(self) -> datetime:
+        from datetime import timedelta
+
+        return self.produced_at + timedelta(milliseconds=self.deadline_ms)
+
+
+class RetrievedChunk(_Part):
+    chunk_id: str
+    document_id: str
+    title: str = ""
+    text: str
+    headings: tuple[str, ...] = ()
+    chunk_index: int = 0
+    source: str = ""
+    score: float = 0.0
+    vector_score: float | None = None
+    keyword_score: float | None = None
+    neighbour_of: str | None = None
+    """Set when the chunk was added as a neighbour of this hit."""
+
+
+class ContextRetrieved(Event):
+    """Retrieval's result, handed to generation."""
+
+    event_type: Literal["context.retrieved"] = "context.retrieved"
+    schema_version: Literal[1] = 1
+    request_id: Identifier
+    query: QuerySubmitted
+    chunks: tuple[RetrievedChunk, ...]
+    latency_ms: dict[str, float] = Field(default_factory=dict)
+    """Per-stage latencies so far (e.g. `queue_retrieval`, `embed_query`, `search`)."""
+
+    key_field: ClassVar[str] = "request_id"
+
+
+class TokenGenerated(Event):
+    """A piece of the answer. Concatenated in `sequence` order, the deltas equal the final
+    answer of the `ResponseCompleted` with the same request id."""
+
+    event_type: Literal["token.generated"] = "token.generated"
+    schema_version: Literal[1] = 1
+    request_id: Identifier
+    sequence: int = Field(ge=0)
+    delta: str
+
+    key_field: ClassVar[str] = "request_id"
+
+
+class Citation(_Part):
+    number: int = Field(ge=1)
+    """The `[n]` the answer uses for this source."""
+    document_id: str
+    chunk_id: str
+    title: str = ""
+    score: float = 0.0
+    source: str = ""
+
+
+class Usage(_Part):
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ResponseCompleted(Event):
+    """The one final event of every request: an answer, an error or a block."""
+
+    event_type: Literal["response.completed"] = "response.completed"
+    schema_version: Literal[1] = 1
+    request_id: Identifier
+    user: str = "anonymous"
+    status: Literal["ok", "error", "blocked"]
+    error_reason: str | None = None
+    """Why the status is not ok: `deadline_exceeded`, `retrieval_failed`, `generation_failed`,
+    `invalid_request`, `unknown_route`, ... followed by a human-readable message."""
+    question: str = ""
+    answer: str = ""
+    citations: tuple[Citation, ...] = ()
+    usage: Usage = Usage()
+    model_id: str | None = None
+    route: str | None = None
+    finish_reason: str | None = None
+    """`stop`, `length`, `deadline` or `error`."""
+    prompt_template_version: str | None = None
+    retrieved_chunk_ids: tuple[str, ...] = ()
+    retrieved_scores: tuple[float, ...] = ()
+    latency_ms: dict[str, float] = Field(default_factory=dict)
+    """Per-stage latencies in ms, e.g. `queue_retrieval`, `embed_query`, `search`,
+    `queue_generation`, `prompt`, `time_to_first_token`, `generation`, `total`."""
+    streamed: bool = True
+
+    key_field: ClassVar[str] = "request_id"
