@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.installed
 
 # One resolve for everything (numpy 1.26.4, pyarrow<26, torch==2.13.0 CPU), pinned by
 # requirements/constraints.txt; then the project itself without touching those pins.
-$(STAMP): pyproject.toml requirements/base.in requirements/dev.in requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/base.in requirements/dev.in requirements/constraints.txt requirements/nodeps.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements/constraints.txt -r requirements/base.in -r requirements/dev.in
+	$(BIN)/python -m pip install -q --no-deps -r requirements/nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench import ingestion
+from bench import ingestion, qa
 
-BENCHES = {"ingestion": ingestion.main}
+BENCHES = {"ingestion": ingestion.main, "qa": qa.main}
 
 
 def main() -> None:

@@ -8,12 +8,15 @@ Run it as `python -m ragstream.infra.model_server` (settings from the environmen
 and only tritonserver's Python backend stub needs the interpreter's own libpython, so no re-exec
 is needed. `model_server_command()` sets it in the child environment as well.
 
-Models are listed explicitly in `model_specs()`. Adding one (e.g. the streaming generator) is
-one more `ModelSpec` whose `bind` loads the weights and calls `triton.bind(...)`.
+Models are listed explicitly in `model_specs()`: the MiniLM embedder (dynamically batched) and
+the SmolLM2 generator (decoupled: one request, a stream of responses; its wire contract is in
+`ragstream.infra.generator`). Adding one is one more `ModelSpec` whose `bind` loads the weights
+and calls `triton.bind(...)`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 30.0
+_TRITON_EXIT_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,12 @@ class ModelSpec:
 
 def model_specs(settings: Settings) -> tuple[ModelSpec, ...]:
     """The models the local server serves, in load order (explicit registry, no discovery)."""
-    return (ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),)
+    from ragstream.infra.generator import SMOLLM2_MODEL
+
+    return (
+        ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),
+        ModelSpec(name=SMOLLM2_MODEL, bind=_bind_generator),
+    )
 
 
 def _bind_embedder(triton: Triton, settings: Settings) -> None:
@@ -91,6 +100,114 @@ def _bind_embedder(triton: Triton, settings: Settings) -> None:
         ),
         strict=True,
     )
+
+
+def _bind_generator(triton: Triton, settings: Settings) -> None:
+    """SmolLM2 as a decoupled model: an async generator, so streams run concurrently.
+
+    One GGUF load serves `generation.max_concurrent_streams` parallel slots; further streams
+    wait for a slot inside the model.
+    """
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.proxy.types import Request
+
+    from ragstream.infra.generator import (
+        CANCELLED,
+        FAILED,
+        INVALID_REQUEST,
+        SMOLLM2_MODEL,
+        LlamaEngine,
+        normalize_messages,
+    )
+    from ragstream.schemas.errors import BadInputError, DependencyUnavailable
+
+    started = time.monotonic()
+    engine = LlamaEngine.load(settings.generation)
+    logger.info("generator model loaded in %.2f s", time.monotonic() - started)
+
+    def response(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return {
+            "TOKEN": np.array([text.encode("utf-8")], dtype=np.object_),
+            "FINISH_REASON": np.array([finish_reason.encode("utf-8")], dtype=np.object_),
+            "PROMPT_TOKENS": np.array([prompt_tokens], dtype=np.int32),
+            "COMPLETION_TOKENS": np.array([completion_tokens], dtype=np.int32),
+        }
+
+    async def infer(requests: list[Request]) -> AsyncIterator[list[dict[str, Any]]]:
+        # Failures are answered as a last response, never raised: pytriton 0.7 cannot unload
+        # a decoupled model that raised, and the server then hangs on stop.
+        if len(requests) != 1:
+            # Without a batcher Triton hands the model one request per execution.
+            message = f"expected one request per execution, got {len(requests)}"
+            yield [response(message, INVALID_REQUEST, 0, 0) for _ in requests]
+            return
+        try:
+            async for item in _generate(requests[0]):
+                yield [item]
+        except BadInputError as exc:
+            yield [response(str(exc), INVALID_REQUEST, 0, 0)]
+        except (DependencyUnavailable, ValueError, KeyError) as exc:
+            logger.warning("generation failed: %s", exc)
+            yield [response(str(exc), FAILED, 0, 0)]
+
+    async def _generate(request: Request) -> AsyncIterator[dict[str, Any]]:
+        stream_id = _optional_text(request.data, "STREAM_ID")
+        if _optional_scalar(request.data, "CANCEL", False):
+            if stream_id:
+                engine.cancel(stream_id)
+            yield response("", CANCELLED, 0, 0)
+            return
+        try:
+            messages = normalize_messages(json.loads(_as_text(request.data["MESSAGES"].reshape(-1)[0])))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise BadInputError(f"MESSAGES is not a JSON chat: {exc}") from exc
+        max_tokens = int(request.data["MAX_TOKENS"].reshape(-1)[0])
+        temperature = float(request.data["TEMPERATURE"].reshape(-1)[0])
+        if max_tokens < 1 or temperature < 0:
+            raise BadInputError("MAX_TOKENS must be at least 1 and TEMPERATURE at least 0")
+        timeout_s = float(_optional_scalar(request.data, "TIMEOUT_S", 0.0)) or None
+        async for delta in engine.stream(
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stream_id=stream_id or None,
+            timeout_s=timeout_s,
+        ):
+            yield response(
+                delta.text, delta.finish_reason or "", delta.prompt_tokens, delta.completion_tokens
+            )
+
+    scalar = (1,)
+    triton.bind(
+        model_name=SMOLLM2_MODEL,
+        infer_func=infer,
+        inputs=[
+            Tensor(name="MESSAGES", dtype=bytes, shape=scalar),
+            Tensor(name="MAX_TOKENS", dtype=np.int32, shape=scalar),
+            Tensor(name="TEMPERATURE", dtype=np.float32, shape=scalar),
+            Tensor(name="STREAM_ID", dtype=bytes, shape=scalar, optional=True),
+            Tensor(name="TIMEOUT_S", dtype=np.float32, shape=scalar, optional=True),
+            Tensor(name="CANCEL", dtype=np.bool_, shape=scalar, optional=True),
+        ],
+        outputs=[
+            Tensor(name="TOKEN", dtype=bytes, shape=scalar),
+            Tensor(name="FINISH_REASON", dtype=bytes, shape=scalar),
+            Tensor(name="PROMPT_TOKENS", dtype=np.int32, shape=scalar),
+            Tensor(name="COMPLETION_TOKENS", dtype=np.int32, shape=scalar),
+        ],
+        config=ModelConfig(batching=False, decoupled=True),
+        strict=True,
+    )
+
+
+def _optional_text(data: Mapping[str, npt.NDArray[Any]], name: str) -> str:
+    value = data.get(name)
+    return "" if value is None or value.size == 0 else _as_text(value.reshape(-1)[0])
+
+
+def _optional_scalar(data: Mapping[str, npt.NDArray[Any]], name: str, default: Any) -> Any:
+    value = data.get(name)
+    return default if value is None or value.size == 0 else value.reshape(-1)[0].item()
 
 
 def _as_text(item: object) -> str:
@@ -149,6 +266,11 @@ def serve(settings: Settings) -> None:
         metrics_address="127.0.0.1",
         metrics_port=cfg.embedded_metrics_port,
         exit_on_error=True,
+        # On stop, tritonserver waits this long for in-flight requests and for models to
+        # unload. pytriton 0.7's decoupled model sometimes never reports unloaded after a
+        # large request (flaky, independent of our model code); without a bound every stop
+        # then takes Triton's default 30 s.
+        exit_timeout_secs=_TRITON_EXIT_TIMEOUT_S,
     )
     started = time.monotonic()
     try:
@@ -219,7 +341,7 @@ def main() -> None:
 # --- launching it as a child process (supervisor, integration tests) --------------------
 # Settings sections the server process reads; the child gets them as explicit env vars so it
 # sees the same values as the parent even when the parent built Settings from arguments.
-_SERVER_SECTIONS = ("triton",)
+_SERVER_SECTIONS = ("triton", "generation")
 
 
 def model_server_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
@@ -235,7 +357,9 @@ def model_server_command(settings: Settings) -> tuple[list[str], dict[str, str]]
         values: Mapping[str, Any] = getattr(settings, section).model_dump(mode="json")
         for key, value in values.items():
             if value is not None:
-                env[f"RAGSTREAM_{section.upper()}__{key.upper()}"] = str(value)
+                # pydantic-settings parses complex values (dicts, lists) from JSON.
+                text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+                env[f"RAGSTREAM_{section.upper()}__{key.upper()}"] = text
     libdir = str(sysconfig.get_config_var("LIBDIR"))
     env["LD_LIBRARY_PATH"] = f"{libdir}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libdir
     env["HF_HUB_OFFLINE"] = "1"

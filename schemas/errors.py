@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "BadInputError",
     "ConfigError",
+    "DeadlineExceeded",
     "DependencyUnavailable",
     "DocumentTooLarge",
     "EmptyDocument",
@@ -18,6 +19,7 @@ __all__ = [
     "SchemaViolation",
     "StartupError",
     "TransientError",
+    "UnknownRoute",
     "UnreadableDocument",
     "UnsupportedMediaType",
 ]
@@ -60,6 +62,12 @@ class DocumentTooLarge(BadInputError):
     kind = "document_too_large"
 
 
+class UnknownRoute(BadInputError):
+    """A query names a generation route (or model) that `generation.routes` does not list."""
+
+    kind = "unknown_route"
+
+
 # --- retry ------------------------------------------------------------------------------
 class TransientError(RagstreamError):
     """A dependency failed in a way that may pass. Retry after `retry_after_s`."""
@@ -75,6 +83,13 @@ class DependencyUnavailable(TransientError):
     """Triton, the vector store or the catalog did not answer."""
 
     kind = "dependency_unavailable"
+
+
+class DeadlineExceeded(DependencyUnavailable):
+    """A request or stream ran past its timeout. On the query path the caller gets an error
+    response saying so; it is not retried past the caller's deadline."""
+
+    kind = "deadline_exceeded"
 
 
 # --- fail at start ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ __all__ = [
     "ContextRetrieved",
     "ConversationTurn",
     "GenerationOptions",
+    "PromptMessage",
     "QuerySubmitted",
     "ResponseCompleted",
     "RetrievalOptions",
@@ -132,6 +133,11 @@ class TokenGenerated(Event):
     key_field: ClassVar[str] = "request_id"
 
 
+class PromptMessage(_Part):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class Citation(_Part):
     number: int = Field(ge=1)
     """The `[n]` the answer uses for this source."""
@@ -140,6 +146,8 @@ class Citation(_Part):
     title: str = ""
     score: float = 0.0
     source: str = ""
+    cited: bool = False
+    """True when the answer refers to this source as `[number]`."""
 
 
 class Usage(_Part):
@@ -171,11 +179,16 @@ class ResponseCompleted(Event):
     finish_reason: str | None = None
     """`stop`, `length`, `deadline` or `error`."""
     prompt_template_version: str | None = None
+    prompt_messages: tuple[PromptMessage, ...] = ()
+    """The exact messages sent to the model (for audit and replay)."""
     retrieved_chunk_ids: tuple[str, ...] = ()
     retrieved_scores: tuple[float, ...] = ()
     latency_ms: dict[str, float] = Field(default_factory=dict)
     """Per-stage latencies in ms, e.g. `queue_retrieval`, `embed_query`, `search`,
     `queue_generation`, `prompt`, `time_to_first_token`, `generation`, `total`."""
     streamed: bool = True
+    delta_count: int = Field(default=0, ge=0)
+    """How many `TokenGenerated` events were published before this one (sequences
+    0..delta_count-1), so a consumer knows when it has them all."""
 
     key_field: ClassVar[str] = "request_id"

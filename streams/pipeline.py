@@ -125,3 +125,59 @@ class BatchPipeline:
             for event in batch:
                 event.ack()
             slots.release()
+
+
+class ConcurrentPipeline:
+    """Independent requests, processed concurrently (up to `concurrency`), each published
+    and acked as soon as it is done.
+
+    For the query path: one slow answer must not hold back a quick one. Out-of-order acks
+    are safe; Faust commits only up to the lowest offset not yet acked.
+    """
+
+    def __init__(
+        self,
+        runner: StageRunner,
+        spec: TopicSpec,
+        handler: Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]],
+        *,
+        concurrency: int,
+    ) -> None:
+        self.runner = runner
+        self.spec = spec
+        self.handler = handler
+        self.concurrency = max(concurrency, 1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, events: AsyncIterator[Any]) -> None:
+        slots = asyncio.Semaphore(self.concurrency)
+        try:
+            async for event in events:
+                await slots.acquire()
+                task = asyncio.create_task(self._one(event, slots))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _one(self, event: Any, slots: asyncio.Semaphore) -> None:
+        try:
+            outputs = await self.runner.process_batch(self.spec, [Message.from_faust(event)], self.handler)
+            delay = 0.1
+            while True:
+                try:
+                    await self.runner.publish(outputs)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - Kafka hiccup: retry, never drop
+                    log.warning(
+                        "%s: publishing failed (%s); retrying in %.1fs", self.runner.stage, exc, delay
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _PUBLISH_RETRY_MAX_S)
+            event.ack()
+        finally:
+            slots.release()

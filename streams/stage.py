@@ -78,10 +78,12 @@ class StageRunner:
         *,
         retry_budget_s: float = 60.0,
         max_retry_delay_s: float = 5.0,
+        on_dead_letter: Callable[[DeadLettered], Sequence[Emit]] | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
         self._send = send
+        self._on_dead_letter = on_dead_letter
         self.retry_budget_s = retry_budget_s
         self.max_retry_delay_s = max_retry_delay_s
         self.ready = False
@@ -108,7 +110,7 @@ class StageRunner:
             try:
                 good.append((m, decode(spec, m.value)))
             except SchemaViolation as exc:
-                out.append(self._dead_letter(m, exc))
+                out.extend(self._dead_letter_all(m, exc))
         if not good:
             return out
         try:
@@ -116,11 +118,12 @@ class StageRunner:
             self._progress(len(good))
             return out
         except _RetriesExhausted as exc:
-            out.extend(self._dead_letter(m, exc) for m, _ in good)
+            for m, _ in good:
+                out.extend(self._dead_letter_all(m, exc))
             return out
         except Exception as exc:  # noqa: BLE001 - isolate the culprit, the worker lives on
             if len(good) == 1:
-                out.append(self._dead_letter(good[0][0], exc))
+                out.extend(self._dead_letter_all(good[0][0], exc))
                 return out
             log.info("%s: batch of %d failed (%s); retrying one by one", self.stage, len(good), exc)
         for m, e in good:
@@ -128,7 +131,7 @@ class StageRunner:
                 out.extend(await self._retrying(lambda e=e: handler([e])))  # type: ignore[misc]
                 self._progress(1)
             except Exception as exc:  # noqa: BLE001 - dead-lettered, the worker lives on
-                out.append(self._dead_letter(m, exc))
+                out.extend(self._dead_letter_all(m, exc))
         return out
 
     async def run_batch(
@@ -161,6 +164,14 @@ class StageRunner:
                 )
                 await asyncio.sleep(delay)
 
+    async def send_nowait(self, outputs: Sequence[Emit]) -> list[Awaitable[Any]]:
+        """Send without waiting for the broker; await the returned futures before relying on
+        delivery. Records to one partition keep their order."""
+        prefix = self.settings.kafka.topic_prefix
+        return [
+            await self._send(o.topic.full_name(prefix), o.event.kafka_key(), encode(o.event)) for o in outputs
+        ]
+
     async def publish(self, outputs: Sequence[Emit]) -> None:
         """Send every output, then wait until the broker has all of them."""
         prefix = self.settings.kafka.topic_prefix
@@ -172,7 +183,19 @@ class StageRunner:
 
     async def dead_letter(self, message: Message, exc: BaseException) -> None:
         """Publish a dead-letter record for one message now."""
-        await self.publish([self._dead_letter(message, exc)])
+        await self.publish(self._dead_letter_all(message, exc))
+
+    def _dead_letter_all(self, message: Message, exc: BaseException) -> list[Emit]:
+        """The dead-letter record, plus whatever the stage tells the caller (if any)."""
+        dl = self._dead_letter(message, exc)
+        out = [dl]
+        if self._on_dead_letter is not None:
+            assert isinstance(dl.event, DeadLettered)
+            try:
+                out.extend(self._on_dead_letter(dl.event))
+            except Exception:  # the dead letter itself must still go out
+                log.exception("%s: could not build the caller's error response", self.stage)
+        return out
 
     def _dead_letter(self, message: Message, exc: BaseException) -> Emit:
         if isinstance(exc, BadInputError):

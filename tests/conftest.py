@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -23,6 +24,11 @@ from ragstream.infra.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "corpus"
+CORPORA = [
+    (SAMPLES / "larkspur" / "public", "larkspur", ()),
+    (SAMPLES / "larkspur" / "hr-restricted", "larkspur", ("hr",)),
+    (SAMPLES / "globex", "globex", ()),
+]
 
 
 def free_port() -> int:
@@ -116,3 +122,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         time.sleep(0.2)
     leftovers = processes_using(data_dir)
     assert not leftovers, f"`ragstream down` left processes behind: {[p.info['cmdline'] for p in leftovers]}"
+
+
+@pytest.fixture(scope="session")
+def corpus_reports(stack: Stack) -> list[Any]:
+    """The sample corpus, ingested once through Kafka (tenants and groups as in samples/)."""
+    from ragstream.ingest import ingest
+
+    return [ingest(stack.settings, [root], tenant=t, groups=g, timeout_s=300) for root, t, g in CORPORA]

@@ -7,6 +7,7 @@ partition assignment, counters) that the supervisor and `ragstream status` read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -18,11 +19,11 @@ from typing import Any
 
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import ConfigError
-from ragstream.schemas.events import Event
+from ragstream.schemas.events import DeadLettered, Event
 from ragstream.streams.app import RagstreamApp, create_app, faust_topic
-from ragstream.streams.pipeline import BatchPipeline
+from ragstream.streams.pipeline import BatchPipeline, ConcurrentPipeline
 from ragstream.streams.stage import Emit, StageRunner
-from ragstream.streams.topics import CHUNKS, DOCUMENTS, EMBEDDED, TopicSpec
+from ragstream.streams.topics import CHUNKS, DOCUMENTS, EMBEDDED, QUERIES, RETRIEVALS, TopicSpec
 
 __all__ = ["STAGES", "StageDef", "build_worker_app", "heartbeat_path", "run_worker"]
 
@@ -37,11 +38,16 @@ class StageDef:
     source: TopicSpec
     batch_size: Callable[[Settings], int]
     max_wait_s: Callable[[Settings], float]
-    open: Callable[[Settings], Any]
+    open: Callable[[Settings, StageRunner], Any]
     """Returns an async context manager yielding the stage's handler."""
     depth: Callable[[Settings], int] = lambda s: 1
     """Batches in flight; >1 only for stages whose effects do not depend on order."""
     fetch_max_wait_ms: Callable[[Settings], int] = lambda s: s.kafka.fetch_max_wait_ms
+    concurrency: Callable[[Settings], int] | None = None
+    """If set, requests are independent: up to this many are processed at once, each
+    published and acked when done (the query path), instead of ordered batches."""
+    on_dead_letter: Callable[[DeadLettered], Sequence[Emit]] | None = None
+    """What the caller is told when one of its messages is dead-lettered."""
 
 
 class _Resources:
@@ -60,7 +66,7 @@ class _Resources:
             await c.close()
 
 
-def _open_ingest(settings: Settings) -> _Resources:
+def _open_ingest(settings: Settings, runner: StageRunner) -> _Resources:
     async def build() -> tuple[Handler, list[Any]]:
         from ragstream.infra.vectorstore import open_vector_store
         from ragstream.workers import ingest
@@ -77,7 +83,7 @@ def _open_ingest(settings: Settings) -> _Resources:
     return _Resources(build)
 
 
-def _open_embed(settings: Settings) -> _Resources:
+def _open_embed(settings: Settings, runner: StageRunner) -> _Resources:
     async def build() -> tuple[Handler, list[Any]]:
         from ragstream.infra.embedder import TritonEmbedder
         from ragstream.workers.embed import handle_chunks
@@ -93,7 +99,7 @@ def _open_embed(settings: Settings) -> _Resources:
     return _Resources(build)
 
 
-def _open_index(settings: Settings) -> _Resources:
+def _open_index(settings: Settings, runner: StageRunner) -> _Resources:
     async def build() -> tuple[Handler, list[Any]]:
         from ragstream.infra.vectorstore import open_vector_store
         from ragstream.workers.index import handle_embedded
@@ -107,6 +113,56 @@ def _open_index(settings: Settings) -> _Resources:
         return handler, [store]
 
     return _Resources(build)
+
+
+def _open_retrieve(settings: Settings, runner: StageRunner) -> _Resources:
+    async def build() -> tuple[Handler, list[Any]]:
+        from ragstream.infra.embedder import TritonEmbedder
+        from ragstream.infra.vectorstore import open_vector_store
+        from ragstream.workers import retrieve
+
+        store = open_vector_store(settings)
+        await store.start()
+        embedder = TritonEmbedder(settings)
+        await embedder.start()
+        deps = retrieve.RetrievalDeps(embedder=embedder, store=store)
+
+        async def handler(events: Sequence[Event]) -> Sequence[Emit]:
+            return await retrieve.handle(events, deps)
+
+        return handler, [store, embedder]
+
+    return _Resources(build)
+
+
+def _open_generate(settings: Settings, runner: StageRunner) -> _Resources:
+    async def build() -> tuple[Handler, list[Any]]:
+        from ragstream.infra.generator import GeneratorTokenizer, TritonGenerator
+        from ragstream.workers import generate
+
+        generator = TritonGenerator(settings)
+        await generator.start()
+        tokenizer = GeneratorTokenizer(settings)
+        await asyncio.to_thread(tokenizer.load)  # not on the first request's clock
+        deps = generate.GenerationDeps(
+            settings=settings,
+            generator=generator,
+            count_tokens=tokenizer.count,
+            send_nowait=runner.send_nowait,
+        )
+
+        async def handler(events: Sequence[Event]) -> Sequence[Emit]:
+            return await generate.handle(events, deps)
+
+        return handler, [generator]
+
+    return _Resources(build)
+
+
+def _caller_error(record: DeadLettered) -> Sequence[Emit]:
+    from ragstream.workers.retrieve import invalid_request_response
+
+    return invalid_request_response(record)
 
 
 def _document_path_wait(settings: Settings) -> int:
@@ -136,6 +192,24 @@ STAGES: dict[str, StageDef] = {
         _open_index,
         fetch_max_wait_ms=_document_path_wait,
     ),
+    "retrieve": StageDef(
+        "retrieve",
+        QUERIES,
+        lambda s: 1,
+        lambda s: 0.0,
+        _open_retrieve,
+        concurrency=lambda s: s.serving.retrieval_concurrency,
+        on_dead_letter=_caller_error,
+    ),
+    "generate": StageDef(
+        "generate",
+        RETRIEVALS,
+        lambda s: 1,
+        lambda s: 0.0,
+        _open_generate,
+        concurrency=lambda s: s.serving.generation_concurrency,
+        on_dead_letter=_caller_error,
+    ),
 }
 """Every stage, registered explicitly."""
 
@@ -160,20 +234,26 @@ def build_worker_app(settings: Settings, stage: str) -> tuple[RagstreamApp, Stag
         fut: Awaitable[Any] = await t.send(key=key, value=value)
         return fut
 
-    runner = StageRunner(settings, stage, send)
+    runner = StageRunner(settings, stage, send, on_dead_letter=sdef.on_dead_letter)
     source = faust_topic(app, settings, sdef.source)
 
     @app.agent(source, name=f"{settings.kafka.topic_prefix}.{stage}")
     async def agent(stream: Any) -> None:
-        async with sdef.open(settings) as handler:
-            pipeline = BatchPipeline(
-                runner,
-                sdef.source,
-                handler,
-                batch_size=sdef.batch_size(settings),
-                max_wait_s=sdef.max_wait_s(settings),
-                depth=sdef.depth(settings),
-            )
+        async with sdef.open(settings, runner) as handler:
+            pipeline: BatchPipeline | ConcurrentPipeline
+            if sdef.concurrency is not None:
+                pipeline = ConcurrentPipeline(
+                    runner, sdef.source, handler, concurrency=sdef.concurrency(settings)
+                )
+            else:
+                pipeline = BatchPipeline(
+                    runner,
+                    sdef.source,
+                    handler,
+                    batch_size=sdef.batch_size(settings),
+                    max_wait_s=sdef.max_wait_s(settings),
+                    depth=sdef.depth(settings),
+                )
             runner.ready = True
             await pipeline.run(stream.noack().events())
 

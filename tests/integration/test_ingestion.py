@@ -22,28 +22,14 @@ from ragstream.infra.vectorstore.base import SearchQuery, VectorStore
 from ragstream.ingest import IngestReport, collect_files, ingest
 from ragstream.schemas.events import DocumentSubmitted
 from ragstream.streams.codec import encode
-from tests.conftest import SAMPLES, Stack
+from tests.conftest import CORPORA, SAMPLES, Stack
 
 pytestmark = pytest.mark.integration
-
-CORPORA = [
-    (SAMPLES / "larkspur" / "public", "larkspur", ()),
-    (SAMPLES / "larkspur" / "hr-restricted", "larkspur", ("hr",)),
-    (SAMPLES / "globex", "globex", ()),
-]
 
 
 def expected_chunks(settings: Any, path: Path) -> int:
     parsed = parse_document(path.read_bytes(), media_type_for_path(path) or "", settings=settings.chunking)
     return len(Chunker(settings.chunking.max_tokens, settings.chunking.overlap_tokens).chunk(parsed))
-
-
-@pytest.fixture(scope="module")
-def corpus_reports(stack: Stack) -> list[IngestReport]:
-    reports = []
-    for root, tenant, groups in CORPORA:
-        reports.append(ingest(stack.settings, [root], tenant=tenant, groups=groups, timeout_s=300))
-    return reports
 
 
 @pytest.fixture

@@ -1,0 +1,510 @@
+"""Micro-batching, the query/response join and Kafka-offset bookkeeping for the audit tables.
+
+This module holds no Kafka client: `AuditWriter` is fed decoded records with their
+coordinates and hands out `Batch`es (rows plus the snapshot properties to commit them with);
+`commit_batch` appends one to its table. The sink (`ragstream.workers.sink`) drives both.
+
+Exactly-once, per table
+-----------------------
+Every commit is one `table.append(rows, snapshot_properties=...)`, atomic in Iceberg, whose
+summary stores `ragstream.offsets`: for each input topic-partition, the next offset the table
+still needs. A row built from record R is in the same commit as an offset past R, or in a
+later one. On start the sink resumes every partition at the minimum over the tables that read
+it and each table ignores records below its own stored offset, so after a kill at any point
+(mid-batch, mid-commit) a table re-reads exactly what its last commit does not cover: no row
+is lost and none is written twice. Rows buffered but not committed die with their offsets.
+There is no cross-table transaction and none is needed: tables only share inputs, never
+decisions (`usage` is built from responses alone, independent of the join below).
+
+The join (inference_log only)
+-----------------------------
+A request's row needs its `QuerySubmitted` (submission time; requests that never get a
+response) and its `ResponseCompleted` (everything else). Queries wait in `pending`; a
+response for a pending query makes the joined row; a pending query whose response has not
+come by `deadline + join_grace_s` becomes a `no_response` row; a response whose query was
+never seen makes a row on its own. Every written request id goes into `written`, so a second
+response (duplicate or late, after `no_response`) and a query read after its response are
+dropped (and counted) instead of making a second row.
+
+Crash safety of the join: `inference_log` stores for a queries partition not its read
+position but the offset of its oldest pending query, so a restart re-reads every query that
+might still need a row. Re-read queries whose row was already committed must be recognised:
+the commit also stores `ragstream.join_since` = min(produced_at of the pending queries, now)
+- `join_memory_s`, and on start the sink loads into `written` the request ids of every row
+with `submitted_at >= join_since`. That covers every re-read query, assuming queries in one
+partition are stamped within `join_memory_s` (default 1 h) of their offset order, which
+holds when producers publish what they stamp. Responses are not rewound: a response's row is
+written when it is read, so its stored offset is its read position.
+
+Expiry uses the wall clock, but only once the sink has caught up with the responses topic
+since it started, so a restart that re-reads old queries does not declare them unanswered
+before it has re-read their responses. A response read later than `join_memory_s` after its
+request's `no_response` row (or a query read that long after its response's row) is no longer
+recognised and would make a second row; `join_memory_s` bounds that window.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ragstream.infra.audit.tables import (
+    DEAD_LETTERS,
+    INFERENCE_LOG,
+    INGESTION_LOG,
+    TABLES,
+    USAGE,
+    AuditSettings,
+    Source,
+    dead_letter_row,
+    inference_row,
+    ingestion_dead_letter_row,
+    ingestion_row,
+    is_document_dead_letter,
+    no_response_row,
+    usage_row,
+)
+from ragstream.schemas.errors import StartupError
+from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
+from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
+from ragstream.streams.topics import DEADLETTER, INDEXED, QUERIES, RESPONSES
+
+__all__ = [
+    "JOIN_SINCE_KEY",
+    "OFFSETS_KEY",
+    "AuditWriter",
+    "Batch",
+    "Committed",
+    "TP",
+    "commit_batch",
+    "decode_offsets",
+    "encode_offsets",
+    "load_written_ids",
+    "read_committed",
+    "start_offsets",
+]
+
+log = logging.getLogger(__name__)
+
+OFFSETS_KEY = "ragstream.offsets"
+JOIN_SINCE_KEY = "ragstream.join_since"
+
+TP = tuple[str, int]
+"""(full topic name, partition)."""
+
+
+# -- offsets in snapshot summaries ---------------------------------------------------------
+def encode_offsets(offsets: Mapping[TP, int]) -> str:
+    """{(topic, p): next} -> JSON `{"topic": {"p": next}}`, sorted so equal maps compare equal."""
+    out: dict[str, dict[str, int]] = {}
+    for (topic, partition), offset in sorted(offsets.items()):
+        out.setdefault(topic, {})[str(partition)] = int(offset)
+    return json.dumps(out, separators=(",", ":"))
+
+
+def decode_offsets(text: str | None) -> dict[TP, int]:
+    """Inverse of `encode_offsets`; missing or empty means nothing consumed yet."""
+    if not text:
+        return {}
+    data = json.loads(text)
+    return {(topic, int(p)): int(o) for topic, parts in data.items() for p, o in parts.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a table's latest snapshot says it has consumed."""
+
+    offsets: dict[TP, int] = field(default_factory=dict)
+    join_since: datetime | None = None
+    snapshot_id: int | None = None
+
+
+def read_committed(table: Any) -> Committed:
+    """Offsets and join horizon from the table's current snapshot (empty for a new table)."""
+    snap = table.current_snapshot()
+    if snap is None or snap.summary is None:
+        return Committed()
+    props = snap.summary.additional_properties
+    since = props.get(JOIN_SINCE_KEY)
+    return Committed(
+        offsets=decode_offsets(props.get(OFFSETS_KEY)),
+        join_since=datetime.fromisoformat(since) if since else None,
+        snapshot_id=snap.snapshot_id,
+    )
+
+
+def start_offsets(
+    committed: Mapping[str, Committed],
+    table_inputs: Mapping[str, Iterable[str]],
+    partitions: Mapping[str, Iterable[int]],
+) -> dict[TP, int | None]:
+    """Where to resume each input partition: the minimum over the tables that read it.
+
+    None means some table has never consumed it: start from the beginning of the log.
+    """
+    wanted: dict[TP, list[int | None]] = {}
+    for table, topics in table_inputs.items():
+        offsets = committed.get(table, Committed()).offsets
+        for topic in topics:
+            for p in partitions.get(topic, ()):
+                wanted.setdefault((topic, p), []).append(offsets.get((topic, p)))
+    return {
+        tp: None if None in offs else min(o for o in offs if o is not None) for tp, offs in wanted.items()
+    }
+
+
+def load_written_ids(table: Any, id_column: str, time_column: str, since: datetime) -> dict[str, datetime]:
+    """Request ids (and their times) of rows whose `time_column` >= since: the join's memory
+    after a restart."""
+    since_utc = since.astimezone(UTC)
+    flt = f"event_date >= '{since_utc.date().isoformat()}' AND {time_column} >= '{since_utc.isoformat()}'"
+    arrow = table.scan(row_filter=flt, selected_fields=(id_column, time_column)).to_arrow()
+    return dict(zip(arrow.column(id_column).to_pylist(), arrow.column(time_column).to_pylist(), strict=True))
+
+
+# -- the writer ------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Pending:
+    query: QuerySubmitted
+    source: Source
+
+
+@dataclass(slots=True)
+class _TableState:
+    name: str
+    topics: frozenset[str]
+    floors: dict[TP, int]
+    """The committed offsets: records below are already covered by the table."""
+    positions: dict[TP, int]
+    """Next offset after the last record this table has taken into account."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    first_row_mono: float | None = None
+    last_commit_mono: float = field(default_factory=time.monotonic)
+    committed_props: dict[str, str] = field(default_factory=dict)
+    inflight: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Rows to append to one table, with the snapshot properties that make it exactly-once."""
+
+    table: str
+    rows: list[dict[str, Any]]
+    properties: dict[str, str]
+
+
+@dataclass(slots=True)
+class Counters:
+    records: int = 0
+    rows: int = 0
+    late_responses: int = 0
+    duplicate_responses: int = 0
+    duplicate_queries: int = 0
+    no_response: int = 0
+    undecodable: int = 0
+    commits: int = 0
+
+
+class _RecentIds:
+    """Request ids already written, with their rows' event time, forgotten past a horizon."""
+
+    def __init__(self, ids: Mapping[str, datetime]) -> None:
+        self._at: dict[str, datetime] = {}
+        self._order: deque[tuple[datetime, str]] = deque()
+        for rid, at in sorted(ids.items(), key=lambda kv: kv[1]):
+            self.add(rid, at)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._at
+
+    def add(self, request_id: str, at: datetime) -> None:
+        self._at[request_id] = at
+        self._order.append((at, request_id))
+
+    def evict(self, horizon: datetime) -> None:
+        # Entries are roughly in time order; stopping at the first young one only delays.
+        while self._order and self._order[0][0] < horizon:
+            at, rid = self._order.popleft()
+            if self._at.get(rid) == at:
+                del self._at[rid]
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+
+class AuditWriter:
+    """Turns consumed records into per-table batches; knows what each table has covered.
+
+    Single-threaded: the sink calls `process`, `expire`, `due`, `take` and `committed` from
+    one task. `take` snapshots the offsets at the moment the rows are taken, so consuming may
+    go on while that batch commits.
+    """
+
+    def __init__(
+        self,
+        audit: AuditSettings,
+        *,
+        topic_prefix: str,
+        committed: Mapping[str, Committed],
+        written_ids: Mapping[str, Mapping[str, datetime]] | None = None,
+    ) -> None:
+        self.audit = audit
+        self.counters = Counters()
+        self.topics = {
+            spec.name: spec.full_name(topic_prefix) for spec in (QUERIES, RESPONSES, INDEXED, DEADLETTER)
+        }
+        self._queries = self.topics[QUERIES.name]
+        self._responses = self.topics[RESPONSES.name]
+        self._indexed = self.topics[INDEXED.name]
+        self._deadletter = self.topics[DEADLETTER.name]
+        self.tables: dict[str, _TableState] = {}
+        for name, tdef in TABLES.items():
+            c = committed.get(name, Committed())
+            self.tables[name] = _TableState(
+                name=name,
+                topics=frozenset(spec.full_name(topic_prefix) for spec in tdef.inputs),
+                floors=dict(c.offsets),
+                positions=dict(c.offsets),
+            )
+        written_ids = written_ids or {}
+        self._written = {
+            INFERENCE_LOG: _RecentIds(written_ids.get(INFERENCE_LOG, {})),
+            USAGE: _RecentIds(written_ids.get(USAGE, {})),
+        }
+        self._pending: dict[str, _Pending] = {}
+        self._pending_by_tp: dict[TP, deque[tuple[int, str]]] = {}
+        self._expiry: list[tuple[datetime, str]] = []
+        self.live = False
+        """Set by the sink once it has caught up with the responses topic since starting."""
+
+    # -- input ---------------------------------------------------------------------------
+    def table_inputs(self) -> dict[str, frozenset[str]]:
+        return {name: t.topics for name, t in self.tables.items()}
+
+    def process(self, topic: str, partition: int, offset: int, event: Event | None, now: datetime) -> None:
+        """Take one record into account (event=None: it could not be decoded; skip it)."""
+        self.counters.records += 1
+        tp = (topic, partition)
+        src = Source(topic, partition, offset)
+        for t in self.tables.values():
+            if topic not in t.topics or offset < t.floors.get(tp, -1):
+                continue
+            if event is not None:
+                self._route(t.name, event, src, now)
+            t.positions[tp] = offset + 1
+
+    def _route(self, table: str, event: Event, src: Source, now: datetime) -> None:
+        if table == INFERENCE_LOG:
+            if isinstance(event, QuerySubmitted):
+                self._on_query(event, src, now)
+            elif isinstance(event, ResponseCompleted):
+                self._on_response(event, src, now)
+        elif table == USAGE and isinstance(event, ResponseCompleted):
+            if event.request_id in self._written[USAGE]:
+                self.counters.duplicate_responses += 1
+                return
+            self._written[USAGE].add(event.request_id, event.produced_at)
+            self._add(USAGE, usage_row(event, prices=self.audit.prices, source=src, logged_at=now))
+        elif table == INGESTION_LOG:
+            if isinstance(event, DocumentIndexed):
+                self._add(table, ingestion_row(event, source=src, logged_at=now))
+            elif isinstance(event, DeadLettered) and is_document_dead_letter(event):
+                self._add(table, ingestion_dead_letter_row(event, source=src, logged_at=now))
+        elif table == DEAD_LETTERS and isinstance(event, DeadLettered):
+            self._add(table, dead_letter_row(event, source=src, logged_at=now))
+
+    def _on_query(self, query: QuerySubmitted, src: Source, now: datetime) -> None:
+        rid = query.request_id
+        if rid in self._pending or rid in self._written[INFERENCE_LOG]:
+            self.counters.duplicate_queries += 1
+            return
+        self._pending[rid] = _Pending(query, src)
+        self._pending_by_tp.setdefault((src.topic, src.partition), deque()).append((src.offset, rid))
+        expire_at = query.deadline_at() + timedelta(seconds=self.audit.join_grace_s)
+        heapq.heappush(self._expiry, (expire_at, rid))
+
+    def _on_response(self, response: ResponseCompleted, src: Source, now: datetime) -> None:
+        rid = response.request_id
+        pending = self._pending.pop(rid, None)
+        if pending is None and rid in self._written[INFERENCE_LOG]:
+            self.counters.late_responses += 1
+            log.warning(
+                "response %s arrived after its request was logged (no_response or duplicate); "
+                "dropped from inference_log",
+                rid,
+            )
+            return
+        row = inference_row(
+            response,
+            pending.query if pending else None,
+            source=src,
+            query_source=pending.source if pending else None,
+            logged_at=now,
+        )
+        self._written[INFERENCE_LOG].add(rid, row["submitted_at"])
+        self._add(INFERENCE_LOG, row)
+
+    def expire(self, now: datetime) -> int:
+        """Write `no_response` rows for pending queries past deadline + grace (once live)."""
+        if not self.live:
+            return 0
+        n = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, rid = heapq.heappop(self._expiry)
+            pending = self._pending.pop(rid, None)
+            if pending is None:
+                continue  # answered meanwhile
+            q = pending.query
+            self._written[INFERENCE_LOG].add(rid, q.produced_at)
+            self._add(
+                INFERENCE_LOG,
+                no_response_row(
+                    q, grace_s=self.audit.join_grace_s, query_source=pending.source, logged_at=now
+                ),
+            )
+            n += 1
+        self.counters.no_response += n
+        return n
+
+    def _add(self, table: str, row: dict[str, Any]) -> None:
+        t = self.tables[table]
+        if not t.rows:
+            t.first_row_mono = time.monotonic()
+        t.rows.append(row)
+        self.counters.rows += 1
+
+    # -- output --------------------------------------------------------------------------
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def _oldest_pending(self, tp: TP) -> int | None:
+        q = self._pending_by_tp.get(tp)
+        while q:
+            offset, rid = q[0]
+            p = self._pending.get(rid)
+            if p is not None and p.source.offset == offset and p.source.partition == tp[1]:
+                return offset
+            q.popleft()
+        return None
+
+    def offsets_for(self, table: str) -> dict[TP, int]:
+        """What the table may store now: its positions, queries held back to the oldest
+        pending query."""
+        t = self.tables[table]
+        out = dict(t.positions)
+        if table == INFERENCE_LOG:
+            for tp in list(out):
+                if tp[0] == self._queries:
+                    oldest = self._oldest_pending(tp)
+                    if oldest is not None:
+                        out[tp] = min(out[tp], oldest)
+        return out
+
+    def _join_since(self, table: str, now: datetime) -> datetime | None:
+        if table == INFERENCE_LOG:
+            oldest = min((p.query.produced_at for p in self._pending.values()), default=now)
+            return min(oldest, now) - timedelta(seconds=self.audit.join_memory_s)
+        if table == USAGE:
+            return now - timedelta(seconds=self.audit.join_memory_s)
+        return None
+
+    def due(self, now_mono: float | None = None) -> list[str]:
+        """Tables to commit now: enough rows, old enough rows, or offsets idle too long."""
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        out = []
+        for t in self.tables.values():
+            if t.inflight:
+                continue
+            if t.rows:
+                assert t.first_row_mono is not None
+                if (
+                    len(t.rows) >= self.audit.flush_rows
+                    or now_mono - t.first_row_mono >= self.audit.flush_interval_s
+                ):
+                    out.append(t.name)
+            elif now_mono - t.last_commit_mono >= self.audit.offsets_commit_interval_s and encode_offsets(
+                self.offsets_for(t.name)
+            ) != t.committed_props.get(OFFSETS_KEY, encode_offsets(t.floors)):
+                out.append(t.name)
+        return out
+
+    def take(self, table: str, now: datetime) -> Batch:
+        """Hand out the table's buffered rows with the offsets they bring the table to."""
+        t = self.tables[table]
+        props = {OFFSETS_KEY: encode_offsets(self.offsets_for(table))}
+        since = self._join_since(table, now)
+        if since is not None:
+            props[JOIN_SINCE_KEY] = since.isoformat()
+        batch = Batch(table, t.rows, props)
+        t.rows = []
+        t.first_row_mono = None
+        t.inflight = True
+        if since is not None and self.live:
+            # Not while catching up: re-read queries must still find the ids loaded at start.
+            self._written[table].evict(since)
+        return batch
+
+    def committed(self, batch: Batch) -> None:
+        """The batch landed: its offsets are the table's new floors."""
+        t = self.tables[batch.table]
+        t.inflight = False
+        t.last_commit_mono = time.monotonic()
+        t.committed_props = batch.properties
+        t.floors = decode_offsets(batch.properties[OFFSETS_KEY])
+        self.counters.commits += 1
+
+    def abandon(self, batch: Batch) -> None:
+        """The commit failed: the process must stop (a restart recovers from the table)."""
+        self.tables[batch.table].inflight = False
+
+    def buffered(self) -> dict[str, int]:
+        return {name: len(t.rows) for name, t in self.tables.items()}
+
+
+# -- commit ------------------------------------------------------------------------------------
+def commit_batch(table: Any, batch: Batch, *, attempts: int = 5) -> None:
+    """Append the batch's rows with its offsets in the snapshot summary.
+
+    A conflict (another commit landed first: maintenance) is retried on the refreshed table
+    with the same properties, which stay right whatever the base. A newer snapshot that
+    claims offsets beyond this batch's means a second sink writes the table: that stops us.
+
+    Raises:
+        StartupError: another writer is committing offsets to this table.
+        CommitFailedException: still conflicting after `attempts` tries.
+    """
+    from pyiceberg.exceptions import CommitFailedException
+
+    from ragstream.infra.audit.tables import rows_to_arrow
+
+    arrow = rows_to_arrow(batch.rows, table.schema().as_arrow())
+    mine = decode_offsets(batch.properties[OFFSETS_KEY])
+    for attempt in range(attempts):
+        _check_single_writer(table, batch.table, mine)
+        try:
+            table.append(arrow, snapshot_properties=batch.properties)
+            return
+        except CommitFailedException:
+            if attempt == attempts - 1:
+                raise
+            log.info("commit to %s conflicted; retrying on the refreshed table", batch.table)
+            time.sleep(0.05 * (attempt + 1))
+            table.refresh()
+
+
+def _check_single_writer(table: Any, name: str, mine: Mapping[TP, int]) -> None:
+    theirs = read_committed(table).offsets
+    ahead = {tp: o for tp, o in theirs.items() if o > mine.get(tp, o)}
+    if ahead:
+        raise StartupError(
+            f"audit table {name} already holds offsets beyond this sink's ({ahead}); "
+            "is a second audit sink running?"
+        )

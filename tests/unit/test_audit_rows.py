@@ -1,0 +1,394 @@
+"""Audit rows from events, the query/response join, and the offsets that make the sink
+exactly-once (replayed here against a real SQLite-catalog Iceberg table on tmp_path)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragstream.infra.audit.tables import (
+    INFERENCE_LOG,
+    INGESTION_LOG,
+    USAGE,
+    AuditSettings,
+    ModelPrice,
+    Source,
+    dead_letter_row,
+    ensure_tables,
+    inference_row,
+    ingestion_dead_letter_row,
+    is_document_dead_letter,
+    no_response_row,
+    rows_to_arrow,
+    usage_row,
+)
+from ragstream.infra.audit.writer import (
+    OFFSETS_KEY,
+    AuditWriter,
+    Committed,
+    commit_batch,
+    decode_offsets,
+    encode_offsets,
+    load_written_ids,
+    read_committed,
+    start_offsets,
+)
+from ragstream.infra.settings import Settings
+from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
+from ragstream.schemas.queries import (
+    Citation,
+    PromptMessage,
+    QuerySubmitted,
+    ResponseCompleted,
+    Usage,
+)
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+Q_TOPIC, R_TOPIC, I_TOPIC, D_TOPIC = "rs.queries", "rs.responses", "rs.documents.indexed", "rs.deadletter"
+
+
+def _query(rid: str, at: datetime = T0, deadline_ms: int = 10_000) -> QuerySubmitted:
+    return QuerySubmitted(
+        request_id=rid,
+        question=f"what is {rid}?",
+        user="alice",
+        tenant="acme",
+        produced_at=at,
+        deadline_ms=deadline_ms,
+    )
+
+
+def _response(rid: str, at: datetime = T0 + timedelta(seconds=2), **kw: Any) -> ResponseCompleted:
+    fields: dict[str, Any] = {
+        "request_id": rid,
+        "status": "ok",
+        "user": "alice",
+        "tenant": "acme",
+        "question": f"what is {rid}?",
+        "answer": "It is [1].",
+        "citations": (Citation(number=1, document_id="d1", chunk_id="d1#0", cited=True, score=0.9),),
+        "usage": Usage(prompt_tokens=1200, completion_tokens=300),
+        "model_id": "smol",
+        "route": "default",
+        "finish_reason": "stop",
+        "prompt_template_version": "v3",
+        "prompt_messages": (
+            PromptMessage(role="system", content="Answer from the sources."),
+            PromptMessage(role="user", content="what?"),
+        ),
+        "retrieved_chunk_ids": ("d1#0", "d2#3"),
+        "retrieved_scores": (0.9, 0.4),
+        "latency_ms": {"search": 3.5, "generation": 1500.0, "total": 2000.0, "rerank": 7.0},
+        "produced_at": at,
+    }
+    fields.update(kw)
+    return ResponseCompleted(**fields)
+
+
+# -- rows ----------------------------------------------------------------------------------------
+def test_joined_row_carries_the_query_time_and_the_whole_answer() -> None:
+    q, r = _query("r1"), _response("r1")
+    row = inference_row(r, q, source=Source(R_TOPIC, 1, 7), query_source=Source(Q_TOPIC, 2, 3), logged_at=T0)
+    assert row["submitted_at"] == T0 and row["completed_at"] == r.produced_at
+    assert row["deadline_at"] == T0 + timedelta(seconds=10)
+    assert row["event_date"].isoformat() == "2025-03-01"
+    assert row["citations"][0]["chunk_id"] == "d1#0" and row["citations"][0]["cited"] is True
+    assert [m["role"] for m in row["prompt_messages"]] == ["system", "user"]
+    assert row["retrieved_chunk_ids"] == ["d1#0", "d2#3"] and row["retrieved_scores"] == [0.9, 0.4]
+    assert row["latency_total_ms"] == 2000.0 and row["latency_search_ms"] == 3.5
+    assert row["latency_prompt_ms"] is None  # not measured: null, not 0
+    assert row["latency_ms"]["rerank"] == 7.0  # stages without a column live in the map
+    assert row["total_tokens"] == 1500 and row["status"] == "ok"
+    assert (row["query_partition"], row["query_offset"]) == (2, 3)
+    assert (row["kafka_topic"], row["kafka_partition"], row["kafka_offset"]) == (R_TOPIC, 1, 7)
+
+
+def test_response_without_query_dates_itself_from_its_total_latency() -> None:
+    r = _response("r2", at=T0 + timedelta(seconds=5))
+    row = inference_row(r, None, source=None, query_source=None, logged_at=T0)
+    assert row["submitted_at"] == T0 + timedelta(seconds=3)  # 5 s - total 2000 ms
+    assert row["deadline_at"] is None and row["query_offset"] is None
+
+
+def test_no_response_row_keeps_the_question_and_says_why() -> None:
+    q = _query("r3")
+    row = no_response_row(q, grace_s=30, query_source=Source(Q_TOPIC, 0, 9), logged_at=T0)
+    assert row["status"] == "no_response" and row["completed_at"] is None
+    assert row["question"] == "what is r3?" and row["user"] == "alice" and row["tenant"] == "acme"
+    assert "deadline" in row["error_reason"]
+    assert row["prompt_tokens"] is None and row["answer"] == ""
+
+
+def test_usage_cost_comes_from_configured_prices() -> None:
+    prices = {"smol": ModelPrice(input_per_1k=0.5, output_per_1k=2.0)}
+    row = usage_row(_response("r4"), prices=prices, source=None, logged_at=T0)
+    assert row["estimated_cost"] == pytest.approx(1.2 * 0.5 + 0.3 * 2.0)
+    assert row["total_tokens"] == 1500
+    unpriced = usage_row(_response("r5", model_id="other"), prices=prices, source=None, logged_at=T0)
+    assert unpriced["estimated_cost"] is None
+
+
+def test_document_outcomes_and_dead_letters() -> None:
+    dl = DeadLettered(
+        stage="ingest",
+        error_kind="unreadable_document",
+        message="bad pdf",
+        original=b"%PDF-\x00",
+        document_id="doc-9",
+        tenant="acme",
+        original_topic="rs.documents",
+        original_offset=4,
+    )
+    assert is_document_dead_letter(dl)
+    query_dl = DeadLettered(
+        stage="retrieve", error_kind="schema_violation", message="x", original=b"{}", request_id="r"
+    )
+    assert not is_document_dead_letter(query_dl)
+    row = ingestion_dead_letter_row(dl, source=None, logged_at=T0)
+    assert row["outcome"] == "dead_lettered" and row["error"] == "unreadable_document: bad pdf"
+    full = dead_letter_row(dl, source=None, logged_at=T0)
+    assert full["original"] == b"%PDF-\x00" and full["original_offset"] == 4
+
+
+# -- offsets ------------------------------------------------------------------------------------
+def test_offsets_round_trip_and_resume_from_the_slowest_table() -> None:
+    offsets = {(R_TOPIC, 0): 10, (R_TOPIC, 1): 3, (Q_TOPIC, 0): 7}
+    assert decode_offsets(encode_offsets(offsets)) == offsets
+    committed = {
+        INFERENCE_LOG: Committed({(R_TOPIC, 0): 10, (R_TOPIC, 1): 3, (Q_TOPIC, 0): 7}),
+        USAGE: Committed({(R_TOPIC, 0): 4, (R_TOPIC, 1): 9}),
+    }
+    starts = start_offsets(
+        committed,
+        {INFERENCE_LOG: [Q_TOPIC, R_TOPIC], USAGE: [R_TOPIC], INGESTION_LOG: [I_TOPIC]},
+        {Q_TOPIC: [0, 1], R_TOPIC: [0, 1], I_TOPIC: [0]},
+    )
+    assert starts == {
+        (Q_TOPIC, 0): 7,
+        (Q_TOPIC, 1): None,
+        (R_TOPIC, 0): 4,
+        (R_TOPIC, 1): 3,
+        (I_TOPIC, 0): None,
+    }
+
+
+def _writer(committed: dict[str, Committed] | None = None, **kw: Any) -> AuditWriter:
+    audit = AuditSettings(join_grace_s=5, **kw)
+    return AuditWriter(audit, topic_prefix="rs", committed=committed or {})
+
+
+def test_a_table_ignores_records_below_its_own_offset() -> None:
+    w = _writer({USAGE: Committed({(R_TOPIC, 0): 2})})
+    for off in range(4):
+        w.process(R_TOPIC, 0, off, _response(f"r{off}"), T0)
+    assert [r["request_id"] for r in w.tables[USAGE].rows] == ["r2", "r3"]
+    assert len(w.tables[INFERENCE_LOG].rows) == 4  # no offset stored: reads everything
+    assert w.offsets_for(USAGE) == {(R_TOPIC, 0): 4}
+
+
+def test_inference_log_holds_queries_offset_at_the_oldest_pending_query() -> None:
+    w = _writer()
+    for off, rid in enumerate(["a", "b", "c"]):
+        w.process(Q_TOPIC, 0, off, _query(rid), T0)
+    w.process(R_TOPIC, 0, 0, _response("b"), T0)
+    assert w.offsets_for(INFERENCE_LOG) == {(Q_TOPIC, 0): 0, (R_TOPIC, 0): 1}
+    w.process(R_TOPIC, 0, 1, _response("a"), T0)
+    assert w.offsets_for(INFERENCE_LOG)[(Q_TOPIC, 0)] == 2  # "c" still waits
+    w.process(R_TOPIC, 0, 2, _response("c"), T0)
+    assert w.offsets_for(INFERENCE_LOG)[(Q_TOPIC, 0)] == 3
+    assert sorted(r["request_id"] for r in w.tables[INFERENCE_LOG].rows) == ["a", "b", "c"]
+
+
+def test_unanswered_query_becomes_no_response_once_live_and_a_late_answer_is_dropped() -> None:
+    w = _writer()
+    w.process(Q_TOPIC, 0, 0, _query("slow", deadline_ms=1000), T0)
+    after = T0 + timedelta(seconds=7)  # deadline 1 s + grace 5 s
+    assert w.expire(after) == 0  # not caught up yet: its response may be unread
+    w.live = True
+    assert w.expire(after) == 1
+    w.process(R_TOPIC, 0, 0, _response("slow"), after)
+    rows = w.tables[INFERENCE_LOG].rows
+    assert [(r["request_id"], r["status"]) for r in rows] == [("slow", "no_response")]
+    assert w.counters.late_responses == 1
+    assert [r["request_id"] for r in w.tables[USAGE].rows] == ["slow"]  # its tokens were spent
+    assert w.offsets_for(INFERENCE_LOG)[(Q_TOPIC, 0)] == 1
+
+
+def test_duplicate_responses_make_one_row_per_table() -> None:
+    w = _writer()
+    w.process(Q_TOPIC, 0, 0, _query("d"), T0)
+    w.process(R_TOPIC, 0, 0, _response("d"), T0)
+    w.process(R_TOPIC, 1, 0, _response("d"), T0)
+    w.process(Q_TOPIC, 0, 1, _query("d"), T0)
+    assert len(w.tables[INFERENCE_LOG].rows) == 1 and len(w.tables[USAGE].rows) == 1
+
+
+def test_flush_at_n_rows_or_t_seconds() -> None:
+    w = _writer(flush_rows=3, flush_interval_s=2.0)
+    w.process(R_TOPIC, 0, 0, _response("x0"), T0)
+    first = w.tables[USAGE].first_row_mono
+    assert first is not None
+    assert w.due(first + 0.1) == []
+    assert set(w.due(first + 2.0)) == {INFERENCE_LOG, USAGE}
+    for i in range(1, 3):
+        w.process(R_TOPIC, 0, i, _response(f"x{i}"), T0)
+    assert set(w.due(first)) == {INFERENCE_LOG, USAGE}
+    batch = w.take(USAGE, T0)
+    assert len(batch.rows) == 3 and decode_offsets(batch.properties[OFFSETS_KEY]) == {(R_TOPIC, 0): 3}
+    assert USAGE not in w.due(first + 100)  # in flight until committed
+
+
+# -- crash and replay against a real Iceberg table ---------------------------------------------
+def _stream(n: int, seed: int) -> list[tuple[str, int, int, Event]]:
+    """Queries and responses interleaved as a broker would hold them (2 partitions each);
+    every 7th request never gets a response, every 11th answers twice."""
+    rng = random.Random(seed)
+    logs: dict[tuple[str, int], list[Event]] = {(t, p): [] for t in (Q_TOPIC, R_TOPIC) for p in (0, 1)}
+    out = []
+    for i in range(n):
+        rid = f"req-{i:05d}"
+        at = T0 + timedelta(milliseconds=10 * i)
+        p = rng.randrange(2)
+        events: list[tuple[str, Event]] = [(Q_TOPIC, _query(rid, at=at, deadline_ms=1000))]
+        if i % 7 != 3:
+            events.append((R_TOPIC, _response(rid, at=at + timedelta(milliseconds=300))))
+        if i % 7 != 3 and i % 11 == 5:
+            events.append((R_TOPIC, _response(rid, at=at + timedelta(milliseconds=400))))
+        for topic, ev in events:
+            logs[(topic, p)].append(ev)
+            out.append((topic, p, len(logs[(topic, p)]) - 1, ev))
+    return out
+
+
+def _open(tmp_path: Path) -> dict[str, Any]:
+    return ensure_tables(Settings(data_dir=tmp_path))
+
+
+def _restart(tables: dict[str, Any]) -> AuditWriter:
+    committed = {name: read_committed(t) for name, t in tables.items()}
+    written = {}
+    for name, col in ((INFERENCE_LOG, "submitted_at"), (USAGE, "event_time")):
+        since = committed[name].join_since
+        if since is not None:
+            written[name] = load_written_ids(tables[name], "request_id", col, since)
+    return AuditWriter(
+        AuditSettings(join_grace_s=1.0, join_memory_s=600),
+        topic_prefix="rs",
+        committed=committed,
+        written_ids=written,
+    )
+
+
+def test_kill_at_random_points_then_replay_writes_each_request_exactly_once(tmp_path: Path) -> None:
+    stream = _stream(300, seed=1)
+    tables = _open(tmp_path)
+    rng = random.Random(2)
+    done = False
+    crashes = 0
+    while not done:
+        w = _restart(tables)
+        w.live = True
+        starts = start_offsets(
+            {n: read_committed(t) for n, t in tables.items()},
+            w.table_inputs(),
+            {Q_TOPIC: [0, 1], R_TOPIC: [0, 1]},
+        )
+        replay = [r for r in stream if r[2] >= (starts.get((r[0], r[1])) or 0)]
+        crash_after = rng.randrange(len(replay) + 40) if crashes < 6 else None
+        for i, (topic, p, off, ev) in enumerate(replay):
+            if crash_after is not None and i == crash_after:
+                break  # kill -9: buffered rows and uncommitted offsets are gone
+            w.process(topic, p, off, ev, ev.produced_at)
+            w.expire(ev.produced_at)  # the stream's own clock: answers come 300-400 ms after
+            if rng.random() < 0.05:
+                for name in (INFERENCE_LOG, USAGE):
+                    commit_batch(tables[name], b := w.take(name, ev.produced_at))
+                    w.committed(b)
+        else:
+            w.expire(T0 + timedelta(days=1))
+            for name in (INFERENCE_LOG, USAGE):
+                commit_batch(tables[name], b := w.take(name, T0 + timedelta(days=1)))
+                w.committed(b)
+            done = True
+        crashes += 1
+    log_rows = tables[INFERENCE_LOG].scan().to_arrow().to_pylist()
+    per_id = Counter(r["request_id"] for r in log_rows)
+    assert len(per_id) == 300 and set(per_id.values()) == {1}
+    no_resp = {r["request_id"] for r in log_rows if r["status"] == "no_response"}
+    assert no_resp == {f"req-{i:05d}" for i in range(300) if i % 7 == 3}
+    usage = Counter(r["request_id"] for r in tables[USAGE].scan().to_arrow().to_pylist())
+    assert set(usage.values()) == {1} and len(usage) == len([i for i in range(300) if i % 7 != 3])
+
+
+def test_new_nullable_column_keeps_old_snapshots_readable(tmp_path: Path) -> None:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import NestedField, StringType
+
+    from ragstream.infra.audit.tables import ensure_schema
+
+    tables = _open(tmp_path)
+    table = tables[USAGE]
+    row = usage_row(_response("old"), prices={}, source=None, logged_at=T0)
+    table.append(rows_to_arrow([row], table.schema().as_arrow()))
+    old_snapshot = table.current_snapshot().snapshot_id
+    wider = Schema(*table.schema().fields, NestedField(999, "region", StringType(), required=False))
+    ensure_schema(table, wider)
+    table.append(rows_to_arrow([{**row, "request_id": "new", "region": "eu"}], table.schema().as_arrow()))
+    assert table.scan(snapshot_id=old_snapshot).to_arrow().column("request_id").to_pylist() == ["old"]
+    now = {r["request_id"]: r["region"] for r in table.scan().to_arrow().to_pylist()}
+    assert now == {"old": None, "new": "eu"}
+    # A fresh ensure_tables keeps the added column (union, never drop).
+    assert "region" in {f.name for f in _open(tmp_path)[USAGE].schema().fields}
+
+
+def test_ingestion_rows_land(tmp_path: Path) -> None:
+    tables = _open(tmp_path)
+    w = _writer()
+    ev = DocumentIndexed(source_event_id="s1", document_id="doc", version=2, outcome="indexed", chunk_count=4)
+    w.process(I_TOPIC, 0, 0, ev, T0)
+    commit_batch(tables[INGESTION_LOG], b := w.take(INGESTION_LOG, T0))
+    rows = tables[INGESTION_LOG].scan().to_arrow().to_pylist()
+    assert [(r["document_id"], r["outcome"], r["chunk_count"], r["version"]) for r in rows] == [
+        ("doc", "indexed", 4, 2)
+    ]
+    assert read_committed(tables[INGESTION_LOG]).offsets == {(I_TOPIC, 0): 1}
+    assert b.rows
+
+
+def test_maintenance_compacts_closed_days_keeps_offsets_and_cleans_up(tmp_path: Path) -> None:
+    from ragstream.infra.audit.maintenance import maintain_table
+
+    tables = _open(tmp_path)
+    table = tables[USAGE]
+    w = _writer()
+    for i in range(10):  # ten commits -> ten small files in the 2025-03-01 partition
+        w.process(R_TOPIC, 0, i, _response(f"m{i}"), T0)
+        commit_batch(table, b := w.take(USAGE, T0))
+        w.committed(b)
+    offsets_before = read_committed(table).offsets
+    stray = Path(table.location().removeprefix("file://")) / "data" / "stray.parquet"
+    stray.write_bytes(b"not referenced by any snapshot")
+    audit = AuditSettings(compact_min_files=8, snapshot_retention_h=1, orphan_min_age_h=1)
+
+    young = maintain_table(table, audit, compact=False)  # now: nothing is old enough to go
+    assert young.orphans_removed == 0 and young.snapshots_expired == 0 and stray.exists()
+
+    report = maintain_table(table, audit, now=datetime.now(UTC) + timedelta(days=2))
+    assert report.partitions_compacted == ["2025-03-01"] and report.files_compacted == 10
+    assert len(table.inspect.files()) == 1
+    assert report.snapshots_expired > 0 and len(table.metadata.snapshots) <= 2
+    assert report.orphans_removed >= 11 and not stray.exists()  # ten small files + the stray
+    # Same rows, same offsets: a restarted sink resumes exactly where it was.
+    assert sorted(table.scan().to_arrow().column("request_id").to_pylist()) == sorted(
+        f"m{i}" for i in range(10)
+    )
+    assert read_committed(table).offsets == offsets_before == {(R_TOPIC, 0): 10}
+    # And the table still takes the sink's next commit.
+    w.process(R_TOPIC, 0, 10, _response("m10"), T0)
+    commit_batch(table, b := w.take(USAGE, T0))
+    assert table.scan().to_arrow().num_rows == 11

@@ -1,0 +1,152 @@
+"""Generation stage: assemble the grounded prompt, stream the answer from the generator on
+Triton, publish each token delta as it arrives, then the final response.
+
+The route in the query (`generation.route`) names a Triton model through
+`generation.routes`, so several models can be served and routed between. The caller's
+deadline bounds everything: past it, the stream is cancelled (freeing the model slot) and
+the final response says `deadline_exceeded`, with whatever was generated so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ragstream.infra.settings import Settings
+from ragstream.schemas.errors import BadInputError, DeadlineExceeded, TransientError
+from ragstream.schemas.events import Event
+from ragstream.schemas.queries import (
+    ContextRetrieved,
+    PromptMessage,
+    ResponseCompleted,
+    TokenGenerated,
+    Usage,
+)
+from ragstream.streams.stage import Emit, emit
+from ragstream.workers.prompt import build_prompt, citations_for
+from ragstream.workers.retrieve import error_response, ms_since, remaining_s
+
+__all__ = ["GenerationDeps", "handle_context"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationDeps:
+    settings: Settings
+    generator: Any
+    """`stream(model, messages, *, max_tokens, temperature, timeout_s)` -> async deltas."""
+    count_tokens: Callable[[str], int]
+    send_nowait: Callable[[Sequence[Emit]], Awaitable[list[Awaitable[Any]]]]
+
+
+async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Emit]:
+    """Answer one retrieved query; never raises for a valid event."""
+    q = ctx.query
+    gen = deps.settings.generation
+    latency = dict(ctx.latency_ms)
+    latency["queue_generation"] = ms_since(ctx.produced_at)
+    if remaining_s(q) <= 0:
+        return [emit(error_response(q, "deadline_exceeded: the deadline passed before generation", latency))]
+    model = gen.routes.get(q.generation.route)
+    if model is None:
+        known = ", ".join(sorted(gen.routes))
+        return [emit(error_response(q, f"unknown_route: {q.generation.route!r} (known: {known})", latency))]
+
+    t0 = time.perf_counter()
+    prompt = await asyncio.to_thread(
+        build_prompt,
+        q.question,
+        ctx.chunks,
+        count_tokens=deps.count_tokens,
+        context_window=gen.context_tokens,
+        max_new_tokens=q.generation.max_tokens,
+        history=q.history,
+    )
+    latency["prompt"] = (time.perf_counter() - t0) * 1000.0
+
+    parts: list[str] = []
+    sent: list[Awaitable[Any]] = []
+    finish_reason: str | None = None
+    usage = Usage()
+    status = "ok"
+    reason: str | None = None
+    t_gen = time.perf_counter()
+    try:
+        async with asyncio.timeout(remaining_s(q)):
+            async for delta in deps.generator.stream(
+                model,
+                list(prompt.messages),
+                max_tokens=q.generation.max_tokens,
+                temperature=q.generation.temperature,
+                timeout_s=max(remaining_s(q), 0.001),
+            ):
+                if delta.text:
+                    if not parts:
+                        latency["time_to_first_token"] = (time.perf_counter() - t_gen) * 1000.0
+                    if q.stream:
+                        token = TokenGenerated(
+                            request_id=q.request_id,
+                            trace_id=q.request_id,
+                            tenant=q.tenant,
+                            sequence=len(parts),
+                            delta=delta.text,
+                        )
+                        sent.extend(await deps.send_nowait([emit(token)]))
+                    parts.append(delta.text)
+                if delta.final:
+                    finish_reason = delta.finish_reason
+                    usage = Usage(
+                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
+                    )
+    except (TimeoutError, DeadlineExceeded):
+        status, reason, finish_reason = (
+            "error",
+            "deadline_exceeded: generation did not finish in time",
+            "deadline",
+        )
+    except (TransientError, BadInputError) as exc:
+        status, reason, finish_reason = "error", f"generation_failed: {exc}", "error"
+    latency["generation"] = (time.perf_counter() - t_gen) * 1000.0
+    for fut in sent:  # every delta is on the broker before the final response
+        await fut
+    answer = "".join(parts)
+    latency["total"] = ms_since(q.produced_at)
+    return [
+        emit(
+            ResponseCompleted(
+                request_id=q.request_id,
+                trace_id=q.request_id,
+                tenant=q.tenant,
+                user=q.user,
+                status=status,  # type: ignore[arg-type]
+                error_reason=reason,
+                question=q.question,
+                answer=answer,
+                citations=citations_for(answer, prompt.sources),
+                usage=usage,
+                model_id=model,
+                route=q.generation.route,
+                finish_reason=finish_reason,
+                prompt_template_version=prompt.template_version,
+                prompt_messages=tuple(PromptMessage.model_validate(m) for m in prompt.messages),
+                retrieved_chunk_ids=tuple(c.chunk_id for c in ctx.chunks),
+                retrieved_scores=tuple(c.score for c in ctx.chunks),
+                latency_ms=latency,
+                streamed=q.stream,
+                delta_count=len(parts) if q.stream else 0,
+            )
+        )
+    ]
+
+
+async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Emit]:
+    out: list[Emit] = []
+    for e in events:
+        assert isinstance(e, ContextRetrieved)  # the topic's contract guarantees it
+        out.extend(await handle_context(e, deps))
+    return out

@@ -1,0 +1,194 @@
+"""Retrieval stage: embed the question on Triton, run hybrid search with the tenant and
+access-group filter inside the search, optionally widen hits to neighbouring chunks.
+
+A query that cannot be served (Triton or the store failing past the deadline) is answered
+with an error `ResponseCompleted` right here, so the caller hears about it within the
+deadline instead of waiting for a generation that will never come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from ragstream.infra.embedder import Embedder
+from ragstream.infra.vectorstore.base import SearchHit, SearchQuery, VectorStore
+from ragstream.schemas.errors import TransientError
+from ragstream.schemas.events import DeadLettered, Event, utcnow
+from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, ResponseCompleted, RetrievedChunk
+from ragstream.streams.stage import Emit, emit
+
+__all__ = ["RetrievalDeps", "error_response", "handle_query", "invalid_request_response"]
+
+log = logging.getLogger(__name__)
+
+_RETRY_DELAY_S = 0.2
+
+
+@dataclass
+class RetrievalDeps:
+    embedder: Embedder
+    store: VectorStore
+
+
+def ms_since(t: datetime) -> float:
+    return max((utcnow() - t).total_seconds() * 1000.0, 0.0)
+
+
+def remaining_s(query: QuerySubmitted) -> float:
+    return (query.deadline_at() - utcnow()).total_seconds()
+
+
+def error_response(query: QuerySubmitted, reason: str, latency_ms: dict[str, float]) -> ResponseCompleted:
+    return ResponseCompleted(
+        request_id=query.request_id,
+        trace_id=query.request_id,
+        tenant=query.tenant,
+        user=query.user,
+        status="error",
+        error_reason=reason,
+        question=query.question,
+        route=query.generation.route,
+        finish_reason="error",
+        latency_ms={**latency_ms, "total": ms_since(query.produced_at)},
+        streamed=query.stream,
+    )
+
+
+def invalid_request_response(record: DeadLettered) -> list[Emit]:
+    """For a dead-lettered query whose request id could be read: tell the caller why."""
+    if not record.request_id:
+        return []
+    try:
+        response = ResponseCompleted(
+            request_id=record.request_id,
+            trace_id=record.request_id,
+            tenant=record.tenant,
+            status="error",
+            error_reason=f"invalid_request: {record.message}"[:2000],
+            finish_reason="error",
+        )
+    except ValueError:  # the id itself is not a valid identifier: nobody to answer
+        return []
+    return [emit(response)]
+
+
+async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Emit]:
+    """Find the context for one question; never raises for a valid query."""
+    started = utcnow()
+    latency: dict[str, float] = {"queue_retrieval": ms_since(query.produced_at)}
+    if remaining_s(query) <= 0:
+        return [
+            emit(error_response(query, "deadline_exceeded: the deadline passed before retrieval", latency))
+        ]
+    try:
+        hits = await asyncio.wait_for(_retrieve(query, deps, latency), timeout=remaining_s(query))
+    except TimeoutError:
+        return [emit(error_response(query, "deadline_exceeded: retrieval did not finish in time", latency))]
+    except TransientError as exc:
+        return [emit(error_response(query, f"retrieval_failed: {exc}", latency))]
+    latency["retrieval"] = ms_since(started)
+    return [
+        emit(
+            ContextRetrieved(
+                request_id=query.request_id,
+                trace_id=query.request_id,
+                tenant=query.tenant,
+                query=query,
+                chunks=tuple(hits),
+                latency_ms=latency,
+            )
+        )
+    ]
+
+
+async def _retrieve(
+    query: QuerySubmitted, deps: RetrievalDeps, latency: dict[str, float]
+) -> list[RetrievedChunk]:
+    """Retries transient failures until the caller's deadline cancels it."""
+    while True:
+        try:
+            return await _retrieve_once(query, deps, latency)
+        except TransientError as exc:
+            if remaining_s(query) <= _RETRY_DELAY_S:
+                raise
+            log.warning("retrieval for %s failed (%s); retrying", query.request_id, exc)
+            await asyncio.sleep(_RETRY_DELAY_S)
+
+
+async def _retrieve_once(
+    query: QuerySubmitted, deps: RetrievalDeps, latency: dict[str, float]
+) -> list[RetrievedChunk]:
+    opts = query.retrieval
+    vector: tuple[float, ...] | None = None
+    if opts.mode != "keyword":
+        t = time.perf_counter()
+        vector = tuple(float(x) for x in (await deps.embedder.embed([query.question]))[0])
+        latency["embed_query"] = (time.perf_counter() - t) * 1000.0
+    t = time.perf_counter()
+    hits = await deps.store.search(
+        SearchQuery(
+            tenant=query.tenant,
+            access_groups=query.access_groups,
+            text=query.question,
+            vector=vector,
+            top_k=opts.top_k,
+            mode=opts.mode,
+            alpha=opts.alpha,
+            metadata_filters=opts.metadata_filters,
+            document_ids=opts.document_ids,
+        )
+    )
+    latency["search"] = (time.perf_counter() - t) * 1000.0
+    chunks = [_chunk(h) for h in hits]
+    if opts.neighbours and hits:
+        t = time.perf_counter()
+        chunks = await _with_neighbours(query, deps.store, hits, opts.neighbours)
+        latency["expand"] = (time.perf_counter() - t) * 1000.0
+    return chunks
+
+
+def _chunk(h: SearchHit, neighbour_of: str | None = None) -> RetrievedChunk:
+    return RetrievedChunk(
+        chunk_id=h.chunk_id,
+        document_id=h.document_id,
+        title=h.title,
+        text=h.text,
+        headings=h.headings,
+        chunk_index=h.chunk_index,
+        source=h.source,
+        score=h.score,
+        vector_score=h.vector_score,
+        keyword_score=h.keyword_score,
+        neighbour_of=neighbour_of,
+    )
+
+
+async def _with_neighbours(
+    query: QuerySubmitted, store: VectorStore, hits: Sequence[SearchHit], window: int
+) -> list[RetrievedChunk]:
+    """Each hit followed by its neighbours (same document version, same access filter)."""
+    seen = {h.chunk_id for h in hits}
+    out: list[RetrievedChunk] = []
+    for h in hits:
+        out.append(_chunk(h))
+        near = await store.neighbours(
+            query.tenant, h.document_id, h.chunk_index, window, query.access_groups, fingerprint=h.fingerprint
+        )
+        for n in sorted(near, key=lambda n: n.chunk_index):
+            if n.chunk_id not in seen:
+                seen.add(n.chunk_id)
+                out.append(_chunk(n, neighbour_of=h.chunk_id).model_copy(update={"score": h.score}))
+    return out
+
+
+async def handle(events: Sequence[Event], deps: RetrievalDeps) -> list[Emit]:
+    out: list[Emit] = []
+    for e in events:
+        assert isinstance(e, QuerySubmitted)  # the topic's contract guarantees it
+        out.extend(await handle_query(e, deps))
+    return out

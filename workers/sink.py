@@ -1,0 +1,363 @@
+"""The audit sink: responses, queries, indexed documents and dead letters -> Iceberg, exactly once.
+
+Run it as its own process: `python -m ragstream.workers.sink`.
+
+Why a plain aiokafka consumer and not a Faust agent: exactly-once into Iceberg needs the sink
+to own its offsets. They live in each table's snapshot summary, committed atomically with the
+rows (see `ragstream.infra.audit.writer`), and on start every partition is resumed from what
+the tables say. Faust commits offsets to the consumer group on its own schedule, rebalances
+partitions between workers, and would need transactions for anything stronger (aiokafka's
+transactional producer does not work against the embedded broker). So the sink uses manual
+`assign()` of every partition (no group, no rebalance), never commits to Kafka, and is the one
+committer of its tables: run exactly one.
+
+One process, one commit thread: every catalog call (appends, maintenance) runs on a single
+worker thread, so commits to a table never race each other or maintenance, while the event
+loop keeps consuming into the next micro-batch. End offsets reported by the embedded broker
+are wrong after multi-record batches; they only decide when the sink counts as caught up
+(which lets the join start expiring queries), never which rows are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ragstream.infra.audit.maintenance import maintain_table
+from ragstream.infra.audit.tables import INFERENCE_LOG, USAGE, AuditSettings, audit_settings, ensure_tables
+from ragstream.infra.audit.writer import (
+    TP,
+    AuditWriter,
+    Batch,
+    commit_batch,
+    load_written_ids,
+    read_committed,
+    start_offsets,
+)
+from ragstream.infra.iceberg import open_catalog
+from ragstream.infra.settings import KafkaSettings, Settings, load_settings
+from ragstream.schemas.errors import SchemaViolation, StartupError
+from ragstream.schemas.events import Event
+from ragstream.streams.codec import decode
+from ragstream.streams.topics import DEADLETTER, INDEXED, QUERIES, RESPONSES, TopicSpec
+
+__all__ = ["AuditSink", "heartbeat_path", "main", "run_sink"]
+
+log = logging.getLogger(__name__)
+
+_SPECS: tuple[TopicSpec, ...] = (QUERIES, RESPONSES, INDEXED, DEADLETTER)
+_HEARTBEAT_S = 0.5
+_POLL_MS = 100
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    """Same place and shape as the Faust workers' heartbeats (`worker-sink.json`)."""
+    return settings.run_dir / "worker-sink.json"
+
+
+def _aiokafka_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": kafka.servers.split(","),
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = ssl.create_default_context()
+    if kafka.sasl_mechanism:
+        kwargs["sasl_mechanism"] = kafka.sasl_mechanism
+        kwargs["sasl_plain_username"] = kafka.sasl_username
+        if kafka.sasl_password is not None:
+            kwargs["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
+    return kwargs
+
+
+class AuditSink:
+    """Consumes the audit inputs and commits micro-batches; see the module docstring.
+
+    Use `await start()`, then `await run()` until `stop()` is called, then `await close()`.
+    """
+
+    def __init__(self, settings: Settings, audit: AuditSettings | None = None) -> None:
+        self.settings = settings
+        self.audit = audit or audit_settings(settings)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-commit")
+        self._tables: dict[str, Any] = {}
+        self._consumer: Any = None
+        self._writer: AuditWriter | None = None
+        self._specs = {spec.full_name(settings.kafka.topic_prefix): spec for spec in _SPECS}
+        self._responses_tps: list[TP] = []
+        self._read_pos: dict[TP, int] = {}
+        self._inflight: dict[str, asyncio.Future[Batch]] = {}
+        self._stopping = asyncio.Event()
+        self._ready = False
+        self._last_maintenance_mono = time.monotonic()
+        self._maintenance: asyncio.Future[Any] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def _io(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def start(self) -> None:
+        """Open the tables, restore each one's offsets and join memory, assign and seek.
+
+        Raises:
+            DependencyUnavailable: the catalog or the broker cannot be reached.
+            StartupError: the input topics did not appear in time.
+        """
+        from aiokafka import AIOKafkaConsumer
+
+        catalog = await self._io(open_catalog, self.settings)
+        self._tables = await self._io(ensure_tables, self.settings, catalog)
+        committed = {name: await self._io(read_committed, t) for name, t in self._tables.items()}
+        written: dict[str, dict[str, datetime]] = {}
+        for name, column in ((INFERENCE_LOG, "submitted_at"), (USAGE, "event_time")):
+            since = committed[name].join_since
+            if since is not None:
+                written[name] = await self._io(
+                    load_written_ids, self._tables[name], "request_id", column, since
+                )
+        self._writer = AuditWriter(
+            self.audit,
+            topic_prefix=self.settings.kafka.topic_prefix,
+            committed=committed,
+            written_ids=written,
+        )
+        log.info(
+            "audit sink: resuming with %s remembered request ids",
+            {k: len(v) for k, v in written.items()},
+        )
+        kafka = self.settings.kafka
+        self._consumer = AIOKafkaConsumer(
+            **_aiokafka_kwargs(kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=max(kafka.fetch_max_wait_ms, 1),
+            max_partition_fetch_bytes=kafka.max_message_bytes,
+            fetch_max_bytes=max(kafka.max_message_bytes, 52_428_800),
+            client_id="ragstream-audit-sink",
+        )
+        try:
+            await self._consumer.start()
+        except Exception as exc:  # aiokafka raises KafkaConnectionError and others
+            from ragstream.schemas.errors import DependencyUnavailable
+
+            raise DependencyUnavailable(f"cannot reach Kafka at {kafka.servers}: {exc}") from exc
+        partitions = await self._partitions()
+        starts = start_offsets(committed, self._writer.table_inputs(), partitions)
+        from aiokafka import TopicPartition
+
+        tps = [TopicPartition(t, p) for (t, p) in sorted(starts)]
+        self._consumer.assign(tps)
+        from_start = [tp for tp in tps if starts[(tp.topic, tp.partition)] is None]
+        if from_start:
+            await self._consumer.seek_to_beginning(*from_start)
+        for tp in tps:
+            offset = starts[(tp.topic, tp.partition)]
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+                self._read_pos[(tp.topic, tp.partition)] = offset
+        self._responses_tps = [tp for tp in starts if tp[0] == RESPONSES.full_name(kafka.topic_prefix)]
+        log.info("audit sink: assigned %d partitions; resuming at %s", len(tps), starts)
+        self._ready = True
+
+    async def _partitions(self) -> dict[str, list[int]]:
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        while True:
+            await self._consumer.topics()  # refreshes the metadata
+            found = {t: sorted(self._consumer.partitions_for_topic(t) or ()) for t in self._specs}
+            missing = [t for t, ps in found.items() if not ps]
+            if not missing:
+                return found
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"audit sink: topics {missing} do not exist (run `ragstream topics create`)"
+                )
+            log.info("audit sink: waiting for topics %s", missing)
+            await asyncio.sleep(1.0)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        """Commit what is buffered, then release the consumer and the commit thread."""
+        try:
+            if self._writer is not None and self._tables:
+                await self._drain_inflight()
+                for name in self._writer.due(float("inf")):
+                    self._launch(name)
+                await self._drain_inflight()
+        finally:
+            if self._consumer is not None:
+                await self._consumer.stop()
+            self._executor.shutdown(wait=True)
+
+    # -- the loop ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Consume and commit until `stop()`.
+
+        Raises:
+            StartupError: a second sink commits to the same tables.
+            CommitFailedException: a commit kept conflicting (the process should restart).
+        """
+        assert self._writer is not None, "start() first"
+        writer = self._writer
+        hb = heartbeat_path(self.settings)
+        last_hb = 0.0
+        while not self._stopping.is_set():
+            batch = await self._consumer.getmany(timeout_ms=_POLL_MS, max_records=self.audit.max_poll_records)
+            now = datetime.now(UTC)
+            # Queries first: a response fetched together with its query finds it pending.
+            for tp in sorted(batch, key=lambda tp: tp.topic != writer.topics[QUERIES.name]):
+                spec = self._specs[tp.topic]
+                for record in batch[tp]:
+                    event: Event | None
+                    try:
+                        event = decode(spec, record.value)
+                    except SchemaViolation as exc:
+                        writer.counters.undecodable += 1
+                        log.warning(
+                            "skipping undecodable record %s[%d]@%d: %s",
+                            tp.topic,
+                            tp.partition,
+                            record.offset,
+                            exc,
+                        )
+                        event = None
+                    writer.process(tp.topic, tp.partition, record.offset, event, now)
+                    self._read_pos[(tp.topic, tp.partition)] = record.offset + 1
+            if not writer.live and self._caught_up():
+                writer.live = True
+                log.info("audit sink: caught up; the join now expires unanswered queries")
+            writer.expire(now)
+            self._collect()
+            for name in writer.due():
+                self._launch(name)
+            self._maybe_maintain()
+            mono = time.monotonic()
+            if mono - last_hb >= _HEARTBEAT_S:
+                self._heartbeat(hb)
+                last_hb = mono
+
+    def _caught_up(self) -> bool:
+        from aiokafka import TopicPartition
+
+        for topic, p in self._responses_tps:
+            hw = self._consumer.highwater(TopicPartition(topic, p))
+            # The embedded broker may under-report by one producer batch; good enough here.
+            if hw is None or self._read_pos.get((topic, p), 0) < hw:
+                return False
+        return True
+
+    def _launch(self, name: str) -> None:
+        assert self._writer is not None
+        batch = self._writer.take(name, datetime.now(UTC))
+        fut = asyncio.ensure_future(self._io(self._commit, batch))
+        self._inflight[name] = fut
+
+    def _commit(self, batch: Batch) -> Batch:
+        commit_batch(self._tables[batch.table], batch)
+        return batch
+
+    def _collect(self) -> None:
+        assert self._writer is not None
+        for name, fut in list(self._inflight.items()):
+            if fut.done():
+                del self._inflight[name]
+                batch = fut.result()  # raises the commit's error: the process must restart
+                self._writer.committed(batch)
+
+    async def _drain_inflight(self) -> None:
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values())
+            self._collect()
+
+    def _maybe_maintain(self) -> None:
+        interval = self.audit.maintenance_interval_s
+        if self._maintenance is not None:
+            if self._maintenance.done():
+                self._maintenance.result()
+                self._maintenance = None
+            return
+        if interval <= 0 or time.monotonic() - self._last_maintenance_mono < interval:
+            return
+        self._last_maintenance_mono = time.monotonic()
+        self._maintenance = asyncio.ensure_future(self._io(self._maintain_all))
+
+    def _maintain_all(self) -> None:
+        for table in self._tables.values():
+            report = maintain_table(table, self.audit)
+            log.info("audit maintenance: %s", asdict(report))
+
+    def _heartbeat(self, path: Path) -> None:
+        assert self._writer is not None
+        c = self._writer.counters
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "stage": "sink",
+                    "pid": os.getpid(),
+                    "ts": time.time(),
+                    "ready": self._ready,
+                    "live": self._writer.live,
+                    "processed": c.records,
+                    "dead_lettered": 0,
+                    "rows": c.rows,
+                    "commits": c.commits,
+                    "pending_queries": self._writer.pending_count,
+                    "late_responses": c.late_responses,
+                    "duplicate_responses": c.duplicate_responses,
+                    "no_response": c.no_response,
+                    "undecodable": c.undecodable,
+                    "buffered": self._writer.buffered(),
+                }
+            )
+        )
+        tmp.replace(path)
+
+
+async def run_sink(settings: Settings, audit: AuditSettings | None = None) -> None:
+    """Run the sink until SIGTERM/SIGINT, then commit what is buffered and return.
+
+    Raises:
+        DependencyUnavailable: the catalog or the broker cannot be reached.
+        StartupError: topics missing, or a second sink writes the same tables.
+    """
+    sink = AuditSink(settings, audit)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sink.stop)
+    try:
+        await sink.start()
+        await sink.run()
+    finally:
+        await sink.close()
+
+
+def main() -> None:
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiokafka", "kafka", "pyiceberg"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    asyncio.run(run_sink(settings))
+
+
+if __name__ == "__main__":
+    main()
