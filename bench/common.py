@@ -47,6 +47,9 @@ class BenchStack:
                 "RAGSTREAM_TRITON__EMBEDDED_GRPC_PORT": str(free_port()),
                 "RAGSTREAM_TRITON__EMBEDDED_HTTP_PORT": str(free_port()),
                 "RAGSTREAM_TRITON__EMBEDDED_METRICS_PORT": str(free_port()),
+                "RAGSTREAM_GENERATION__EMBEDDED_GRPC_PORT": str(free_port()),
+                "RAGSTREAM_GENERATION__EMBEDDED_HTTP_PORT": str(free_port()),
+                "RAGSTREAM_GENERATION__EMBEDDED_METRICS_PORT": str(free_port()),
                 **extra_env,
             }
         )

@@ -30,6 +30,7 @@ from ragstream.ingest import ingest
 from ragstream.schemas.queries import ResponseCompleted
 
 MAX_TOKENS = 24
+TOP_K = 3
 SAMPLES = REPO / "samples"
 
 
@@ -56,6 +57,7 @@ class Run:
     ttft_ms: list[float] = field(default_factory=list)
     overhead_ms: list[float] = field(default_factory=list)
     compute_ms: list[float] = field(default_factory=list)
+    retrieval_compute_ms: list[float] = field(default_factory=list)
     responses: list[ResponseCompleted] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -77,6 +79,7 @@ async def one(client: AsyncClient, question: str, run: Run) -> None:
         raise RuntimeError(f"request failed: {final.error_reason}")
     lat = final.latency_ms
     compute = lat.get("embed_query", 0.0) + lat.get("search", 0.0) + lat.get("generation", 0.0)
+    run.retrieval_compute_ms.append(lat.get("embed_query", 0.0) + lat.get("search", 0.0))
     run.e2e_ms.append(e2e)
     run.compute_ms.append(compute)
     run.overhead_ms.append(e2e - compute)
@@ -145,11 +148,13 @@ async def measure(stack: BenchStack, n1: int, n8: int) -> dict[str, Any]:
     return out
 
 
-def run(n1: int = 20, n8: int = 40) -> Results:
+def run(n1: int = 10, n8: int = 16) -> Results:
     res = Results()
     work = Path(tempfile.mkdtemp(prefix="ragstream-bench-qa-"))
     try:
-        stack = BenchStack.create(work / "data")
+        # No prompt cache: the direct baseline replays the pipeline's prompts, and a warm KV
+        # cache would let it skip the prefill the pipeline paid for.
+        stack = BenchStack.create(work / "data", RAGSTREAM_GENERATION__CACHE_PROMPT="false")
         stack.up()
         try:
             report = ingest(
@@ -173,8 +178,16 @@ def run(n1: int = 20, n8: int = 40) -> Results:
             res.add(f"{tag} pipeline overhead p50", f"{o50:.0f} ms", "<= 100 ms", verdict(o50 <= 100))
             res.add(f"{tag} pipeline overhead p99", f"{o99:.0f} ms", "<= 300 ms", verdict(o99 <= 300))
             t_p, t_d = pct(p.ttft_ms, 50), pct(d.ttft_ms, 50)
+            r50 = pct(p.retrieval_compute_ms, 50)
             res.add(f"{tag} time to first token p50: pipeline / direct Triton", f"{t_p:.0f} / {t_d:.0f} ms")
-            res.add(f"{tag} TTFT overhead p50", f"{t_p - t_d:.0f} ms", "<= 100 ms", verdict(t_p - t_d <= 100))
+            res.add(f"{tag}   of which retrieval compute (embed + search) p50", f"{r50:.0f} ms")
+            ttft_over = t_p - t_d - r50
+            res.add(
+                f"{tag} TTFT overhead p50 (pipeline - direct - retrieval compute)",
+                f"{ttft_over:.0f} ms",
+                "<= 100 ms",
+                verdict(ttft_over <= 100),
+            )
             qps, dqps = len(p.e2e_ms) / p.wall_s, len(d.e2e_ms) / d.wall_s
             res.add(
                 f"{tag} questions/s: pipeline / direct generation",

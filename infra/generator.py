@@ -404,6 +404,7 @@ class LlamaEngine:
     def __init__(self, server: Any, settings: GenerationSettings, context_tokens: int) -> None:
         self._server = server
         self._slots_count = settings.max_concurrent_streams
+        self._cache_prompt = settings.cache_prompt
         self._context_tokens = context_tokens
         self._executor = ThreadPoolExecutor(max_workers=self._slots_count, thread_name_prefix="llama-slot")
         self._slots: asyncio.Semaphore | None = None
@@ -526,6 +527,7 @@ class LlamaEngine:
                 "temperature": temperature,
                 "stream": True,
                 "stream_options": {"include_usage": True},
+                "cache_prompt": self._cache_prompt,
             }
             try:
                 future = loop.run_in_executor(
@@ -635,7 +637,7 @@ class TritonGenerator:
     """Streams answers from a decoupled generator model on Triton (see the module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
-        self._client = TritonClient(settings)
+        self._client = TritonClient(settings, url=settings.generation_grpc_url)
         self._settings = settings.generation
         self._background: set[asyncio.Task[None]] = set()
 

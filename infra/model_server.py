@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -68,14 +68,24 @@ class ModelSpec:
     bind: Callable[[Triton, Settings], None]
 
 
-def model_specs(settings: Settings) -> tuple[ModelSpec, ...]:
-    """The models the local server serves, in load order (explicit registry, no discovery)."""
+ModelGroup = Literal["embed", "generate", "all"]
+"""Which models one server process hosts. The embedded stack runs `embed` and `generate` as
+two processes: pytriton runs every bound model inside the process that bound it, and a
+llama.cpp engine in the same process as torch made single embeddings 3-10x slower (p90 44 ms
+alone vs 432 ms together, measured). `all` is one process with every model (tests, tools)."""
+
+
+def model_specs(settings: Settings, group: ModelGroup = "all") -> tuple[ModelSpec, ...]:
+    """The models a server of `group` serves, in load order (explicit registry, no discovery)."""
     from ragstream.infra.generator import SMOLLM2_MODEL
 
-    return (
-        ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),
-        ModelSpec(name=SMOLLM2_MODEL, bind=_bind_generator),
-    )
+    specs = {
+        "embed": (ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),),
+        "generate": (ModelSpec(name=SMOLLM2_MODEL, bind=_bind_generator),),
+    }
+    if group == "all":
+        return specs["embed"] + specs["generate"]
+    return specs[group]
 
 
 def _bind_embedder(triton: Triton, settings: Settings) -> None:
@@ -217,11 +227,21 @@ def _as_text(item: object) -> str:
 
 
 # --- the server process -----------------------------------------------------------------
-def workspace_dir(settings: Settings) -> Path:
-    return settings.data_dir / "run" / "triton-workspace"
+def workspace_dir(settings: Settings, group: ModelGroup = "all") -> Path:
+    name = "triton-llm-workspace" if group == "generate" else "triton-workspace"
+    return settings.data_dir / "run" / name
 
 
-def serve(settings: Settings) -> None:
+def _ports(settings: Settings, group: ModelGroup) -> tuple[int, int, int]:
+    """(http, grpc, metrics) of a server of `group`."""
+    if group == "generate":
+        g = settings.generation
+        return g.embedded_http_port, g.embedded_grpc_port, g.embedded_metrics_port
+    t = settings.triton
+    return t.embedded_http_port, t.embedded_grpc_port, t.embedded_metrics_port
+
+
+def serve(settings: Settings, group: ModelGroup = "all") -> None:
     """Load every registered model, serve until SIGTERM or SIGINT, then stop tritonserver.
 
     Blocks. Must run in the main thread (it installs signal handlers).
@@ -255,16 +275,16 @@ def serve(settings: Settings) -> None:
     from pytriton.exceptions import PyTritonError
     from pytriton.triton import Triton, TritonConfig
 
-    workspace = workspace_dir(settings)
+    workspace = workspace_dir(settings, group)
     _clear_stale_workspace(workspace)
-    cfg = settings.triton
+    http_port, grpc_port, metrics_port = _ports(settings, group)
     config = TritonConfig(
         http_address="127.0.0.1",
-        http_port=cfg.embedded_http_port,
+        http_port=http_port,
         grpc_address="127.0.0.1",
-        grpc_port=cfg.embedded_grpc_port,
+        grpc_port=grpc_port,
         metrics_address="127.0.0.1",
-        metrics_port=cfg.embedded_metrics_port,
+        metrics_port=metrics_port,
         exit_on_error=True,
         # On stop, tritonserver waits this long for in-flight requests and for models to
         # unload. pytriton 0.7's decoupled model sometimes never reports unloaded after a
@@ -275,13 +295,14 @@ def serve(settings: Settings) -> None:
     started = time.monotonic()
     try:
         with Triton(config=config, workspace=workspace) as triton:
-            for spec in model_specs(settings):
+            for spec in model_specs(settings, group):
                 spec.bind(triton, settings)
                 logger.info("bound model %s", spec.name)
             triton.connect()
             logger.info(
-                "model server ready on grpc 127.0.0.1:%d after %.1f s",
-                cfg.embedded_grpc_port,
+                "model server (%s) ready on grpc 127.0.0.1:%d after %.1f s",
+                group,
+                grpc_port,
                 time.monotonic() - started,
             )
             triton.serve()  # returns on KeyboardInterrupt (SIGTERM/SIGINT) or if tritonserver dies
@@ -324,7 +345,12 @@ def _clear_stale_workspace(workspace: Path) -> None:
 
 
 def main() -> None:
-    """Entry point of `python -m ragstream.infra.model_server`."""
+    """Entry point of `python -m ragstream.infra.model_server [--models embed|generate|all]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ragstream.infra.model_server")
+    parser.add_argument("--models", choices=["embed", "generate", "all"], default="all")
+    group: ModelGroup = parser.parse_args().models
     settings = Settings()
     logging.basicConfig(
         stream=sys.stderr,
@@ -332,7 +358,7 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        serve(settings)
+        serve(settings, group)
     except StartupError as exc:
         logger.error("model server failed: %s", exc)
         sys.exit(1)
@@ -344,7 +370,7 @@ def main() -> None:
 _SERVER_SECTIONS = ("triton", "generation")
 
 
-def model_server_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+def model_server_command(settings: Settings, group: ModelGroup = "all") -> tuple[list[str], dict[str, str]]:
     """argv and environment that run the model server for these settings.
 
     The environment is the current one plus the settings the server needs, so the child
@@ -363,10 +389,12 @@ def model_server_command(settings: Settings) -> tuple[list[str], dict[str, str]]
     libdir = str(sysconfig.get_config_var("LIBDIR"))
     env["LD_LIBRARY_PATH"] = f"{libdir}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libdir
     env["HF_HUB_OFFLINE"] = "1"
-    return [sys.executable, "-m", "ragstream.infra.model_server"], env
+    return [sys.executable, "-m", "ragstream.infra.model_server", "--models", group], env
 
 
-def start_model_server_process(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+def start_model_server_process(
+    settings: Settings, log_path: Path, group: ModelGroup = "all"
+) -> subprocess.Popen[bytes]:
     """Start the model server as a child process writing its stdout/stderr to `log_path`.
 
     Does not wait; follow with `wait_model_server_ready()`, and end it with
@@ -375,7 +403,7 @@ def start_model_server_process(settings: Settings, log_path: Path) -> subprocess
     Raises:
         StartupError: the process cannot be started.
     """
-    argv, env = model_server_command(settings)
+    argv, env = model_server_command(settings, group)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
         try:
@@ -400,6 +428,7 @@ def wait_model_server_ready(
     proc: subprocess.Popen[bytes] | None = None,
     timeout_s: float | None = None,
     log_path: Path | None = None,
+    group: ModelGroup = "all",
 ) -> float:
     """Block until every registered model is ready; return the seconds waited.
 
@@ -414,7 +443,7 @@ def wait_model_server_ready(
     while True:
         if proc is not None and proc.poll() is not None:
             raise StartupError(f"model server exited with code {proc.returncode}{_log_tail(log_path)}")
-        status = is_ready(settings, timeout_s=1.0)
+        status = is_ready(settings, timeout_s=1.0, group=group)
         if status and all(status.values()):
             return time.monotonic() - started
         if time.monotonic() - started > limit_s:

@@ -126,6 +126,16 @@ class GenerationSettings(_Section):
     # Parallel slots of the local model; more streams wait for a free slot.
     max_concurrent_streams: int = Field(default=2, ge=1, le=16)
     model_id: str = "SmolLM2-135M-Instruct-Q4"
+    # Reuse a slot's KV cache for a shared prompt prefix (llama.cpp `cache_prompt`). Turned off
+    # in benchmarks so repeated prompts do not flatter one side of a comparison.
+    cache_prompt: bool = True
+    # Where the generator models are served. None: the same Triton as `triton.url` if that is
+    # set (production: one Triton for every model), else the local generator server, a
+    # process of its own so a busy LLM cannot slow embeddings down.
+    triton_url: str | None = None
+    embedded_grpc_port: int = 18011
+    embedded_http_port: int = 18010
+    embedded_metrics_port: int = 18012
 
     @model_validator(mode="after")
     def _default_route_exists(self) -> GenerationSettings:
@@ -289,6 +299,15 @@ class Settings(BaseSettings):
     @cached_property
     def iceberg_warehouse(self) -> str:
         return self.iceberg.warehouse or f"file://{self.data_dir / 'iceberg' / 'warehouse'}"
+
+    @property
+    def generation_grpc_url(self) -> str:
+        gen = self.generation
+        return gen.triton_url or self.triton.url or f"127.0.0.1:{gen.embedded_grpc_port}"
+
+    @property
+    def generation_embedded(self) -> bool:
+        return self.generation.triton_url is None and self.triton.url is None
 
     def topic(self, name: str) -> str:
         return f"{self.kafka.topic_prefix}.{name}"

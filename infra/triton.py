@@ -21,6 +21,8 @@ from ragstream.schemas.errors import DeadlineExceeded, DependencyUnavailable
 if TYPE_CHECKING:
     import tritonclient.grpc.aio as grpcclient_aio
 
+    from ragstream.infra.model_server import ModelGroup
+
 __all__ = ["DeadlineExceeded", "TritonClient", "is_ready"]
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,8 @@ class TritonClient:
     The constructor does no I/O; the gRPC channel is opened in `start()` on the running loop.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self._url = settings.triton.grpc_url
+    def __init__(self, settings: Settings, *, url: str | None = None) -> None:
+        self._url = url or settings.triton.grpc_url
         self._timeout_s = settings.triton.request_timeout_s
         self._embed_model = settings.triton.embed_model
         # Triton rejects requests larger than the model's max_batch_size; split below it.
@@ -229,7 +231,10 @@ class TritonClient:
 
 
 def is_ready(
-    settings: Settings, models: Sequence[str] | None = None, timeout_s: float = 2.0
+    settings: Settings,
+    models: Sequence[str] | None = None,
+    timeout_s: float = 2.0,
+    group: ModelGroup = "all",
 ) -> dict[str, bool]:
     """Health probe for `ragstream status`: `{"server": live, <model>: ready, ...}`.
 
@@ -239,7 +244,7 @@ def is_ready(
     if models is None:
         from ragstream.infra.model_server import model_specs
 
-        models = [spec.name for spec in model_specs(settings)]
+        models = [spec.name for spec in model_specs(settings, group)]
     status = {"server": False} | {model: False for model in models}
     try:
         import tritonclient.grpc as grpcclient
@@ -247,7 +252,8 @@ def is_ready(
         return status
     vendor_errors = _vendor_errors()
     try:
-        client = grpcclient.InferenceServerClient(url=settings.triton.grpc_url)
+        url = settings.generation_grpc_url if group == "generate" else settings.triton.grpc_url
+        client = grpcclient.InferenceServerClient(url=url)
     except vendor_errors:
         return status
     try:

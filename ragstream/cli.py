@@ -193,16 +193,20 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
     rows.append(
         {"component": "broker", "healthy": broker_ok, "detail": settings.kafka.servers, **proc_info("broker")}
     )
-    t = triton_ready(settings, timeout_s=1.0)
-    models = ", ".join(f"{k}={'ready' if v else 'down'}" for k, v in t.items() if k != "server")
-    rows.append(
-        {
-            "component": "triton",
-            "healthy": all(t.values()),
-            "detail": f"{settings.triton.grpc_url} {models}",
-            **proc_info("triton"),
-        }
-    )
+    for name, group, url in (
+        ("triton", "embed", settings.triton.grpc_url),
+        ("triton-llm", "generate", settings.generation_grpc_url),
+    ):
+        t = triton_ready(settings, timeout_s=1.0, group=group)  # type: ignore[arg-type]
+        models = ", ".join(f"{k}={'ready' if v else 'down'}" for k, v in t.items() if k != "server")
+        rows.append(
+            {
+                "component": name,
+                "healthy": all(t.values()),
+                "detail": f"{url} {models}",
+                **proc_info(name),
+            }
+        )
     for stage in settings.workers:
         hb = worker_health(settings, stage)
         detail = (

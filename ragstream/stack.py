@@ -58,7 +58,7 @@ def _worker_ready(settings: Settings, stage: str) -> bool:
 
 def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervisor:
     """Describe the embedded stack; nothing starts until `Supervisor.start()`."""
-    from ragstream.infra.model_server import model_server_command
+    from ragstream.infra.model_server import ModelGroup, model_server_command
     from ragstream.infra.triton import is_ready as triton_ready
 
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,15 +86,20 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
             )
         )
 
+    model_servers: list[tuple[str, ModelGroup]] = []
     if with_models and settings.triton.embedded:
-        argv, env = model_server_command(settings)
+        model_servers.append(("triton", "embed"))
+    if with_models and settings.generation_embedded:
+        model_servers.append(("triton-llm", "generate"))
+    for name, group in model_servers:
+        argv, env = model_server_command(settings, group)
         env.update(child_env)
         components.append(
             Component(
-                name="triton",
+                name=name,
                 argv=argv,
                 env=env,
-                ready=lambda: all(triton_ready(settings, timeout_s=1.0).values()),
+                ready=lambda group=group: all(triton_ready(settings, timeout_s=1.0, group=group).values()),  # type: ignore[misc]
                 wave=1,
                 stop_timeout_s=20.0,
             )

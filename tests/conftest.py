@@ -67,6 +67,9 @@ def stack_env(data_dir: Path) -> dict[str, str]:
             "RAGSTREAM_TRITON__EMBEDDED_GRPC_PORT": str(free_port()),
             "RAGSTREAM_TRITON__EMBEDDED_HTTP_PORT": str(free_port()),
             "RAGSTREAM_TRITON__EMBEDDED_METRICS_PORT": str(free_port()),
+            "RAGSTREAM_GENERATION__EMBEDDED_GRPC_PORT": str(free_port()),
+            "RAGSTREAM_GENERATION__EMBEDDED_HTTP_PORT": str(free_port()),
+            "RAGSTREAM_GENERATION__EMBEDDED_METRICS_PORT": str(free_port()),
             "RAGSTREAM_LOG_LEVEL": "INFO",
             "COLUMNS": "200",
         }

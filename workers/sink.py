@@ -100,8 +100,9 @@ class AuditSink:
         self._inflight: dict[str, asyncio.Future[Batch]] = {}
         self._stopping = asyncio.Event()
         self._ready = False
-        self._last_maintenance_mono = time.monotonic()
+        self._last_maintenance_mono = self._last_expire_mono = time.monotonic()
         self._maintenance: asyncio.Future[Any] | None = None
+        self._failed = False
 
     # -- lifecycle -----------------------------------------------------------------------
     async def _io(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -190,10 +191,13 @@ class AuditSink:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def close(self) -> None:
-        """Commit what is buffered, then release the consumer and the commit thread."""
+    async def close(self, *, flush: bool = True) -> None:
+        """Commit what is buffered (unless `flush=False`, after a failure), then release the
+        consumer and the commit thread."""
         try:
-            if self._writer is not None and self._tables:
+            # After a failed commit the writer's positions are past rows that never landed:
+            # committing anything more would skip them. Stop; a restart re-reads them.
+            if flush and not self._failed and self._writer is not None and self._tables:
                 await self._drain_inflight()
                 for name in self._writer.due(float("inf")):
                     self._launch(name)
@@ -275,30 +279,38 @@ class AuditSink:
         for name, fut in list(self._inflight.items()):
             if fut.done():
                 del self._inflight[name]
+                if fut.exception() is not None:
+                    self._failed = True
                 batch = fut.result()  # raises the commit's error: the process must restart
                 self._writer.committed(batch)
 
     async def _drain_inflight(self) -> None:
         if self._inflight:
-            await asyncio.gather(*self._inflight.values())
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
             self._collect()
 
     def _maybe_maintain(self) -> None:
-        interval = self.audit.maintenance_interval_s
+        """Expire snapshots often (cheap, keeps commits fast); compact and clean up rarely."""
         if self._maintenance is not None:
-            if self._maintenance.done():
-                self._maintenance.result()
-                self._maintenance = None
-            return
-        if interval <= 0 or time.monotonic() - self._last_maintenance_mono < interval:
-            return
-        self._last_maintenance_mono = time.monotonic()
-        self._maintenance = asyncio.ensure_future(self._io(self._maintain_all))
+            if not self._maintenance.done():
+                return
+            self._maintenance.result()  # a failure stops the sink; a restart recovers
+            self._maintenance = None
+        now = time.monotonic()
+        full_every, expire_every = self.audit.maintenance_interval_s, self.audit.expire_interval_s
+        if full_every > 0 and now - self._last_maintenance_mono >= full_every:
+            self._last_maintenance_mono = self._last_expire_mono = now
+            self._maintenance = asyncio.ensure_future(self._io(self._maintain_all, True))
+        elif expire_every > 0 and now - self._last_expire_mono >= expire_every:
+            self._last_expire_mono = now
+            self._maintenance = asyncio.ensure_future(self._io(self._maintain_all, False))
 
-    def _maintain_all(self) -> None:
+    def _maintain_all(self, full: bool) -> None:
+        # On the commit thread: never concurrent with this sink's appends.
         for table in self._tables.values():
-            report = maintain_table(table, self.audit)
-            log.info("audit maintenance: %s", asdict(report))
+            report = maintain_table(table, self.audit, compact=full, remove_orphans=full)
+            if full or report.snapshots_expired:
+                log.log(logging.INFO if full else logging.DEBUG, "audit maintenance: %s", asdict(report))
 
     def _heartbeat(self, path: Path) -> None:
         assert self._writer is not None
@@ -343,8 +355,10 @@ async def run_sink(settings: Settings, audit: AuditSettings | None = None) -> No
     try:
         await sink.start()
         await sink.run()
-    finally:
-        await sink.close()
+    except BaseException:
+        await sink.close(flush=False)
+        raise
+    await sink.close()
 
 
 def main() -> None:

@@ -1,0 +1,48 @@
+"""The Iceberg audit trail: what was asked, answered, spent, indexed and dead-lettered.
+
+- `tables`: the four tables (schemas with field docs), row builders, `ensure_tables`.
+- `writer`: micro-batches, the query/response join, offsets in snapshot summaries
+  (the exactly-once argument is in its docstring).
+- `maintenance`: snapshot expiry, compaction of closed days, orphan-file removal.
+- `query`: `read_table` and `audit_sql` (DuckDB over the tables by name).
+
+The process that writes them is `ragstream.workers.sink`. pyiceberg, pyarrow and duckdb are
+imported inside the functions that need them, so importing this package stays cheap.
+"""
+
+from ragstream.infra.audit.maintenance import MaintenanceReport, maintain, maintain_table
+from ragstream.infra.audit.query import AuditQueryError, audit_sql, read_table
+from ragstream.infra.audit.tables import (
+    DEAD_LETTERS,
+    INFERENCE_LOG,
+    INGESTION_LOG,
+    TABLES,
+    USAGE,
+    AuditSettings,
+    ModelPrice,
+    audit_settings,
+    ensure_tables,
+)
+from ragstream.infra.audit.writer import AuditWriter, Batch, commit_batch, read_committed
+
+__all__ = [
+    "DEAD_LETTERS",
+    "INFERENCE_LOG",
+    "INGESTION_LOG",
+    "TABLES",
+    "USAGE",
+    "AuditQueryError",
+    "AuditSettings",
+    "AuditWriter",
+    "Batch",
+    "MaintenanceReport",
+    "ModelPrice",
+    "audit_settings",
+    "audit_sql",
+    "commit_batch",
+    "ensure_tables",
+    "maintain",
+    "maintain_table",
+    "read_committed",
+    "read_table",
+]

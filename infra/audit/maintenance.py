@@ -150,9 +150,14 @@ def remove_orphan_files(table: Any, older_than: datetime) -> int:
 
 
 def maintain_table(
-    table: Any, audit: AuditSettings, *, now: datetime | None = None, compact: bool = True
+    table: Any,
+    audit: AuditSettings,
+    *,
+    now: datetime | None = None,
+    compact: bool = True,
+    remove_orphans: bool = True,
 ) -> MaintenanceReport:
-    """Expire, compact and clean one table. A step that loses a commit race is skipped."""
+    """Compact, expire and clean one table. A step that loses a commit race is skipped."""
     from pyiceberg.exceptions import CommitFailedException
 
     now = now or datetime.now(UTC)
@@ -166,11 +171,14 @@ def maintain_table(
             table.refresh()
             report.skipped.append("compact")
     try:
-        report.snapshots_expired = expire_snapshots(table, now - timedelta(hours=audit.snapshot_retention_h))
+        report.snapshots_expired = expire_snapshots(
+            table, now - timedelta(seconds=audit.snapshot_retention_s)
+        )
     except CommitFailedException:
         table.refresh()
         report.skipped.append("expire")
-    report.orphans_removed = remove_orphan_files(table, now - timedelta(hours=audit.orphan_min_age_h))
+    if remove_orphans:
+        report.orphans_removed = remove_orphan_files(table, now - timedelta(seconds=audit.orphan_min_age_s))
     return report
 
 

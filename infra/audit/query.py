@@ -2,6 +2,12 @@
 
 DuckDB's own Iceberg extension needs a download (fails offline), so each table the SQL names
 is read with pyiceberg's scan and registered in an in-memory DuckDB as an Arrow view.
+
+Reading without ragstream: `pyiceberg.catalog.load_catalog("ragstream", type="sql",
+uri="sqlite:///<data_dir>/iceberg/catalog.db", warehouse="file://<data_dir>/iceberg/warehouse")`
+then `load_table(("ragstream", "inference_log")).scan().to_arrow()` (or `.to_duckdb(...)`).
+The catalog name matters: a SqlCatalog keys its rows by it, and under another name the
+namespace looks empty.
 """
 
 from __future__ import annotations

@@ -261,9 +261,6 @@ class AuditWriter:
             spec.name: spec.full_name(topic_prefix) for spec in (QUERIES, RESPONSES, INDEXED, DEADLETTER)
         }
         self._queries = self.topics[QUERIES.name]
-        self._responses = self.topics[RESPONSES.name]
-        self._indexed = self.topics[INDEXED.name]
-        self._deadletter = self.topics[DEADLETTER.name]
         self.tables: dict[str, _TableState] = {}
         for name, tdef in TABLES.items():
             c = committed.get(name, Committed())
@@ -460,10 +457,6 @@ class AuditWriter:
         t.committed_props = batch.properties
         t.floors = decode_offsets(batch.properties[OFFSETS_KEY])
         self.counters.commits += 1
-
-    def abandon(self, batch: Batch) -> None:
-        """The commit failed: the process must stop (a restart recovers from the table)."""
-        self.tables[batch.table].inflight = False
 
     def buffered(self) -> dict[str, int]:
         return {name: len(t.rows) for name, t in self.tables.items()}

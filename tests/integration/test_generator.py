@@ -55,7 +55,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             cpu_threads=1,
         ),
         # A second route to the same model: routes map names to Triton models.
-        generation=GenerationSettings(routes={"default": SMOLLM2_MODEL, "small": SMOLLM2_MODEL}),
+        # One server with every model ("all"), so the generator is on the same port.
+        generation=GenerationSettings(
+            routes={"default": SMOLLM2_MODEL, "small": SMOLLM2_MODEL}, triton_url=f"127.0.0.1:{grpc_port}"
+        ),
     )
 
 

@@ -373,7 +373,7 @@ def test_maintenance_compacts_closed_days_keeps_offsets_and_cleans_up(tmp_path: 
     offsets_before = read_committed(table).offsets
     stray = Path(table.location().removeprefix("file://")) / "data" / "stray.parquet"
     stray.write_bytes(b"not referenced by any snapshot")
-    audit = AuditSettings(compact_min_files=8, snapshot_retention_h=1, orphan_min_age_h=1)
+    audit = AuditSettings(compact_min_files=8, snapshot_retention_s=3600, orphan_min_age_s=3600)
 
     young = maintain_table(table, audit, compact=False)  # now: nothing is old enough to go
     assert young.orphans_removed == 0 and young.snapshots_expired == 0 and stray.exists()
