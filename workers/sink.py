@@ -21,6 +21,7 @@ are wrong after multi-record batches; they only decide when the sink counts as c
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -118,6 +119,9 @@ class AuditSink:
         """
         from aiokafka import AIOKafkaConsumer
 
+        # The commit thread imports pyarrow's Iceberg IO on first use (~1 s): do it now, not
+        # on the first commit.
+        await self._io(importlib.import_module, "pyiceberg.io.pyarrow")
         catalog = await self._io(open_catalog, self.settings)
         self._tables = await self._io(ensure_tables, self.settings, catalog)
         committed = {name: await self._io(read_committed, t) for name, t in self._tables.items()}

@@ -454,12 +454,18 @@ def ensure_tables(settings: Settings, catalog: Any | None = None) -> dict[str, A
                     source_id=source.field_id, field_id=1000, transform=IdentityTransform(), name="event_date"
                 )
             )
-            table = catalog.create_table_if_not_exists(
-                (ns, name),
-                schema=schema,
-                partition_spec=spec,
-                properties=TABLE_PROPERTIES | {"comment": tdef.doc},
-            )
+            ident = (ns, name)
+            # Not create_table_if_not_exists: it writes a metadata file before finding out
+            # that the table exists, leaving an orphan on every start.
+            if catalog.table_exists(ident):
+                table = catalog.load_table(ident)
+            else:
+                table = catalog.create_table_if_not_exists(
+                    ident,
+                    schema=schema,
+                    partition_spec=spec,
+                    properties=TABLE_PROPERTIES | {"comment": tdef.doc},
+                )
             out[name] = ensure_schema(table, schema)
     except DependencyUnavailable:
         raise
