@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: start the embedded stack, ingest the bundled sample corpus through Kafka,
-# show search (keyword, vector, hybrid) and access control, show bad input being
-# dead-lettered, then stop cleanly.
+# show search (keyword, vector, hybrid), question answering with streamed tokens and
+# citations, access control, deadlines, bad input being dead-lettered, then stop cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,6 +56,22 @@ step "...visible with it"
 ragstream search "BLUEHERON reorganisation" --tenant larkspur --group hr -k 3
 step "...and another tenant never sees Larkspur's documents"
 ragstream search "LX-4471 Lynx" --tenant globex -k 3
+
+step "Ask a question: tokens stream from SmolLM2 on Triton, then the sources"
+ragstream ask "How many days of holiday do I get each year?" --tenant larkspur --top-k 3 --max-tokens 60
+
+step "The same question from Globex gets Globex's answer"
+ragstream ask "How many days of holiday do I get each year?" --tenant globex --top-k 3 --max-tokens 60
+
+step "HR asks about the reorganisation (group hr)"
+ragstream ask "Which departments are going to be merged?" --tenant larkspur --group hr --top-k 3 --max-tokens 60
+
+step "A non-HR user asking the same gets nothing from HR's documents"
+ragstream ask "Which departments are going to be merged in Project BLUEHERON?" --tenant larkspur --top-k 3 --max-tokens 40
+
+step "A deadline shorter than generation: an error response, not a hang"
+ragstream ask "Summarise every policy in detail." --tenant larkspur --max-tokens 400 --deadline-ms 1500 \
+  || echo "(exit code $? for an error response, as intended)"
 
 step "Bad input is dead-lettered with a reason; workers keep going"
 bad=$(mktemp -d)/bad

@@ -48,7 +48,7 @@ from ragstream.infra.audit.writer import (
 )
 from ragstream.infra.iceberg import open_catalog
 from ragstream.infra.settings import KafkaSettings, Settings, load_settings
-from ragstream.schemas.errors import SchemaViolation, StartupError
+from ragstream.schemas.errors import DependencyUnavailable, SchemaViolation, StartupError
 from ragstream.schemas.events import Event
 from ragstream.streams.codec import decode
 from ragstream.streams.topics import DEADLETTER, INDEXED, QUERIES, RESPONSES, TopicSpec
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 _SPECS: tuple[TopicSpec, ...] = (QUERIES, RESPONSES, INDEXED, DEADLETTER)
 _HEARTBEAT_S = 0.5
 _POLL_MS = 100
+_PROBE_TIMEOUT_S = 5.0
 
 
 def heartbeat_path(settings: Settings) -> Path:
@@ -104,6 +105,8 @@ class AuditSink:
         self._last_maintenance_mono = self._last_expire_mono = time.monotonic()
         self._maintenance: asyncio.Future[Any] | None = None
         self._failed = False
+        self._probes: dict[TP, int] = {}
+        self._probe_deadline = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
     async def _io(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -117,7 +120,7 @@ class AuditSink:
             DependencyUnavailable: the catalog or the broker cannot be reached.
             StartupError: the input topics did not appear in time.
         """
-        from aiokafka import AIOKafkaConsumer
+        from aiokafka import AIOKafkaConsumer, TopicPartition
 
         # The commit thread imports pyarrow's Iceberg IO on first use (~1 s): do it now, not
         # on the first commit.
@@ -147,7 +150,9 @@ class AuditSink:
             **_aiokafka_kwargs(kafka),
             group_id=None,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # "none": an offset the log no longer has raises, so the tables' floors can be
+            # reset with it (`_out_of_range`) instead of silently skipping the new records.
+            auto_offset_reset="none",
             fetch_max_wait_ms=max(kafka.fetch_max_wait_ms, 1),
             max_partition_fetch_bytes=kafka.max_message_bytes,
             fetch_max_bytes=max(kafka.max_message_bytes, 52_428_800),
@@ -156,13 +161,9 @@ class AuditSink:
         try:
             await self._consumer.start()
         except Exception as exc:  # aiokafka raises KafkaConnectionError and others
-            from ragstream.schemas.errors import DependencyUnavailable
-
             raise DependencyUnavailable(f"cannot reach Kafka at {kafka.servers}: {exc}") from exc
         partitions = await self._partitions()
         starts = start_offsets(committed, self._writer.table_inputs(), partitions)
-        from aiokafka import TopicPartition
-
         tps = [TopicPartition(t, p) for (t, p) in sorted(starts)]
         self._consumer.assign(tps)
         from_start = [tp for tp in tps if starts[(tp.topic, tp.partition)] is None]
@@ -170,9 +171,16 @@ class AuditSink:
             await self._consumer.seek_to_beginning(*from_start)
         for tp in tps:
             offset = starts[(tp.topic, tp.partition)]
-            if offset is not None:
+            if offset:
+                # Re-read the last record already consumed: if the log no longer has it,
+                # the topic was re-created (see `_check_probes`). Tables skip it anyway.
+                self._consumer.seek(tp, offset - 1)
+                self._probes[(tp.topic, tp.partition)] = offset - 1
+                self._read_pos[(tp.topic, tp.partition)] = offset - 1
+            elif offset is not None:
                 self._consumer.seek(tp, offset)
                 self._read_pos[(tp.topic, tp.partition)] = offset
+        self._probe_deadline = time.monotonic() + _PROBE_TIMEOUT_S
         self._responses_tps = [tp for tp in starts if tp[0] == RESPONSES.full_name(kafka.topic_prefix)]
         log.info("audit sink: assigned %d partitions; resuming at %s", len(tps), starts)
         self._ready = True
@@ -223,11 +231,20 @@ class AuditSink:
         writer = self._writer
         hb = heartbeat_path(self.settings)
         last_hb = 0.0
+        from aiokafka.errors import OffsetOutOfRangeError
+
         while not self._stopping.is_set():
-            batch = await self._consumer.getmany(timeout_ms=_POLL_MS, max_records=self.audit.max_poll_records)
+            try:
+                batch = await self._consumer.getmany(
+                    timeout_ms=_POLL_MS, max_records=self.audit.max_poll_records
+                )
+            except OffsetOutOfRangeError as exc:
+                await self._out_of_range(exc.args[0] if exc.args else {})
+                continue
             now = datetime.now(UTC)
             # Queries first: a response fetched together with its query finds it pending.
             for tp in sorted(batch, key=lambda tp: tp.topic != writer.topics[QUERIES.name]):
+                self._probes.pop((tp.topic, tp.partition), None)  # the log still has it
                 spec = self._specs[tp.topic]
                 for record in batch[tp]:
                     event: Event | None
@@ -245,6 +262,8 @@ class AuditSink:
                         event = None
                     writer.process(tp.topic, tp.partition, record.offset, event, now)
                     self._read_pos[(tp.topic, tp.partition)] = record.offset + 1
+            if self._probes and time.monotonic() > self._probe_deadline:
+                await self._check_probes()
             if not writer.live and self._caught_up():
                 writer.live = True
                 log.info("audit sink: caught up; the join now expires unanswered queries")
@@ -258,9 +277,36 @@ class AuditSink:
                 self._heartbeat(hb)
                 last_hb = mono
 
+    async def _out_of_range(self, offsets: dict[Any, int]) -> None:
+        assert self._writer is not None
+        for tp, offset in offsets.items():
+            log.warning(
+                "audit sink: offset %d of %s[%d] is not in the log (topic re-created, or records "
+                "expired before the sink read them); reading the partition from its beginning",
+                offset,
+                tp.topic,
+                tp.partition,
+            )
+            self._writer.reset_partition((tp.topic, tp.partition))
+            self._read_pos[(tp.topic, tp.partition)] = 0
+            await self._consumer.seek_to_beginning(tp)
+
+    async def _check_probes(self) -> None:
+        """Partitions that never returned the last record the tables consumed: the log lost
+        it. Real Kafka says so (OffsetOutOfRange, `auto_offset_reset="none"`); the embedded
+        broker, whose in-memory topics are re-created empty when it restarts, just returns
+        nothing past its end. Either way the new log is read from its beginning."""
+        from aiokafka import TopicPartition
+
+        lost = {TopicPartition(t, p): offset + 1 for (t, p), offset in self._probes.items()}
+        self._probes.clear()
+        await self._out_of_range(lost)
+
     def _caught_up(self) -> bool:
         from aiokafka import TopicPartition
 
+        if self._probes:
+            return False
         for topic, p in self._responses_tps:
             hw = self._consumer.highwater(TopicPartition(topic, p))
             # The embedded broker may under-report by one producer batch; good enough here.

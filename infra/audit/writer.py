@@ -188,6 +188,8 @@ class _TableState:
     first_row_mono: float | None = None
     last_commit_mono: float = field(default_factory=time.monotonic)
     committed_props: dict[str, str] = field(default_factory=dict)
+    committed_offsets: dict[TP, int] | None = None
+    """What the table's current snapshot says (None: no snapshot yet)."""
     inflight: bool = False
 
 
@@ -198,6 +200,9 @@ class Batch:
     table: str
     rows: list[dict[str, Any]]
     properties: dict[str, str]
+    base_offsets: dict[TP, int] | None = None
+    """The offsets the table's current snapshot must hold for this batch to follow it
+    (None: the table has no snapshot yet). Anything else means another writer."""
 
 
 @dataclass(slots=True)
@@ -269,6 +274,7 @@ class AuditWriter:
                 topics=frozenset(spec.full_name(topic_prefix) for spec in tdef.inputs),
                 floors=dict(c.offsets),
                 positions=dict(c.offsets),
+                committed_offsets=dict(c.offsets) if c.snapshot_id is not None else None,
             )
         written_ids = written_ids or {}
         self._written = {
@@ -440,7 +446,7 @@ class AuditWriter:
         since = self._join_since(table, now)
         if since is not None:
             props[JOIN_SINCE_KEY] = since.isoformat()
-        batch = Batch(table, t.rows, props)
+        batch = Batch(table, t.rows, props, t.committed_offsets)
         t.rows = []
         t.first_row_mono = None
         t.inflight = True
@@ -456,7 +462,17 @@ class AuditWriter:
         t.last_commit_mono = time.monotonic()
         t.committed_props = batch.properties
         t.floors = decode_offsets(batch.properties[OFFSETS_KEY])
+        t.committed_offsets = dict(t.floors)
         self.counters.commits += 1
+
+    def reset_partition(self, tp: TP) -> None:
+        """The partition's log no longer holds our offset (topic re-created, e.g. by a restart
+        of the in-memory embedded broker, or records expired unread): every table reads it
+        again from its beginning."""
+        for t in self.tables.values():
+            if tp[0] in t.topics:
+                t.floors[tp] = 0
+                t.positions[tp] = 0
 
     def buffered(self) -> dict[str, int]:
         return {name: len(t.rows) for name, t in self.tables.items()}
@@ -467,8 +483,9 @@ def commit_batch(table: Any, batch: Batch, *, attempts: int = 5) -> None:
     """Append the batch's rows with its offsets in the snapshot summary.
 
     A conflict (another commit landed first: maintenance) is retried on the refreshed table
-    with the same properties, which stay right whatever the base. A newer snapshot that
-    claims offsets beyond this batch's means a second sink writes the table: that stops us.
+    with the same properties, which stay right whatever the base. A current snapshot whose
+    offsets are not the ones this sink last committed means a second sink writes the table:
+    that stops us.
 
     Raises:
         StartupError: another writer is committing offsets to this table.
@@ -479,9 +496,8 @@ def commit_batch(table: Any, batch: Batch, *, attempts: int = 5) -> None:
     from ragstream.infra.audit.tables import rows_to_arrow
 
     arrow = rows_to_arrow(batch.rows, table.schema().as_arrow())
-    mine = decode_offsets(batch.properties[OFFSETS_KEY])
     for attempt in range(attempts):
-        _check_single_writer(table, batch.table, mine)
+        _check_single_writer(table, batch)
         try:
             table.append(arrow, snapshot_properties=batch.properties)
             return
@@ -493,11 +509,12 @@ def commit_batch(table: Any, batch: Batch, *, attempts: int = 5) -> None:
             table.refresh()
 
 
-def _check_single_writer(table: Any, name: str, mine: Mapping[TP, int]) -> None:
-    theirs = read_committed(table).offsets
-    ahead = {tp: o for tp, o in theirs.items() if o > mine.get(tp, o)}
-    if ahead:
+def _check_single_writer(table: Any, batch: Batch) -> None:
+    current = read_committed(table)
+    theirs = current.offsets if current.snapshot_id is not None else None
+    # Maintenance snapshots carry the offsets they found, so they pass.
+    if theirs != batch.base_offsets and not (batch.base_offsets is None and not theirs):
         raise StartupError(
-            f"audit table {name} already holds offsets beyond this sink's ({ahead}); "
-            "is a second audit sink running?"
+            f"audit table {batch.table} holds offsets {theirs} where this sink committed "
+            f"{batch.base_offsets}; is a second audit sink running?"
         )

@@ -387,3 +387,49 @@ def test_kill_9_at_random_moments_loses_nothing_and_duplicates_nothing(
     # The kills interrupted real work: restarts resumed from offsets stored mid-stream.
     resumed = [line for line in sink.log.read_text().splitlines() if "resuming at" in line]
     assert sum(f"('{PREFIX}.responses', 0): None" not in line for line in resumed) >= kills - 1
+
+
+def test_a_recreated_topic_is_read_from_its_start(
+    broker: Settings, sink_factory: Callable[[dict[str, Any]], SinkProcess]
+) -> None:
+    """The embedded broker keeps topics in memory: after its restart every offset the tables
+    stored is past the end of the new, empty log. New records must still be audited."""
+    publish(broker, [_response(f"before-{i}") for i in range(6)])
+    sink = sink_factory(FAST)
+    sink.start()
+    wait_for(lambda: len(read(broker, "usage")) == 6, 30, sink)
+    assert sink.terminate() == 0, sink.tail()
+    port = broker.kafka.embedded_port
+    # Restart the broker: same port, nothing in it.
+    for proc in _tansu_on(port):
+        proc.kill()
+        proc.wait(timeout=5)
+    restarted = subprocess.Popen(
+        kafka.broker_command(broker),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        kafka.wait_broker(broker, timeout_s=15)
+        kafka.create_topics(broker, [kafka.NewTopicSpec(t.full_name(PREFIX), PARTITIONS) for t in ALL_TOPICS])
+        publish(broker, [_response(f"after-{i}") for i in range(2)])
+        sink.start()
+        wait_for(lambda: len(read(broker, "usage")) == 8, 30, sink)
+        assert sink.terminate() == 0, sink.tail()
+        assert "not in the log" in sink.log.read_text()
+    finally:
+        restarted.kill()
+        restarted.wait()
+
+
+def _tansu_on(port: int) -> list[Any]:
+    import psutil
+
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"]
+        and "tansu" in p.info["cmdline"][0]
+        and f"127.0.0.1:{port}" in " ".join(p.info["cmdline"])
+    ]
