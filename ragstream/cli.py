@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ragstream.audit_cli import audit_app
+from ragstream.audit_cli import sql as audit_sql_command
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import RagstreamError
 
@@ -32,6 +34,8 @@ schemas_app = typer.Typer(
 )
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(audit_app, name="audit")
+app.command("sql")(audit_sql_command)
 app.add_typer(topics_app, name="topics")
 
 console = Console()
@@ -180,6 +184,7 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
     from ragstream.infra.supervisor import read_state
     from ragstream.infra.triton import is_ready as triton_ready
     from ragstream.stack import state_path, worker_health
+    from ragstream.workers.main import parse_stages
 
     state = read_state(state_path(settings)) or {}
     comps = state.get("components", {})
@@ -207,7 +212,8 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
                 **proc_info(name),
             }
         )
-    for stage in settings.workers:
+    stages = [st for spec in settings.workers for st in parse_stages(spec)]
+    for stage in stages:
         hb = worker_health(settings, stage)
         detail = (
             f"processed={hb.get('processed')} dead_lettered={hb.get('dead_lettered')}"
@@ -219,7 +225,19 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
                 "component": f"worker-{stage}",
                 "healthy": bool(hb and hb.get("ready")),
                 "detail": detail,
-                **proc_info(f"worker-{stage}"),
+                **proc_info(_process_of(comps, stage)),
+            }
+        )
+    if settings.audit_sink:
+        hb = worker_health(settings, "sink")
+        rows.append(
+            {
+                "component": "audit-sink",
+                "healthy": bool(hb and hb.get("ready")),
+                "detail": f"live={hb.get('live')} pending_queries={hb.get('pending_queries')}"
+                if hb
+                else "no recent heartbeat",
+                **proc_info("audit-sink"),
             }
         )
     lance = Path(settings.lancedb_uri)
@@ -235,6 +253,14 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
     )
     rows.append(_catalog_row(settings))
     return rows
+
+
+def _process_of(components: dict[str, Any], stage: str) -> str:
+    """The supervised process (e.g. `worker-ingest+embed+index`) that runs `stage`."""
+    for name in components:
+        if name.startswith("worker-") and stage in name.removeprefix("worker-").split("+"):
+            return str(name)
+    return f"worker-{stage}"
 
 
 def _catalog_row(settings: Settings) -> dict[str, Any]:
@@ -568,10 +594,16 @@ async def _search(
 # -- plumbing ----------------------------------------------------------------------------
 @app.command()
 def worker(
-    stage: Annotated[str, typer.Argument(help="ingest, embed or index.")],
+    stage: Annotated[
+        str,
+        typer.Argument(
+            help="Stage(s) to run: ingest, embed, index, retrieve, generate; comma-separate "
+            "several to run them in one process (e.g. ingest,embed,index)."
+        ),
+    ],
     config: ConfigOpt = None,
 ) -> None:
-    """Run one stage as a Faust worker (what `up` and docker-compose start)."""
+    """Run stages as one Faust worker process (what `up` and docker-compose start)."""
     from ragstream.workers.main import run_worker
 
     settings = _settings(config)

@@ -18,13 +18,18 @@ from ragstream.infra.iceberg import ensure_namespace
 from ragstream.infra.settings import Settings, write_settings_file
 from ragstream.infra.supervisor import Component, Supervisor
 from ragstream.streams.topics import ALL_TOPICS
-from ragstream.workers.main import STAGES, heartbeat_path
+from ragstream.workers.main import heartbeat_path, parse_stages
 
-__all__ = ["build_supervisor", "create_all_topics", "state_path", "worker_health"]
+__all__ = ["build_supervisor", "create_all_topics", "state_path", "worker_component", "worker_health"]
 
 log = logging.getLogger(__name__)
 
 _HEARTBEAT_STALE_S = 10.0
+
+
+def worker_component(stages: tuple[str, ...]) -> str:
+    """The supervisor's name for the process running `stages`: `worker-ingest+embed+index`."""
+    return "worker-" + "+".join(stages)
 
 
 def state_path(settings: Settings) -> Path:
@@ -81,7 +86,10 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
                 wave=0,
                 after_start=after_broker,
                 # Memory storage: a restarted broker has lost the workers' offsets and groups.
-                restart_dependents=tuple(f"worker-{s}" for s in settings.workers),
+                restart_dependents=(
+                    *(worker_component(parse_stages(w)) for w in settings.workers),
+                    *(("audit-sink",) if settings.audit_sink else ()),
+                ),
                 stop_timeout_s=5.0,
             )
         )
@@ -105,18 +113,29 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
             )
         )
 
-    for stage in settings.workers:
-        if stage not in STAGES:
-            from ragstream.schemas.errors import ConfigError
-
-            raise ConfigError(f"unknown worker stage {stage!r}; known: {', '.join(STAGES)}")
+    for spec in settings.workers:
+        stages = parse_stages(spec)
         components.append(
             Component(
-                name=f"worker-{stage}",
-                argv=[sys.executable, "-m", "ragstream", "worker", stage],
+                name=worker_component(stages),
+                argv=[sys.executable, "-m", "ragstream", "worker", ",".join(stages)],
                 env=child_env,
-                ready=lambda stage=stage: _worker_ready(settings, stage),  # type: ignore[misc]
-                liveness=lambda stage=stage: worker_health(settings, stage) is not None,  # type: ignore[misc]
+                ready=lambda stages=stages: all(_worker_ready(settings, s) for s in stages),  # type: ignore[misc]
+                liveness=lambda stages=stages: all(  # type: ignore[misc]
+                    worker_health(settings, s) is not None for s in stages
+                ),
+                wave=1,
+            )
+        )
+
+    if settings.audit_sink:
+        components.append(
+            Component(
+                name="audit-sink",
+                argv=[sys.executable, "-m", "ragstream.workers.sink"],
+                env=child_env,
+                ready=lambda: _worker_ready(settings, "sink"),
+                liveness=lambda: worker_health(settings, "sink") is not None,
                 wave=1,
             )
         )

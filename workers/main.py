@@ -25,7 +25,7 @@ from ragstream.streams.pipeline import BatchPipeline, ConcurrentPipeline
 from ragstream.streams.stage import Emit, StageRunner
 from ragstream.streams.topics import CHUNKS, DOCUMENTS, EMBEDDED, QUERIES, RETRIEVALS, TopicSpec
 
-__all__ = ["STAGES", "StageDef", "build_worker_app", "heartbeat_path", "run_worker"]
+__all__ = ["STAGES", "StageDef", "build_worker_app", "heartbeat_path", "parse_stages", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,37 @@ def heartbeat_path(settings: Settings, stage: str) -> Path:
     return settings.run_dir / f"worker-{stage}.json"
 
 
-def build_worker_app(settings: Settings, stage: str) -> tuple[RagstreamApp, StageRunner]:
-    """The Faust app for one stage with its agent and heartbeat timer registered."""
-    try:
-        sdef = STAGES[stage]
-    except KeyError:
-        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}") from None
-    app = create_app(settings, stage, fetch_max_wait_ms=sdef.fetch_max_wait_ms(settings))
+def parse_stages(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """`"ingest,embed,index"` -> the stages one worker process runs, validated.
+
+    Raises:
+        ConfigError: an unknown or repeated stage.
+    """
+    stages = tuple(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ConfigError(f"unknown stage(s) {unknown or spec!r}; known: {', '.join(STAGES)}")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"stage listed twice in {spec!r}")
+    return stages
+
+
+def build_worker_app(
+    settings: Settings, stages: str | Sequence[str]
+) -> tuple[RagstreamApp, list[StageRunner]]:
+    """One Faust app running one or more stages, each as its own agent with its own runner.
+
+    Several stages in one process share one consumer (one consumer group, named after the
+    stages): fewer processes and fewer idle polls. Run each stage in exactly one group
+    layout at a time, or its input would be consumed by two groups.
+    """
+    names = parse_stages(stages)
+    defs = [STAGES[n] for n in names]
+    app = create_app(
+        settings,
+        "-".join(names),
+        fetch_max_wait_ms=min(d.fetch_max_wait_ms(settings) for d in defs),
+    )
     topics: dict[str, Any] = {}
 
     async def send(topic: str, key: bytes, value: bytes) -> Awaitable[Any]:
@@ -234,10 +258,28 @@ def build_worker_app(settings: Settings, stage: str) -> tuple[RagstreamApp, Stag
         fut: Awaitable[Any] = await t.send(key=key, value=value)
         return fut
 
-    runner = StageRunner(settings, stage, send, on_dead_letter=sdef.on_dead_letter)
+    runners = [_register_stage(app, settings, sdef, send) for sdef in defs]
+    beats = [(heartbeat_path(settings, r.stage), r) for r in runners]
+
+    @app.timer(0.5)  # type: ignore[untyped-decorator]
+    async def heartbeat() -> None:
+        assigned = bool(app.consumer.assignment())
+        for path, runner in beats:
+            write_heartbeat(path, runner.stage, runner, assigned)
+
+    return app, runners
+
+
+def _register_stage(
+    app: RagstreamApp,
+    settings: Settings,
+    sdef: StageDef,
+    send: Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]],
+) -> StageRunner:
+    runner = StageRunner(settings, sdef.name, send, on_dead_letter=sdef.on_dead_letter)
     source = faust_topic(app, settings, sdef.source)
 
-    @app.agent(source, name=f"{settings.kafka.topic_prefix}.{stage}")
+    @app.agent(source, name=f"{settings.kafka.topic_prefix}.{sdef.name}")
     async def agent(stream: Any) -> None:
         async with sdef.open(settings, runner) as handler:
             pipeline: BatchPipeline | ConcurrentPipeline
@@ -257,13 +299,7 @@ def build_worker_app(settings: Settings, stage: str) -> tuple[RagstreamApp, Stag
             runner.ready = True
             await pipeline.run(stream.noack().events())
 
-    hb = heartbeat_path(settings, stage)
-
-    @app.timer(0.5)  # type: ignore[untyped-decorator]
-    async def heartbeat() -> None:
-        write_heartbeat(hb, stage, runner, bool(app.consumer.assignment()))
-
-    return app, runner
+    return runner
 
 
 def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool) -> None:
@@ -284,12 +320,13 @@ def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool)
     tmp.replace(path)
 
 
-def run_worker(settings: Settings, stage: str) -> None:
-    """Run one stage until SIGTERM/SIGINT (Faust's worker handles both gracefully)."""
+def run_worker(settings: Settings, stages: str | Sequence[str]) -> None:
+    """Run one or more stages until SIGTERM/SIGINT (Faust's worker handles both gracefully)."""
     import faust
 
-    app, _ = build_worker_app(settings, stage)
-    heartbeat_path(settings, stage).unlink(missing_ok=True)
+    app, runners = build_worker_app(settings, stages)
+    for r in runners:
+        heartbeat_path(settings, r.stage).unlink(missing_ok=True)
     worker = faust.Worker(
         app,
         loglevel=settings.log_level,

@@ -15,7 +15,8 @@ One process, one commit thread: every catalog call (appends, maintenance) runs o
 worker thread, so commits to a table never race each other or maintenance, while the event
 loop keeps consuming into the next micro-batch. End offsets reported by the embedded broker
 are wrong after multi-record batches; they only decide when the sink counts as caught up
-(which lets the join start expiring queries), never which rows are written.
+(which lets the join start expiring queries, and stops holding responses back so they do not
+run ahead of their queries while a backlog is read), never which rows are written.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ from ragstream.streams.topics import DEADLETTER, INDEXED, QUERIES, RESPONSES, To
 
 __all__ = ["AuditSink", "heartbeat_path", "main", "run_sink"]
 
-log = logging.getLogger(__name__)
+# Named explicitly: under `python -m` this module's __name__ is "__main__".
+log = logging.getLogger("ragstream.workers.sink")
 
 _SPECS: tuple[TopicSpec, ...] = (QUERIES, RESPONSES, INDEXED, DEADLETTER)
 _HEARTBEAT_S = 0.5
 _POLL_MS = 100
 _PROBE_TIMEOUT_S = 5.0
+_ALIGN_SLACK_MS = 2000
 
 
 def heartbeat_path(settings: Settings) -> Path:
@@ -107,6 +110,9 @@ class AuditSink:
         self._failed = False
         self._probes: dict[TP, int] = {}
         self._probe_deadline = 0.0
+        self._last_ts: dict[TP, int] = {}
+        self._queries_tps: list[TP] = []
+        self._paused = False
 
     # -- lifecycle -----------------------------------------------------------------------
     async def _io(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -182,6 +188,7 @@ class AuditSink:
                 self._read_pos[(tp.topic, tp.partition)] = offset
         self._probe_deadline = time.monotonic() + _PROBE_TIMEOUT_S
         self._responses_tps = [tp for tp in starts if tp[0] == RESPONSES.full_name(kafka.topic_prefix)]
+        self._queries_tps = [tp for tp in starts if tp[0] == QUERIES.full_name(kafka.topic_prefix)]
         log.info("audit sink: assigned %d partitions; resuming at %s", len(tps), starts)
         self._ready = True
 
@@ -262,6 +269,8 @@ class AuditSink:
                         event = None
                     writer.process(tp.topic, tp.partition, record.offset, event, now)
                     self._read_pos[(tp.topic, tp.partition)] = record.offset + 1
+                    self._last_ts[(tp.topic, tp.partition)] = record.timestamp
+            self._align()
             if self._probes and time.monotonic() > self._probe_deadline:
                 await self._check_probes()
             if not writer.live and self._caught_up():
@@ -302,17 +311,37 @@ class AuditSink:
         self._probes.clear()
         await self._out_of_range(lost)
 
-    def _caught_up(self) -> bool:
+    def _at_end(self, tp: TP) -> bool:
         from aiokafka import TopicPartition
 
-        if self._probes:
-            return False
-        for topic, p in self._responses_tps:
-            hw = self._consumer.highwater(TopicPartition(topic, p))
-            # The embedded broker may under-report by one producer batch; good enough here.
-            if hw is None or self._read_pos.get((topic, p), 0) < hw:
-                return False
-        return True
+        hw = self._consumer.highwater(TopicPartition(*tp))
+        # The embedded broker may under-report by one producer batch; good enough here.
+        return hw is not None and self._read_pos.get(tp, 0) >= hw
+
+    def _caught_up(self) -> bool:
+        return not self._probes and all(self._at_end(tp) for tp in self._responses_tps)
+
+    def _align(self) -> None:
+        """Keep responses from running ahead of queries while catching up on a backlog.
+
+        A response read before its query still makes a row, but one without the query's
+        submission time and deadline; pausing the responses partitions while they are more
+        than `_ALIGN_SLACK_MS` (by record timestamp) ahead of an unfinished queries partition
+        keeps the join whole. Fails open: a queries partition at its end never holds back.
+        """
+        from aiokafka import TopicPartition
+
+        behind = [tp for tp in self._queries_tps if not self._at_end(tp)]
+        queries_ms = min((self._last_ts.get(tp, -1) for tp in behind), default=None)
+        responses_ms = max((self._last_ts.get(tp, -1) for tp in self._responses_tps), default=-1)
+        pause = queries_ms is not None and responses_ms > queries_ms + _ALIGN_SLACK_MS
+        if pause != self._paused:
+            tps = [TopicPartition(*tp) for tp in self._responses_tps]
+            if pause:
+                self._consumer.pause(*tps)
+            else:
+                self._consumer.resume(*tps)
+            self._paused = pause
 
     def _launch(self, name: str) -> None:
         assert self._writer is not None

@@ -29,9 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from ragstream.infra.settings import Settings
+from ragstream.infra.settings import AuditSettings, ModelPrice, Settings
 from ragstream.schemas.errors import DependencyUnavailable
 from ragstream.schemas.events import DeadLettered, DocumentIndexed
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
@@ -86,52 +84,9 @@ NO_RESPONSE = "no_response"
 
 
 # -- settings ------------------------------------------------------------------------------
-class ModelPrice(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input_per_1k: float = Field(default=0.0, ge=0)
-    output_per_1k: float = Field(default=0.0, ge=0)
-
-
-class AuditSettings(BaseModel):
-    """The audit sink and its table maintenance (proposed `Settings.audit` section)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    flush_rows: int = Field(default=5000, ge=1)
-    """A table commits once this many rows are buffered ..."""
-    flush_interval_s: float = Field(default=2.0, gt=0)
-    """... or once its oldest buffered row is this old. Every commit costs 30-100 ms, plus
-    ~0.7 ms per retained snapshot (hence the short snapshot retention)."""
-    offsets_commit_interval_s: float = Field(default=30.0, gt=0)
-    """A table with no rows but consumed offsets commits them (an empty snapshot) this often,
-    so a restart does not re-read what it skipped."""
-    join_grace_s: float = Field(default=30.0, ge=0)
-    """A query with no response by its deadline + this is logged as `no_response`."""
-    join_memory_s: float = Field(default=3600.0, gt=0)
-    """How long written request ids are remembered, to drop late or duplicate responses."""
-    max_poll_records: int = Field(default=5000, ge=1)
-    expire_interval_s: float = Field(default=60.0, ge=0)
-    """How often the sink expires old snapshots (metadata only, ~20 ms); 0 = never."""
-    snapshot_retention_s: float = Field(default=300.0, gt=0)
-    """Snapshots older than this are expired (the current one always stays). Measured: 1000
-    retained snapshots make a commit take ~0.7 s; expiring brings it back to ~30 ms."""
-    maintenance_interval_s: float = Field(default=3600.0, ge=0)
-    """How often the sink compacts closed days and removes orphan files; 0 = never."""
-    compact_min_files: int = Field(default=8, ge=2)
-    """A closed day partition with at least this many data files is rewritten as one."""
-    orphan_min_age_s: float = Field(default=86_400.0, gt=0)
-    """Unreferenced files younger than this are kept: a writer may be about to commit them."""
-    prices: dict[str, ModelPrice] = Field(default_factory=dict)
-    """model_id -> price per 1000 prompt (input) and completion (output) tokens."""
-
-
 def audit_settings(settings: Settings) -> AuditSettings:
-    """The `audit` section, or the defaults while `Settings` has none."""
-    section = getattr(settings, "audit", None)
-    if isinstance(section, BaseModel) and not isinstance(section, AuditSettings):
-        return AuditSettings.model_validate(section.model_dump())
-    return section if isinstance(section, AuditSettings) else AuditSettings()
+    """The `audit` section of the settings."""
+    return settings.audit
 
 
 # -- schemas -------------------------------------------------------------------------------

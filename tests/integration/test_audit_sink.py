@@ -378,6 +378,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_duplicates_nothing(
     per_id = Counter(r["request_id"] for r in log_rows)
     assert set(per_id) == expected and max(per_id.values()) == 1, per_id.most_common(3)
     assert all(r["status"] == "ok" for r in log_rows)
+    # Every row joined its query, even when a restart caught up on a backlog.
+    assert all(r["query_offset"] is not None for r in log_rows)
     assert "reviewer" in log_rows[0]
     usage_ids = Counter(r["request_id"] for r in read(broker, "usage"))
     assert set(usage_ids) == expected and max(usage_ids.values()) == 1

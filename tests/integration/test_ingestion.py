@@ -204,7 +204,7 @@ def read_deadletters(stack: Stack) -> list[dict[str, Any]]:
 
 def worker_pids(stack: Stack) -> dict[str, int]:
     state = json.loads((stack.settings.run_dir / "stack.json").read_text())
-    return {k: v["pid"] for k, v in state["components"].items() if k.startswith("worker-")}
+    return {k: v["pid"] for k, v in state["components"].items() if k.startswith("worker-") or k == "audit-sink"}
 
 
 async def test_garbage_and_wrong_schema_on_every_topic_are_dead_lettered_and_workers_stay_up(
@@ -269,7 +269,8 @@ def test_status_reports_every_component_healthy(stack: Stack) -> None:
 
 
 def test_a_killed_worker_is_restarted_and_says_why(stack: Stack, tmp_path: Path) -> None:
-    pid = worker_pids(stack)["worker-index"]
+    process = next(name for name in worker_pids(stack) if "index" in name)
+    pid = worker_pids(stack)[process]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -281,7 +282,7 @@ def test_a_killed_worker_is_restarted_and_says_why(stack: Stack, tmp_path: Path)
     assert w["pid"] != pid and w["healthy"], w
     assert w["restarts"] >= 1 and "SIGKILL" in (w["last_exit"] or "")
     log = (stack.settings.data_dir / "logs" / "supervisor.log").read_text()
-    assert "worker-index exited with signal SIGKILL; restarting" in log
+    assert f"{process} exited with signal SIGKILL; restarting" in log
     again = tmp_path / "after-restart"
     again.mkdir()
     (again / "ok.md").write_text("# After restart\n\nIndexed by the restarted worker.")
