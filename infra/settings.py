@@ -237,6 +237,8 @@ class AuditSettings(_Section):
     join_memory_s: float = Field(default=3600.0, gt=0)
     """How long written request ids are remembered, to drop late or duplicate responses."""
     max_poll_records: int = Field(default=5000, ge=1)
+    fetch_max_wait_ms: int = Field(default=250, ge=0)
+    """The sink's consumer fetch wait; freshness is bounded by `flush_interval_s` anyway."""
     expire_interval_s: float = Field(default=60.0, ge=0)
     """How often the sink expires old snapshots (metadata only, ~20 ms); 0 = never."""
     snapshot_retention_s: float = Field(default=300.0, gt=0)

@@ -184,7 +184,7 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
     from ragstream.infra.supervisor import read_state
     from ragstream.infra.triton import is_ready as triton_ready
     from ragstream.stack import state_path, worker_health
-    from ragstream.workers.main import parse_stages
+    from ragstream.workers.stages import parse_stages
 
     state = read_state(state_path(settings)) or {}
     comps = state.get("components", {})

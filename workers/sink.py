@@ -159,7 +159,9 @@ class AuditSink:
             # "none": an offset the log no longer has raises, so the tables' floors can be
             # reset with it (`_out_of_range`) instead of silently skipping the new records.
             auto_offset_reset="none",
-            fetch_max_wait_ms=max(kafka.fetch_max_wait_ms, 1),
+            # Freshness is bounded by the flush interval (seconds), not by the fetch wait, so
+            # the sink need not poll the broker every 10 ms like the query path.
+            fetch_max_wait_ms=max(self.audit.fetch_max_wait_ms, 1),
             max_partition_fetch_bytes=kafka.max_message_bytes,
             fetch_max_bytes=max(kafka.max_message_bytes, 52_428_800),
             client_id="ragstream-audit-sink",

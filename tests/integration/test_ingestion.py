@@ -204,7 +204,9 @@ def read_deadletters(stack: Stack) -> list[dict[str, Any]]:
 
 def worker_pids(stack: Stack) -> dict[str, int]:
     state = json.loads((stack.settings.run_dir / "stack.json").read_text())
-    return {k: v["pid"] for k, v in state["components"].items() if k.startswith("worker-") or k == "audit-sink"}
+    return {
+        k: v["pid"] for k, v in state["components"].items() if k.startswith("worker-") or k == "audit-sink"
+    }
 
 
 async def test_garbage_and_wrong_schema_on_every_topic_are_dead_lettered_and_workers_stay_up(
