@@ -293,3 +293,66 @@ def test_a_kcat_round_trip_gets_an_answer(stack: Stack, corpus_reports: list[Any
     finally:
         consumer.kill()
         consumer.wait()
+
+
+async def test_every_request_lands_once_in_the_audit_trail_as_the_client_saw_it(
+    client: AsyncClient, stack: Stack
+) -> None:
+    """Iceberg tables, written by the audit sink of the running stack, read back with SQL."""
+    from ragstream.infra.audit.query import audit_sql
+
+    asked = [
+        await client.ask(q, tenant=t, groups=g, top_k=2, max_tokens=12, deadline_ms=60_000)
+        for t, g, q, _ in QA[:3]
+    ]
+    ids = ", ".join(f"'{r.request_id}'" for r in asked)
+    deadline = time.monotonic() + 60
+    while True:
+        rows = audit_sql(
+            stack.settings,
+            f"SELECT request_id, count(*) AS n, any_value(answer) AS answer, any_value(status) AS status, "
+            f"any_value(prompt_tokens) AS pt, any_value(completion_tokens) AS ct, "
+            f"any_value(latency_total_ms) AS total_ms, any_value(question) AS question "
+            f"FROM inference_log WHERE request_id IN ({ids}) GROUP BY request_id",
+        ).to_pylist()
+        if len(rows) == len(asked) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    by_id = {r["request_id"]: r for r in rows}
+    for r in asked:
+        row = by_id[r.request_id]
+        assert row["n"] == 1
+        assert row["answer"] == r.answer and row["status"] == r.status and row["question"] == r.question
+        assert (row["pt"], row["ct"]) == (r.usage.prompt_tokens, r.usage.completion_tokens)
+        assert row["total_ms"] == pytest.approx(r.latency_ms["total"])
+    usage = audit_sql(
+        stack.settings,
+        f"SELECT request_id, count(*) AS n, sum(total_tokens) AS tokens FROM usage "
+        f"WHERE request_id IN ({ids}) GROUP BY request_id",
+    ).to_pylist()
+    assert {u["request_id"]: (u["n"], u["tokens"]) for u in usage} == {
+        r.request_id: (1, r.usage.total_tokens) for r in asked
+    }
+
+
+def test_dead_lettered_input_reaches_the_audit_trail(stack: Stack) -> None:
+    from ragstream.infra.audit.query import audit_sql
+
+    marker = f"audit-bad-{uuid.uuid4().hex[:8]}"
+    producer = make_producer(stack.settings)
+    producer.send(
+        f"{stack.settings.kafka.topic_prefix}.documents", key=marker.encode(), value=b"\x00 not json"
+    )
+    producer.flush()
+    producer.close()
+    deadline = time.monotonic() + 60
+    rows: list[dict[str, Any]] = []
+    while not rows and time.monotonic() < deadline:
+        rows = audit_sql(
+            stack.settings,
+            f"SELECT stage, error_kind, original FROM dead_letters WHERE original_key = '{marker}'",
+        ).to_pylist()
+        time.sleep(1)
+    assert len(rows) == 1
+    assert rows[0]["stage"] == "ingest" and rows[0]["error_kind"] == "schema_violation"
+    assert rows[0]["original"] == b"\x00 not json"
