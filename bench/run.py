@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench import ingestion, qa
+from bench import audit, ingestion, qa
 
-BENCHES = {"ingestion": ingestion.main, "qa": qa.main}
+BENCHES = {"ingestion": ingestion.main, "qa": qa.main, "audit": audit.main}
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ run ahead of their queries while a backlog is read), never which rows are writte
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import json
 import logging
@@ -451,6 +452,11 @@ def main() -> None:
     )
     for noisy in ("aiokafka", "kafka", "pyiceberg"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # The sink allocates many short-lived objects per record (decode, rows, Arrow); the
+    # default gen-0 threshold (700) made the collector ~20% of its CPU (measured). Freeze
+    # what was imported and collect far less often.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     asyncio.run(run_sink(settings))
 
 
