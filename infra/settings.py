@@ -58,7 +58,7 @@ class KafkaSettings(_Section):
     replication_factor: int = Field(default=1, ge=1)
     # Tansu does not wake a parked fetch when data arrives, so every hop waits out the fetch
     # wait. Small on the embedded broker; raise it (e.g. 500) against Apache Kafka to save CPU.
-    fetch_max_wait_ms: int = Field(default=10, ge=0)
+    fetch_max_wait_ms: int = Field(default=20, ge=0)
     # The document path (ingest, embed, index) is throughput-bound, not latency-bound: under
     # load a fetch returns at once anyway, and when idle a longer wait spares the broker
     # hundreds of empty polls a second.
