@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,12 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 console = Console(width=130)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class BenchStack:
     data_dir: Path
@@ -39,20 +32,9 @@ class BenchStack:
 
     @classmethod
     def create(cls, data_dir: Path, **extra_env: str) -> BenchStack:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
-        env.update(
-            {
-                "RAGSTREAM_DATA_DIR": str(data_dir),
-                "RAGSTREAM_KAFKA__EMBEDDED_PORT": str(free_port()),
-                "RAGSTREAM_TRITON__EMBEDDED_GRPC_PORT": str(free_port()),
-                "RAGSTREAM_TRITON__EMBEDDED_HTTP_PORT": str(free_port()),
-                "RAGSTREAM_TRITON__EMBEDDED_METRICS_PORT": str(free_port()),
-                "RAGSTREAM_GENERATION__EMBEDDED_GRPC_PORT": str(free_port()),
-                "RAGSTREAM_GENERATION__EMBEDDED_HTTP_PORT": str(free_port()),
-                "RAGSTREAM_GENERATION__EMBEDDED_METRICS_PORT": str(free_port()),
-                **extra_env,
-            }
-        )
+        from ragstream.stack import isolated_env
+
+        env = isolated_env(data_dir, **extra_env)
         saved = dict(os.environ)
         try:
             os.environ.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,11 +21,52 @@ from ragstream.infra.supervisor import Component, Supervisor
 from ragstream.streams.topics import ALL_TOPICS
 from ragstream.workers.stages import heartbeat_path, parse_stages
 
-__all__ = ["build_supervisor", "create_all_topics", "state_path", "worker_component", "worker_health"]
+__all__ = [
+    "build_supervisor",
+    "create_all_topics",
+    "isolated_env",
+    "state_path",
+    "worker_component",
+    "worker_health",
+]
 
 log = logging.getLogger(__name__)
 
 _HEARTBEAT_STALE_S = 10.0
+
+
+_PORT_SETTINGS = (
+    "RAGSTREAM_KAFKA__EMBEDDED_PORT",
+    "RAGSTREAM_TRITON__EMBEDDED_GRPC_PORT",
+    "RAGSTREAM_TRITON__EMBEDDED_HTTP_PORT",
+    "RAGSTREAM_TRITON__EMBEDDED_METRICS_PORT",
+    "RAGSTREAM_GENERATION__EMBEDDED_GRPC_PORT",
+    "RAGSTREAM_GENERATION__EMBEDDED_HTTP_PORT",
+    "RAGSTREAM_GENERATION__EMBEDDED_METRICS_PORT",
+)
+
+
+def isolated_env(data_dir: Path, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """Environment for a second embedded stack beside any other: its own data dir and free
+    ports for every component (tests and benchmarks run stacks side by side)."""
+    env = {
+        k: v
+        for k, v in (base if base is not None else dict(os.environ)).items()
+        if not k.startswith("RAGSTREAM_")
+    }
+    env["RAGSTREAM_DATA_DIR"] = str(data_dir)
+    for name in _PORT_SETTINGS:
+        env[name] = str(_free_port())
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def worker_component(stages: tuple[str, ...]) -> str:

@@ -59,22 +59,9 @@ class Stack:
 
 
 def stack_env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
-    env.update(
-        {
-            "RAGSTREAM_DATA_DIR": str(data_dir),
-            "RAGSTREAM_KAFKA__EMBEDDED_PORT": str(free_port()),
-            "RAGSTREAM_TRITON__EMBEDDED_GRPC_PORT": str(free_port()),
-            "RAGSTREAM_TRITON__EMBEDDED_HTTP_PORT": str(free_port()),
-            "RAGSTREAM_TRITON__EMBEDDED_METRICS_PORT": str(free_port()),
-            "RAGSTREAM_GENERATION__EMBEDDED_GRPC_PORT": str(free_port()),
-            "RAGSTREAM_GENERATION__EMBEDDED_HTTP_PORT": str(free_port()),
-            "RAGSTREAM_GENERATION__EMBEDDED_METRICS_PORT": str(free_port()),
-            "RAGSTREAM_LOG_LEVEL": "INFO",
-            "COLUMNS": "200",
-        }
-    )
-    return env
+    from ragstream.stack import isolated_env
+
+    return isolated_env(data_dir, RAGSTREAM_LOG_LEVEL="INFO", COLUMNS="200")
 
 
 def settings_from_env(env: dict[str, str]) -> Settings:
