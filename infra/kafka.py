@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,3 @@ def wait_broker(settings: Settings, timeout_s: float) -> None:
             return
         time.sleep(0.1)
     raise StartupError(f"Kafka at {settings.kafka.servers} did not answer within {timeout_s:.0f}s")
-
-
-def topic_specs(prefix: str, names: Sequence[str], partitions: int) -> list[NewTopicSpec]:
-    return [NewTopicSpec(f"{prefix}.{n}", partitions) for n in names]

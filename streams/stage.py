@@ -89,7 +89,6 @@ class StageRunner:
         self.ready = False
         self.processed = 0
         self.dead_lettered = 0
-        self.last_progress_monotonic = time.monotonic()
 
     # -- processing (no publishing) ------------------------------------------------------
     async def process_batch(
@@ -134,19 +133,9 @@ class StageRunner:
                 out.extend(self._dead_letter_all(m, exc))
         return out
 
-    async def run_batch(
-        self,
-        spec: TopicSpec,
-        messages: Sequence[Message],
-        handler: Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]],
-    ) -> None:
-        """Process and publish one batch (the unpipelined path)."""
-        await self.publish(await self.process_batch(spec, messages, handler))
-
     # -- shared -------------------------------------------------------------------------
     def _progress(self, n: int) -> None:
         self.processed += n
-        self.last_progress_monotonic = time.monotonic()
 
     async def _retrying(self, call: Callable[[], Awaitable[Sequence[Emit]]]) -> Sequence[Emit]:
         deadline = time.monotonic() + self.retry_budget_s
@@ -181,10 +170,6 @@ class StageRunner:
         for fut in pending:
             await fut
 
-    async def dead_letter(self, message: Message, exc: BaseException) -> None:
-        """Publish a dead-letter record for one message now."""
-        await self.publish(self._dead_letter_all(message, exc))
-
     def _dead_letter_all(self, message: Message, exc: BaseException) -> list[Emit]:
         """The dead-letter record, plus whatever the stage tells the caller (if any)."""
         dl = self._dead_letter(message, exc)
@@ -216,7 +201,6 @@ class StageRunner:
         if kind != "internal_error":
             log.info("%s: dead-lettered %s: %s", self.stage, kind, record.message)
         self.dead_lettered += 1
-        self.last_progress_monotonic = time.monotonic()
         return Emit(DEADLETTER, record)
 
 
