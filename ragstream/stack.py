@@ -24,6 +24,7 @@ from ragstream.workers.stages import heartbeat_path, parse_stages
 __all__ = [
     "build_supervisor",
     "create_all_topics",
+    "free_ports",
     "isolated_env",
     "state_path",
     "worker_component",
@@ -55,18 +56,24 @@ def isolated_env(data_dir: Path, base: dict[str, str] | None = None, **extra: st
         if not k.startswith("RAGSTREAM_")
     }
     env["RAGSTREAM_DATA_DIR"] = str(data_dir)
-    for name in _PORT_SETTINGS:
-        env[name] = str(_free_port())
+    for name, port in zip(_PORT_SETTINGS, free_ports(len(_PORT_SETTINGS)), strict=True):
+        env[name] = str(port)
     env.update(extra)
     return env
 
 
-def _free_port() -> int:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1 (all held open while choosing, so no repeats)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def worker_component(stages: tuple[str, ...]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +22,7 @@ from ragstream.infra.model_server import (
 )
 from ragstream.infra.settings import GenerationSettings, Settings, TritonSettings
 from ragstream.schemas.errors import BadInputError, UnknownRoute
+from ragstream.stack import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -32,20 +32,9 @@ QUESTION = [
 ]
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_ports(3)
     return Settings(
         data_dir=tmp_path_factory.mktemp("generator-data"),
         triton=TritonSettings(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,6 +21,7 @@ from ragstream.infra.model_server import (
 )
 from ragstream.infra.settings import Settings, TritonSettings
 from ragstream.infra.triton import is_ready
+from ragstream.stack import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +29,9 @@ pytestmark = pytest.mark.integration
 _MAX_BATCH_SIZE = 16
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_ports(3)
     return Settings(
         data_dir=tmp_path_factory.mktemp("triton-data"),
         triton=TritonSettings(
@@ -150,7 +140,13 @@ async def test_concurrent_requests_are_answered_and_batched(
 
     expected = await local_embedder.embed(TEXTS[:32])
     np.testing.assert_allclose(np.vstack(results), expected, atol=1e-5)
-    requests = _metric(settings, "nv_inference_request_success") - requests_before
+    # Triton refreshes its metrics on an interval: wait until they include these requests.
+    deadline = time.monotonic() + 10
+    while True:
+        requests = _metric(settings, "nv_inference_request_success") - requests_before
+        if requests >= 32 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
     executions = _metric(settings, "nv_inference_exec_count") - executions_before
     assert requests == 32
     assert executions < requests  # the dynamic batcher merged concurrent requests

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -36,6 +35,7 @@ from ragstream.infra.generator import (
 )
 from ragstream.infra.settings import GenerationSettings, Settings, TritonSettings
 from ragstream.schemas.errors import BadInputError
+from ragstream.stack import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -64,12 +64,6 @@ class Served:
     http_port: int
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _pytriton_dist() -> Path:
     import pytriton
 
@@ -93,7 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         config.write_text(config.read_text().replace("kind: KIND_GPU", "kind: KIND_CPU"))
     _set_parameters(repository / SMOLLM2_MODEL / "config.pbtxt", CPU_GENERATION)
 
-    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     libs = [str(sysconfig.get_config_var("LIBDIR")), str(dist.parent.parent / "nvidia_pytriton.libs")]
     env = {
         **os.environ,
