@@ -4,7 +4,7 @@ Run it as its own process: `python -m ragstream.workers.sink`.
 
 Why a plain aiokafka consumer and not a Faust agent: exactly-once into Iceberg needs the sink
 to own its offsets. They live in each table's snapshot summary, committed atomically with the
-rows (see `ragstream.infra.audit.writer`), and on start every partition is resumed from what
+rows (see `ragstream.streams.audit` and `ragstream.infra.audit.commits`), and on start every partition is resumed from what
 the tables say. Faust commits offsets to the consumer group on its own schedule, rebalances
 partitions between workers, and would need transactions for anything stronger (aiokafka's
 transactional producer does not work against the embedded broker). So the sink uses manual
@@ -37,30 +37,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ragstream.infra.audit.commits import TP, Batch, commit_batch, load_written_ids, read_committed
 from ragstream.infra.audit.maintenance import maintain_table
 from ragstream.infra.audit.tables import INFERENCE_LOG, USAGE, AuditSettings, audit_settings, ensure_tables
-from ragstream.infra.audit.writer import (
-    TP,
-    AuditWriter,
-    Batch,
-    commit_batch,
-    load_written_ids,
-    read_committed,
-    start_offsets,
-)
 from ragstream.infra.iceberg import open_catalog
 from ragstream.infra.settings import KafkaSettings, Settings, load_settings
 from ragstream.schemas.errors import DependencyUnavailable, SchemaViolation, StartupError
 from ragstream.schemas.events import Event
+from ragstream.streams.audit import AuditWriter, start_offsets
 from ragstream.streams.codec import decode
-from ragstream.streams.topics import DEADLETTER, INDEXED, QUERIES, RESPONSES, TopicSpec
+from ragstream.streams.topics import ALL_TOPICS, QUERIES, RESPONSES, TopicSpec
 
 __all__ = ["AuditSink", "heartbeat_path", "main", "run_sink"]
 
 # Named explicitly: under `python -m` this module's __name__ is "__main__".
 log = logging.getLogger("ragstream.workers.sink")
 
-_SPECS: tuple[TopicSpec, ...] = (QUERIES, RESPONSES, INDEXED, DEADLETTER)
 _HEARTBEAT_S = 0.5
 _POLL_MS = 100
 _PROBE_TIMEOUT_S = 5.0
@@ -100,7 +92,9 @@ class AuditSink:
         self._tables: dict[str, Any] = {}
         self._consumer: Any = None
         self._writer: AuditWriter | None = None
-        self._specs = {spec.full_name(settings.kafka.topic_prefix): spec for spec in _SPECS}
+        prefix = settings.kafka.topic_prefix
+        self._specs: dict[str, TopicSpec] = {spec.full_name(prefix): spec for spec in ALL_TOPICS}
+        self._queries_topic = QUERIES.full_name(prefix)
         self._responses_tps: list[TP] = []
         self._read_pos: dict[TP, int] = {}
         self._inflight: dict[str, asyncio.Future[Batch]] = {}
@@ -199,7 +193,8 @@ class AuditSink:
         deadline = time.monotonic() + self.settings.ready_timeout_s
         while True:
             await self._consumer.topics()  # refreshes the metadata
-            found = {t: sorted(self._consumer.partitions_for_topic(t) or ()) for t in self._specs}
+            assert self._writer is not None
+            found = {t: sorted(self._consumer.partitions_for_topic(t) or ()) for t in self._writer.topics}
             missing = [t for t, ps in found.items() if not ps]
             if not missing:
                 return found
@@ -253,7 +248,7 @@ class AuditSink:
                 continue
             now = datetime.now(UTC)
             # Queries first: a response fetched together with its query finds it pending.
-            for tp in sorted(batch, key=lambda tp: tp.topic != writer.topics[QUERIES.name]):
+            for tp in sorted(batch, key=lambda tp: tp.topic != self._queries_topic):
                 self._probes.pop((tp.topic, tp.partition), None)  # the log still has it
                 spec = self._specs[tp.topic]
                 for record in batch[tp]:

@@ -1,8 +1,9 @@
 """The Iceberg audit trail: what was asked, answered, spent, indexed and dead-lettered.
 
 - `tables`: the four tables (schemas with field docs), row builders, `ensure_tables`.
-- `writer`: micro-batches, the query/response join, offsets in snapshot summaries
-  (the exactly-once argument is in its docstring).
+- `commits`: offsets in snapshot summaries, and the append that stores them with the rows.
+  The stream side (micro-batches, the query/response join, the exactly-once argument) is
+  `ragstream.streams.audit`.
 - `maintenance`: snapshot expiry, compaction of closed days, orphan-file removal.
 - `query`: `read_table` and `audit_sql` (DuckDB over the tables by name).
 
@@ -10,6 +11,7 @@ The process that writes them is `ragstream.workers.sink`. pyiceberg, pyarrow and
 imported inside the functions that need them, so importing this package stays cheap.
 """
 
+from ragstream.infra.audit.commits import Batch, commit_batch, read_committed
 from ragstream.infra.audit.maintenance import MaintenanceReport, maintain, maintain_table
 from ragstream.infra.audit.query import AuditQueryError, audit_sql, read_table
 from ragstream.infra.audit.tables import (
@@ -23,7 +25,6 @@ from ragstream.infra.audit.tables import (
     audit_settings,
     ensure_tables,
 )
-from ragstream.infra.audit.writer import AuditWriter, Batch, commit_batch, read_committed
 
 __all__ = [
     "DEAD_LETTERS",
@@ -33,7 +34,6 @@ __all__ = [
     "USAGE",
     "AuditQueryError",
     "AuditSettings",
-    "AuditWriter",
     "Batch",
     "MaintenanceReport",
     "ModelPrice",

@@ -33,7 +33,6 @@ from ragstream.infra.settings import AuditSettings, ModelPrice, Settings
 from ragstream.schemas.errors import DependencyUnavailable
 from ragstream.schemas.events import DeadLettered, DocumentIndexed
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
-from ragstream.streams.topics import DEADLETTER, INDEXED, QUERIES, RESPONSES, TopicSpec
 
 __all__ = [
     "DOCUMENT_STAGES",
@@ -95,7 +94,9 @@ class TableDef:
     name: str
     event_time: str
     """The timestamp column whose UTC day is `event_date`, the partition column."""
-    inputs: tuple[TopicSpec, ...]
+    inputs: tuple[str, ...]
+    """Names (under the prefix) of the topics its rows are built from; `ragstream.streams.topics`
+    declares them (infra does not import streams)."""
     doc: str
 
     def schema(self) -> Any:
@@ -355,14 +356,17 @@ TABLES: dict[str, TableDef] = {
     INFERENCE_LOG: TableDef(
         INFERENCE_LOG,
         "submitted_at",
-        (QUERIES, RESPONSES),
+        ("queries", "responses"),
         "One row per question: what was asked, retrieved, prompted and answered.",
     ),
-    USAGE: TableDef(USAGE, "event_time", (RESPONSES,), "Tokens and estimated cost per response."),
+    USAGE: TableDef(USAGE, "event_time", ("responses",), "Tokens and estimated cost per response."),
     INGESTION_LOG: TableDef(
-        INGESTION_LOG, "event_time", (INDEXED, DEADLETTER), "One row per document submission outcome."
+        INGESTION_LOG,
+        "event_time",
+        ("documents.indexed", "deadletter"),
+        "One row per document submission outcome.",
     ),
-    DEAD_LETTERS: TableDef(DEAD_LETTERS, "event_time", (DEADLETTER,), "Every dead-lettered message."),
+    DEAD_LETTERS: TableDef(DEAD_LETTERS, "event_time", ("deadletter",), "Every dead-lettered message."),
 }
 """Every audit table, registered explicitly."""
 

@@ -11,6 +11,15 @@ from typing import Any
 
 import pytest
 
+from ragstream.infra.audit.commits import (
+    OFFSETS_KEY,
+    Committed,
+    commit_batch,
+    decode_offsets,
+    encode_offsets,
+    load_written_ids,
+    read_committed,
+)
 from ragstream.infra.audit.tables import (
     INFERENCE_LOG,
     INGESTION_LOG,
@@ -27,17 +36,6 @@ from ragstream.infra.audit.tables import (
     rows_to_arrow,
     usage_row,
 )
-from ragstream.infra.audit.writer import (
-    OFFSETS_KEY,
-    AuditWriter,
-    Committed,
-    commit_batch,
-    decode_offsets,
-    encode_offsets,
-    load_written_ids,
-    read_committed,
-    start_offsets,
-)
 from ragstream.infra.settings import Settings
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
 from ragstream.schemas.queries import (
@@ -47,6 +45,7 @@ from ragstream.schemas.queries import (
     ResponseCompleted,
     Usage,
 )
+from ragstream.streams.audit import AuditWriter, start_offsets
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 Q_TOPIC, R_TOPIC, I_TOPIC, D_TOPIC = "rs.queries", "rs.responses", "rs.documents.indexed", "rs.deadletter"

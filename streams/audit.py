@@ -1,8 +1,9 @@
-"""Micro-batching, the query/response join and Kafka-offset bookkeeping for the audit tables.
+"""The audit sink's stream processing: micro-batching, the query/response join, offsets.
 
-This module holds no Kafka client: `AuditWriter` is fed decoded records with their
-coordinates and hands out `Batch`es (rows plus the snapshot properties to commit them with);
-`commit_batch` appends one to its table. The sink (`ragstream.workers.sink`) drives both.
+This module holds no Kafka client and does no I/O: `AuditWriter` is fed decoded records with
+their coordinates and hands out `Batch`es (rows plus the snapshot properties to commit them
+with); `ragstream.infra.audit.commits.commit_batch` appends one to its table. The sink
+(`ragstream.workers.sink`) drives both.
 
 Exactly-once, per table
 -----------------------
@@ -46,15 +47,23 @@ recognised and would make a second row; `join_memory_s` bounds that window.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from ragstream.infra.audit.commits import (
+    JOIN_SINCE_KEY,
+    OFFSETS_KEY,
+    TP,
+    Batch,
+    Committed,
+    decode_offsets,
+    encode_offsets,
+)
 from ragstream.infra.audit.tables import (
     DEAD_LETTERS,
     INFERENCE_LOG,
@@ -71,73 +80,23 @@ from ragstream.infra.audit.tables import (
     no_response_row,
     usage_row,
 )
-from ragstream.schemas.errors import StartupError
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
-from ragstream.streams.topics import DEADLETTER, INDEXED, QUERIES, RESPONSES
+from ragstream.streams.topics import ALL_TOPICS, QUERIES
 
-__all__ = [
-    "JOIN_SINCE_KEY",
-    "OFFSETS_KEY",
-    "AuditWriter",
-    "Batch",
-    "Committed",
-    "TP",
-    "commit_batch",
-    "decode_offsets",
-    "encode_offsets",
-    "load_written_ids",
-    "read_committed",
-    "start_offsets",
-]
+__all__ = ["AuditWriter", "Counters", "start_offsets", "table_topics"]
 
 log = logging.getLogger(__name__)
 
-OFFSETS_KEY = "ragstream.offsets"
-JOIN_SINCE_KEY = "ragstream.join_since"
-
-TP = tuple[str, int]
-"""(full topic name, partition)."""
+_SPECS = {spec.name: spec for spec in ALL_TOPICS}
 
 
-# -- offsets in snapshot summaries ---------------------------------------------------------
-def encode_offsets(offsets: Mapping[TP, int]) -> str:
-    """{(topic, p): next} -> JSON `{"topic": {"p": next}}`, sorted so equal maps compare equal."""
-    out: dict[str, dict[str, int]] = {}
-    for (topic, partition), offset in sorted(offsets.items()):
-        out.setdefault(topic, {})[str(partition)] = int(offset)
-    return json.dumps(out, separators=(",", ":"))
-
-
-def decode_offsets(text: str | None) -> dict[TP, int]:
-    """Inverse of `encode_offsets`; missing or empty means nothing consumed yet."""
-    if not text:
-        return {}
-    data = json.loads(text)
-    return {(topic, int(p)): int(o) for topic, parts in data.items() for p, o in parts.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class Committed:
-    """What a table's latest snapshot says it has consumed."""
-
-    offsets: dict[TP, int] = field(default_factory=dict)
-    join_since: datetime | None = None
-    snapshot_id: int | None = None
-
-
-def read_committed(table: Any) -> Committed:
-    """Offsets and join horizon from the table's current snapshot (empty for a new table)."""
-    snap = table.current_snapshot()
-    if snap is None or snap.summary is None:
-        return Committed()
-    props = snap.summary.additional_properties
-    since = props.get(JOIN_SINCE_KEY)
-    return Committed(
-        offsets=decode_offsets(props.get(OFFSETS_KEY)),
-        join_since=datetime.fromisoformat(since) if since else None,
-        snapshot_id=snap.snapshot_id,
-    )
+def table_topics(topic_prefix: str) -> dict[str, frozenset[str]]:
+    """Each audit table's input topics, by full name."""
+    return {
+        name: frozenset(_SPECS[topic].full_name(topic_prefix) for topic in tdef.inputs)
+        for name, tdef in TABLES.items()
+    }
 
 
 def start_offsets(
@@ -158,15 +117,6 @@ def start_offsets(
     return {
         tp: None if None in offs else min(o for o in offs if o is not None) for tp, offs in wanted.items()
     }
-
-
-def load_written_ids(table: Any, id_column: str, time_column: str, since: datetime) -> dict[str, datetime]:
-    """Request ids (and their times) of rows whose `time_column` >= since: the join's memory
-    after a restart."""
-    since_utc = since.astimezone(UTC)
-    flt = f"event_date >= '{since_utc.date().isoformat()}' AND {time_column} >= '{since_utc.isoformat()}'"
-    arrow = table.scan(row_filter=flt, selected_fields=(id_column, time_column)).to_arrow()
-    return dict(zip(arrow.column(id_column).to_pylist(), arrow.column(time_column).to_pylist(), strict=True))
 
 
 # -- the writer ------------------------------------------------------------------------------
@@ -191,18 +141,6 @@ class _TableState:
     committed_offsets: dict[TP, int] | None = None
     """What the table's current snapshot says (None: no snapshot yet)."""
     inflight: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Rows to append to one table, with the snapshot properties that make it exactly-once."""
-
-    table: str
-    rows: list[dict[str, Any]]
-    properties: dict[str, str]
-    base_offsets: dict[TP, int] | None = None
-    """The offsets the table's current snapshot must hold for this batch to follow it
-    (None: the table has no snapshot yet). Anything else means another writer."""
 
 
 @dataclass(slots=True)
@@ -259,23 +197,24 @@ class AuditWriter:
         topic_prefix: str,
         committed: Mapping[str, Committed],
         written_ids: Mapping[str, Mapping[str, datetime]] | None = None,
+        tables: Iterable[str] | None = None,
     ) -> None:
         self.audit = audit
         self.counters = Counters()
-        self.topics = {
-            spec.name: spec.full_name(topic_prefix) for spec in (QUERIES, RESPONSES, INDEXED, DEADLETTER)
-        }
-        self._queries = self.topics[QUERIES.name]
+        self._queries = QUERIES.full_name(topic_prefix)
+        inputs = table_topics(topic_prefix)
         self.tables: dict[str, _TableState] = {}
-        for name, tdef in TABLES.items():
+        for name in tables if tables is not None else TABLES:
             c = committed.get(name, Committed())
             self.tables[name] = _TableState(
                 name=name,
-                topics=frozenset(spec.full_name(topic_prefix) for spec in tdef.inputs),
+                topics=inputs[name],
                 floors=dict(c.offsets),
                 positions=dict(c.offsets),
                 committed_offsets=dict(c.offsets) if c.snapshot_id is not None else None,
             )
+        self.topics = frozenset().union(*(t.topics for t in self.tables.values()))
+        """Every topic some table of this writer reads."""
         written_ids = written_ids or {}
         self._written = {
             INFERENCE_LOG: _RecentIds(written_ids.get(INFERENCE_LOG, {})),
@@ -476,45 +415,3 @@ class AuditWriter:
 
     def buffered(self) -> dict[str, int]:
         return {name: len(t.rows) for name, t in self.tables.items()}
-
-
-# -- commit ------------------------------------------------------------------------------------
-def commit_batch(table: Any, batch: Batch, *, attempts: int = 5) -> None:
-    """Append the batch's rows with its offsets in the snapshot summary.
-
-    A conflict (another commit landed first: maintenance) is retried on the refreshed table
-    with the same properties, which stay right whatever the base. A current snapshot whose
-    offsets are not the ones this sink last committed means a second sink writes the table:
-    that stops us.
-
-    Raises:
-        StartupError: another writer is committing offsets to this table.
-        CommitFailedException: still conflicting after `attempts` tries.
-    """
-    from pyiceberg.exceptions import CommitFailedException
-
-    from ragstream.infra.audit.tables import rows_to_arrow
-
-    arrow = rows_to_arrow(batch.rows, table.schema().as_arrow())
-    for attempt in range(attempts):
-        _check_single_writer(table, batch)
-        try:
-            table.append(arrow, snapshot_properties=batch.properties)
-            return
-        except CommitFailedException:
-            if attempt == attempts - 1:
-                raise
-            log.info("commit to %s conflicted; retrying on the refreshed table", batch.table)
-            time.sleep(0.05 * (attempt + 1))
-            table.refresh()
-
-
-def _check_single_writer(table: Any, batch: Batch) -> None:
-    current = read_committed(table)
-    theirs = current.offsets if current.snapshot_id is not None else None
-    # Maintenance snapshots carry the offsets they found, so they pass.
-    if theirs != batch.base_offsets and not (batch.base_offsets is None and not theirs):
-        raise StartupError(
-            f"audit table {batch.table} holds offsets {theirs} where this sink committed "
-            f"{batch.base_offsets}; is a second audit sink running?"
-        )
