@@ -539,6 +539,8 @@ class Params:
     fresh_s: float
     timeout_s: float
     profile: bool
+    sink_env: dict[str, str]
+    """Extra RAGSTREAM_* settings for the sink (and the direct baseline), e.g. flush_rows."""
 
 
 def _profile_top(path: Path, n: int = 18) -> list[str]:
@@ -561,6 +563,7 @@ def run(p: Params) -> Results:
             RAGSTREAM_KAFKA__TOPIC_PREFIX=PREFIX,
             RAGSTREAM_AUDIT__PRICES=json.dumps(PRICES),
             RAGSTREAM_LOG_LEVEL="INFO",
+            **p.sink_env,
         )
         stack.data_dir.mkdir(parents=True)
         settings = stack.settings
@@ -709,8 +712,19 @@ def parse(argv: list[str]) -> Params:
     parser.add_argument(
         "--profile", action="store_true", help="run the sink under cProfile and print its top"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="RAGSTREAM_X=V",
+        help="a setting for the sink, e.g. RAGSTREAM_AUDIT__FLUSH_ROWS=20000 (repeatable)",
+    )
     a = parser.parse_args(argv)
-    return Params(a.requests, a.direct_requests, a.fresh_rate, a.fresh_s, a.timeout_s, a.profile)
+    sink_env = dict(kv.split("=", 1) for kv in a.set)
+    bad = [k for k in sink_env if not k.startswith("RAGSTREAM_")]
+    if bad:
+        parser.error(f"--set takes RAGSTREAM_* settings, not {bad}")
+    return Params(a.requests, a.direct_requests, a.fresh_rate, a.fresh_s, a.timeout_s, a.profile, sink_env)
 
 
 def main(argv: list[str] | None = None) -> None:

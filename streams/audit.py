@@ -71,7 +71,9 @@ from ragstream.infra.audit.tables import (
     TABLES,
     USAGE,
     AuditSettings,
+    RowBuffer,
     Source,
+    arrow_schema,
     dead_letter_row,
     inference_row,
     ingestion_dead_letter_row,
@@ -134,7 +136,7 @@ class _TableState:
     """The committed offsets: records below are already covered by the table."""
     positions: dict[TP, int]
     """Next offset after the last record this table has taken into account."""
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: RowBuffer
     first_row_mono: float | None = None
     last_commit_mono: float = field(default_factory=time.monotonic)
     committed_props: dict[str, str] = field(default_factory=dict)
@@ -188,6 +190,9 @@ class AuditWriter:
     Single-threaded: the sink calls `process`, `expire`, `due`, `take` and `committed` from
     one task. `take` snapshots the offsets at the moment the rows are taken, so consuming may
     go on while that batch commits.
+
+    `tables` limits it to some of the tables (default: all); `schemas` gives the tables'
+    pyarrow schemas as the catalog has them (default: as this code defines them).
     """
 
     def __init__(
@@ -198,17 +203,20 @@ class AuditWriter:
         committed: Mapping[str, Committed],
         written_ids: Mapping[str, Mapping[str, datetime]] | None = None,
         tables: Iterable[str] | None = None,
+        schemas: Mapping[str, Any] | None = None,
     ) -> None:
         self.audit = audit
         self.counters = Counters()
         self._queries = QUERIES.full_name(topic_prefix)
         inputs = table_topics(topic_prefix)
+        schemas = schemas or {}
         self.tables: dict[str, _TableState] = {}
         for name in tables if tables is not None else TABLES:
             c = committed.get(name, Committed())
             self.tables[name] = _TableState(
                 name=name,
                 topics=inputs[name],
+                rows=RowBuffer(schemas.get(name) or arrow_schema(name)),
                 floors=dict(c.offsets),
                 positions=dict(c.offsets),
                 committed_offsets=dict(c.offsets) if c.snapshot_id is not None else None,
@@ -386,7 +394,7 @@ class AuditWriter:
         if since is not None:
             props[JOIN_SINCE_KEY] = since.isoformat()
         batch = Batch(table, t.rows, props, t.committed_offsets)
-        t.rows = []
+        t.rows = RowBuffer(t.rows.schema)
         t.first_row_mono = None
         t.inflight = True
         if since is not None and self.live:

@@ -141,6 +141,7 @@ class AuditSink:
             topic_prefix=self.settings.kafka.topic_prefix,
             committed=committed,
             written_ids=written,
+            schemas={name: t.schema().as_arrow() for name, t in self._tables.items()},
         )
         log.info(
             "audit sink: resuming with %s remembered request ids",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ragstream.infra.audit.tables import RowBuffer
 from ragstream.schemas.errors import StartupError
 
 __all__ = [
@@ -95,7 +96,7 @@ class Batch:
     """Rows to append to one table, with the snapshot properties that make it exactly-once."""
 
     table: str
-    rows: list[dict[str, Any]]
+    rows: RowBuffer
     properties: dict[str, str]
     base_offsets: dict[TP, int] | None = None
     """The offsets the table's current snapshot must hold for this batch to follow it
@@ -117,9 +118,7 @@ def commit_batch(table: Any, batch: Batch, *, attempts: int = 5) -> None:
     """
     from pyiceberg.exceptions import CommitFailedException
 
-    from ragstream.infra.audit.tables import rows_to_arrow
-
-    arrow = rows_to_arrow(batch.rows, table.schema().as_arrow())
+    arrow = batch.rows.to_arrow(table.schema().as_arrow())
     for attempt in range(attempts):
         _check_single_writer(table, batch)
         try:

@@ -24,9 +24,10 @@ its duplicate filter after a restart).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from ragstream.infra.settings import AuditSettings, ModelPrice, Settings
@@ -54,6 +55,8 @@ __all__ = [
     "ingestion_row",
     "is_document_dead_letter",
     "no_response_row",
+    "RowBuffer",
+    "arrow_schema",
     "rows_to_arrow",
     "usage_row",
 ]
@@ -471,6 +474,16 @@ def _latency_cols(latency_ms: Mapping[str, float]) -> dict[str, Any]:
     return cols
 
 
+def _part(model: Any) -> dict[str, Any]:
+    """A flat, frozen event part (Citation, PromptMessage) as a dict of its fields.
+
+    Read from the instance's `__dict__` (where pydantic keeps field values) instead of
+    `model_dump()`, which costs ~4 µs a call through pydantic's serializer: six calls per
+    request were a sixth of the sink's CPU. Parts hold scalars only, so nothing needs dumping.
+    """
+    return dict(model.__dict__)
+
+
 def inference_row(
     response: ResponseCompleted,
     query: QuerySubmitted | None,
@@ -497,10 +510,10 @@ def inference_row(
         "question": query.question if query else response.question,
         "conversation_id": query.conversation_id if query else None,
         "retrieved_chunk_ids": list(response.retrieved_chunk_ids),
-        "retrieved_scores": [float(s) for s in response.retrieved_scores],
-        "citations": [c.model_dump() for c in response.citations],
+        "retrieved_scores": list(response.retrieved_scores),
+        "citations": [_part(c) for c in response.citations],
         "prompt_template_version": response.prompt_template_version,
-        "prompt_messages": [m.model_dump() for m in response.prompt_messages],
+        "prompt_messages": [_part(m) for m in response.prompt_messages],
         "answer": response.answer,
         "status": response.status,
         "error_reason": response.error_reason,
@@ -664,16 +677,86 @@ def dead_letter_row(event: DeadLettered, *, source: Source | None, logged_at: da
     }
 
 
-def rows_to_arrow(rows: Sequence[Mapping[str, Any]], arrow_schema: Any) -> Any:
-    """Rows -> a pyarrow Table in the table's own schema (`table.schema().as_arrow()`).
+@cache
+def arrow_schema(table: str) -> Any:
+    """The table's pyarrow schema as this code defines it. Its field ids are not the
+    catalog's (a catalog assigns its own on create): for appends, convert with the table's
+    `schema().as_arrow()` (see `RowBuffer.to_arrow`)."""
+    return TABLES[table].schema().as_arrow()
 
-    Columns a row lacks (added by a later schema) are null. Built column by column: ~4x
-    faster than `Table.from_pylist` on these nested schemas, and it is the sink's hot path.
+
+class RowBuffer:
+    """A table's rows waiting for a commit, converted to Arrow in small chunks as they come.
+
+    Rows come in as dicts (what the builders return), are flattened to tuples on arrival,
+    and every `chunk_rows` rows become one Arrow record batch, while the Python objects
+    behind them are still hot in cache; then they are released. Measured on the sink's
+    work: ~48 µs a request converting every 1000 rows against ~60 µs converting 20k rows at
+    commit time, and buffered rows take Arrow's compact form instead of ~10 KB of Python
+    objects each, so large `flush_rows` cost little memory.
     """
-    import pyarrow as pa
 
-    columns = [pa.array([row.get(f.name) for row in rows], type=f.type) for f in arrow_schema]
-    return pa.Table.from_arrays(columns, schema=arrow_schema)
+    __slots__ = ("_batches", "_done", "_rows", "chunk_rows", "names", "schema")
+
+    def __init__(self, schema: Any, chunk_rows: int = 1024) -> None:
+        self.schema = schema
+        self.names = tuple(schema.names)
+        self.chunk_rows = chunk_rows
+        self._rows: list[tuple[Any, ...]] = []
+        self._batches: list[Any] = []
+        self._done = 0
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Add a row; keys outside the schema are ignored, missing ones are null."""
+        self._rows.append(tuple(map(row.get, self.names)))
+        if len(self._rows) >= self.chunk_rows:
+            self._seal()
+
+    def _seal(self) -> None:
+        import pyarrow as pa
+
+        if not self._rows:
+            return
+        columns = zip(*self._rows, strict=True)
+        arrays = [pa.array(col, type=f.type) for col, f in zip(columns, self.schema, strict=True)]
+        self._batches.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        self._done += len(self._rows)
+        self._rows = []
+
+    def __len__(self) -> int:
+        return self._done + len(self._rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The rows as dicts again (for tests and debugging, not the hot path)."""
+        for batch in self._batches:
+            yield from batch.to_pylist()
+        for values in self._rows:
+            yield dict(zip(self.names, values, strict=True))
+
+    def to_arrow(self, target: Any | None = None) -> Any:
+        """Every row as one pyarrow Table, in `target` (the Iceberg table's current
+        `schema().as_arrow()`) when given: columns the buffer lacks are null."""
+        import pyarrow as pa
+
+        self._seal()
+        table = pa.Table.from_batches(self._batches, schema=self.schema)
+        if target is None:
+            return table
+        if target.equals(self.schema):
+            # Same names and types; `target` also carries the table's own field ids (the ones
+            # pyiceberg matches columns by), which a schema built from code does not know.
+            return pa.Table.from_arrays(table.columns, schema=target)
+        # The table's schema moved on since this buffer was made (a newer ragstream added
+        # columns): rare, so the simple way, which also fills missing nested fields.
+        return pa.Table.from_pylist(table.to_pylist(), schema=target)
+
+
+def rows_to_arrow(rows: Iterable[Mapping[str, Any]], schema: Any) -> Any:
+    """Row dicts -> a pyarrow Table in `schema`; columns a row lacks are null."""
+    buffer = RowBuffer(schema)
+    for row in rows:
+        buffer.append(row)
+    return buffer.to_arrow()
 
 
 def utc_now() -> datetime:

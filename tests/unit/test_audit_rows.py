@@ -26,7 +26,9 @@ from ragstream.infra.audit.tables import (
     USAGE,
     AuditSettings,
     ModelPrice,
+    RowBuffer,
     Source,
+    arrow_schema,
     dead_letter_row,
     ensure_tables,
     inference_row,
@@ -96,6 +98,8 @@ def test_joined_row_carries_the_query_time_and_the_whole_answer() -> None:
     assert row["submitted_at"] == T0 and row["completed_at"] == r.produced_at
     assert row["deadline_at"] == T0 + timedelta(seconds=10)
     assert row["event_date"].isoformat() == "2025-03-01"
+    assert row["citations"] == [c.model_dump() for c in r.citations]  # every field, as dumped
+    assert row["prompt_messages"] == [m.model_dump() for m in r.prompt_messages]
     assert row["citations"][0]["chunk_id"] == "d1#0" and row["citations"][0]["cited"] is True
     assert [m["role"] for m in row["prompt_messages"]] == ["system", "user"]
     assert row["retrieved_chunk_ids"] == ["d1#0", "d2#3"] and row["retrieved_scores"] == [0.9, 0.4]
@@ -391,3 +395,43 @@ def test_maintenance_compacts_closed_days_keeps_offsets_and_cleans_up(tmp_path: 
     w.process(R_TOPIC, 0, 10, _response("m10"), T0)
     commit_batch(table, b := w.take(USAGE, T0))
     assert table.scan().to_arrow().num_rows == 11
+
+
+def test_row_buffer_converts_in_chunks_and_keeps_every_row_in_order() -> None:
+    import pyarrow as pa
+
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("n", pa.int64()),
+            ("tags", pa.list_(pa.struct([("k", pa.string()), ("v", pa.float64())]))),
+        ]
+    )
+    buf = RowBuffer(schema, chunk_rows=3)
+    rows = [{"id": f"r{i}", "n": i, "tags": [{"k": "a", "v": i / 2}], "ignored": 1} for i in range(7)]
+    for row in rows:
+        buf.append(row)
+    buf.append({"id": "sparse"})  # missing keys are null
+    assert len(buf) == 8
+    got = list(buf)
+    assert [r["id"] for r in got] == [f"r{i}" for i in range(7)] + ["sparse"]
+    assert got[5] == {"id": "r5", "n": 5, "tags": [{"k": "a", "v": 2.5}]}
+    table = buf.to_arrow()
+    assert table.num_rows == 8 and table.column("n").to_pylist() == [*range(7), None]
+
+    # The Iceberg table gained a column since the buffer was made: it comes back null.
+    newer = schema.append(pa.field("region", pa.string()))
+    moved = buf.to_arrow(newer)
+    assert moved.schema.equals(newer) and moved.column("region").null_count == 8
+    assert moved.column("tags").to_pylist()[6] == [{"k": "a", "v": 3.0}]
+
+
+def test_row_buffer_takes_the_tables_field_ids(tmp_path: Path) -> None:
+    table = ensure_tables(Settings(data_dir=tmp_path))[USAGE]
+    buf = RowBuffer(arrow_schema(USAGE))
+    buf.append(usage_row(_response("r1"), prices={}, source=None, logged_at=T0))
+    target = table.schema().as_arrow()
+    out = buf.to_arrow(target)
+    assert [f.metadata for f in out.schema] == [f.metadata for f in target]
+    table.append(out)
+    assert table.scan().to_arrow().column("request_id").to_pylist() == ["r1"]
