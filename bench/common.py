@@ -34,7 +34,7 @@ class BenchStack:
     def create(cls, data_dir: Path, **extra_env: str) -> BenchStack:
         from ragstream.stack import isolated_env
 
-        env = isolated_env(data_dir, **extra_env)
+        env = isolated_env(data_dir, None, **extra_env)
         saved = dict(os.environ)
         try:
             os.environ.clear()

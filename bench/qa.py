@@ -148,9 +148,9 @@ async def paired_ttft(client: AsyncClient, gen: TritonGenerator, qs: list[str], 
     return diffs
 
 
-async def measure(stack: BenchStack, n1: int, n8: int) -> dict[str, Any]:
+async def measure(stack: BenchStack, n1: int, n8: int) -> dict[int | str, Any]:
     qs = questions()
-    out: dict[str, Any] = {}
+    out: dict[int | str, Any] = {}
     async with AsyncClient(stack.settings) as client:
         await pipeline_run(client, qs, 1, 3)  # warm-up: every path opened once
         gen = TritonGenerator(stack.settings)

@@ -224,11 +224,13 @@ class ModelPrice(_Section):
 class AuditSettings(_Section):
     """The audit sink (`ragstream.workers.sink`) and its table maintenance."""
 
-    flush_rows: int = Field(default=5000, ge=1)
-    """A table commits once this many rows are buffered ..."""
+    flush_rows: int = Field(default=20_000, ge=1)
+    """A table commits once this many rows are buffered (as Arrow, ~2 KB a row) ..."""
     flush_interval_s: float = Field(default=2.0, gt=0)
     """... or once its oldest buffered row is this old. Every commit costs 30-100 ms, plus
     ~0.7 ms per retained snapshot (hence the short snapshot retention)."""
+    arrow_chunk_rows: int = Field(default=1024, ge=1)
+    """Buffered rows are converted to Arrow this many at a time (while still hot in cache)."""
     offsets_commit_interval_s: float = Field(default=30.0, gt=0)
     """A table with no rows but consumed offsets commits them (an empty snapshot) this often,
     so a restart does not re-read what it skipped."""
@@ -252,6 +254,10 @@ class AuditSettings(_Section):
     """Unreferenced files younger than this are kept: a writer may be about to commit them."""
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     """model_id -> price per 1000 prompt (input) and completion (output) tokens."""
+    sinks: tuple[str, ...] = Field(default=("inference_log,usage,ingestion_log,dead_letters",), min_length=1)
+    """The sink processes `ragstream up` runs: one per entry, each the only committer of the
+    tables it lists; every table in exactly one. One process is lightest; splitting
+    `inference_log` from the rest uses a second core (see the README's audit numbers)."""
 
 
 class ServingSettings(_Section):

@@ -181,9 +181,10 @@ def status(
 
 def _health(settings: Settings) -> list[dict[str, Any]]:
     from ragstream.infra import kafka
+    from ragstream.infra.audit.tables import sink_name
     from ragstream.infra.supervisor import read_state
     from ragstream.infra.triton import is_ready as triton_ready
-    from ragstream.stack import state_path, worker_health
+    from ragstream.stack import audit_components, state_path, worker_health
     from ragstream.workers.stages import parse_stages
 
     state = read_state(state_path(settings)) or {}
@@ -228,16 +229,16 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
                 **proc_info(_process_of(comps, stage)),
             }
         )
-    if settings.audit_sink:
-        hb = worker_health(settings, "sink")
+    for component, tables in audit_components(settings):
+        hb = worker_health(settings, sink_name(tables))
         rows.append(
             {
-                "component": "audit-sink",
+                "component": component,
                 "healthy": bool(hb and hb.get("ready")),
-                "detail": f"live={hb.get('live')} pending_queries={hb.get('pending_queries')}"
+                "detail": f"tables={','.join(tables)} live={hb.get('live')} pending_queries={hb.get('pending_queries')}"
                 if hb
                 else "no recent heartbeat",
-                **proc_info("audit-sink"),
+                **proc_info(component),
             }
         )
     lance = Path(settings.lancedb_uri)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ragstream.infra import kafka
+from ragstream.infra.audit.tables import sink_groups, sink_name
 from ragstream.infra.iceberg import ensure_namespace
 from ragstream.infra.settings import Settings, write_settings_file
 from ragstream.infra.supervisor import Component, Supervisor
@@ -74,6 +75,17 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def audit_components(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
+    """(component name, tables) of each audit sink process `up` runs (none if disabled).
+
+    Raises:
+        ConfigError: `audit.sinks` leaves a table out or names one twice.
+    """
+    if not settings.audit_sink:
+        return []
+    return [(f"audit-{sink_name(tables)}", tables) for tables in sink_groups(settings.audit)]
 
 
 def worker_component(stages: tuple[str, ...]) -> str:
@@ -143,7 +155,7 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
                 # Memory storage: a restarted broker has lost the workers' offsets and groups.
                 restart_dependents=(
                     *(worker_component(parse_stages(w)) for w in settings.workers),
-                    *(("audit-sink",) if settings.audit_sink else ()),
+                    *(name for name, _ in audit_components(settings)),
                 ),
                 stop_timeout_s=5.0,
             )
@@ -183,14 +195,15 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
             )
         )
 
-    if settings.audit_sink:
+    for component, tables in audit_components(settings):
+        name = sink_name(tables)
         components.append(
             Component(
-                name="audit-sink",
-                argv=[sys.executable, "-m", "ragstream.workers.sink"],
+                name=component,
+                argv=[sys.executable, "-m", "ragstream.workers.sink", "--tables", ",".join(tables)],
                 env=child_env,
-                ready=lambda: _worker_ready(settings, "sink"),
-                liveness=lambda: worker_health(settings, "sink") is not None,
+                ready=lambda name=name: _worker_ready(settings, name),  # type: ignore[misc]
+                liveness=lambda name=name: worker_health(settings, name) is not None,  # type: ignore[misc]
                 wave=1,
             )
         )

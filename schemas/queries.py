@@ -8,7 +8,7 @@ chunks retrieval chose.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -86,8 +86,6 @@ class QuerySubmitted(Event):
         return self
 
     def deadline_at(self) -> datetime:
-        from datetime import timedelta
-
         return self.produced_at + timedelta(milliseconds=self.deadline_ms)
 
 

@@ -30,8 +30,8 @@ dropped (and counted) instead of making a second row.
 Crash safety of the join: `inference_log` stores for a queries partition not its read
 position but the offset of its oldest pending query, so a restart re-reads every query that
 might still need a row. Re-read queries whose row was already committed must be recognised:
-the commit also stores `ragstream.join_since` = min(produced_at of the pending queries, now)
-- `join_memory_s`, and on start the sink loads into `written` the request ids of every row
+the commit also stores `ragstream.join_since` = min(produced_at of each partition's oldest
+pending query, now) - `join_memory_s`, and on start the sink loads into `written` the request ids of every row
 with `submitted_at >= join_since`. That covers every re-read query, assuming queries in one
 partition are stamped within `join_memory_s` (default 1 h) of their offset order, which
 holds when producers publish what they stamp. Responses are not rewound: a response's row is
@@ -216,7 +216,7 @@ class AuditWriter:
             self.tables[name] = _TableState(
                 name=name,
                 topics=inputs[name],
-                rows=RowBuffer(schemas.get(name) or arrow_schema(name)),
+                rows=RowBuffer(schemas.get(name) or arrow_schema(name), audit.arrow_chunk_rows),
                 floors=dict(c.offsets),
                 positions=dict(c.offsets),
                 committed_offsets=dict(c.offsets) if c.snapshot_id is not None else None,
@@ -231,6 +231,9 @@ class AuditWriter:
         self._pending: dict[str, _Pending] = {}
         self._pending_by_tp: dict[TP, deque[tuple[int, str]]] = {}
         self._expiry: list[tuple[datetime, str]] = []
+        self._readers: dict[str, tuple[_TableState, ...]] = {
+            topic: tuple(t for t in self.tables.values() if topic in t.topics) for topic in self.topics
+        }
         self.live = False
         """Set by the sink once it has caught up with the responses topic since starting."""
 
@@ -243,8 +246,8 @@ class AuditWriter:
         self.counters.records += 1
         tp = (topic, partition)
         src = Source(topic, partition, offset)
-        for t in self.tables.values():
-            if topic not in t.topics or offset < t.floors.get(tp, -1):
+        for t in self._readers.get(topic, ()):
+            if offset < t.floors.get(tp, -1):
                 continue
             if event is not None:
                 self._route(t.name, event, src, now)
@@ -335,13 +338,15 @@ class AuditWriter:
     def pending_count(self) -> int:
         return len(self._pending)
 
-    def _oldest_pending(self, tp: TP) -> int | None:
+    def _oldest_pending(self, tp: TP) -> _Pending | None:
+        """The pending query of the partition with the lowest offset (answered ones are
+        dropped from the front as they are met: amortized O(1))."""
         q = self._pending_by_tp.get(tp)
         while q:
             offset, rid = q[0]
             p = self._pending.get(rid)
             if p is not None and p.source.offset == offset and p.source.partition == tp[1]:
-                return offset
+                return p
             q.popleft()
         return None
 
@@ -355,13 +360,19 @@ class AuditWriter:
                 if tp[0] == self._queries:
                     oldest = self._oldest_pending(tp)
                     if oldest is not None:
-                        out[tp] = min(out[tp], oldest)
+                        out[tp] = min(out[tp], oldest.source.offset)
         return out
 
     def _join_since(self, table: str, now: datetime) -> datetime | None:
         if table == INFERENCE_LOG:
-            oldest = min((p.query.produced_at for p in self._pending.values()), default=now)
-            return min(oldest, now) - timedelta(seconds=self.audit.join_memory_s)
+            # Per queries partition, the query a restart re-reads from (the oldest pending by
+            # offset); every re-read query is stamped within join_memory_s of it.
+            oldest = now
+            for tp in self._pending_by_tp:
+                p = self._oldest_pending(tp)
+                if p is not None and p.query.produced_at < oldest:
+                    oldest = p.query.produced_at
+            return oldest - timedelta(seconds=self.audit.join_memory_s)
         if table == USAGE:
             return now - timedelta(seconds=self.audit.join_memory_s)
         return None
@@ -394,7 +405,7 @@ class AuditWriter:
         if since is not None:
             props[JOIN_SINCE_KEY] = since.isoformat()
         batch = Batch(table, t.rows, props, t.committed_offsets)
-        t.rows = RowBuffer(t.rows.schema)
+        t.rows = RowBuffer(t.rows.schema, t.rows.chunk_rows)
         t.first_row_mono = None
         t.inflight = True
         if since is not None and self.live:

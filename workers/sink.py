@@ -1,15 +1,20 @@
 """The audit sink: responses, queries, indexed documents and dead letters -> Iceberg, exactly once.
 
-Run it as its own process: `python -m ragstream.workers.sink`.
+Run it as its own process: `python -m ragstream.workers.sink [--tables inference_log,usage]`.
 
 Why a plain aiokafka consumer and not a Faust agent: exactly-once into Iceberg needs the sink
-to own its offsets. They live in each table's snapshot summary, committed atomically with the
-rows (see `ragstream.streams.audit` and `ragstream.infra.audit.commits`), and on start every partition is resumed from what
-the tables say. Faust commits offsets to the consumer group on its own schedule, rebalances
-partitions between workers, and would need transactions for anything stronger (aiokafka's
-transactional producer does not work against the embedded broker). So the sink uses manual
-`assign()` of every partition (no group, no rebalance), never commits to Kafka, and is the one
-committer of its tables: run exactly one.
+to own its offsets. They live in each table's snapshot summary, committed atomically with
+the rows (see `ragstream.streams.audit` and `ragstream.infra.audit.commits`), and on start
+every partition is resumed from what the tables say. Faust commits offsets to the consumer
+group on its own schedule, rebalances partitions between workers, and would need
+transactions for anything stronger (aiokafka's transactional producer does not work against
+the embedded broker). So the sink uses manual `assign()` of the partitions its tables read
+(no group, no rebalance), never commits to Kafka, and is the one committer of its tables.
+
+Scaling out is by table: `--tables` (and `audit.sinks` for `ragstream up`) gives each sink
+process its own tables, so each stays their only committer while the processes share the
+CPU work (decoding dominates it). A second sink started on a table already written by
+another fails at its first commit (`StartupError`), before writing anything.
 
 One process, one commit thread: every catalog call (appends, maintenance) runs on a single
 worker thread, so commits to a table never race each other or maintenance, while the event
@@ -21,6 +26,7 @@ run ahead of their queries while a backlog is read), never which rows are writte
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import importlib
@@ -31,6 +37,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -39,7 +46,16 @@ from typing import Any
 
 from ragstream.infra.audit.commits import TP, Batch, commit_batch, load_written_ids, read_committed
 from ragstream.infra.audit.maintenance import maintain_table
-from ragstream.infra.audit.tables import INFERENCE_LOG, USAGE, AuditSettings, audit_settings, ensure_tables
+from ragstream.infra.audit.tables import (
+    INFERENCE_LOG,
+    TABLES,
+    USAGE,
+    AuditSettings,
+    audit_settings,
+    ensure_tables,
+    parse_tables,
+    sink_name,
+)
 from ragstream.infra.iceberg import open_catalog
 from ragstream.infra.settings import KafkaSettings, Settings, load_settings
 from ragstream.schemas.errors import DependencyUnavailable, SchemaViolation, StartupError
@@ -59,9 +75,9 @@ _PROBE_TIMEOUT_S = 5.0
 _ALIGN_SLACK_MS = 2000
 
 
-def heartbeat_path(settings: Settings) -> Path:
-    """Same place and shape as the Faust workers' heartbeats (`worker-sink.json`)."""
-    return settings.run_dir / "worker-sink.json"
+def heartbeat_path(settings: Settings, name: str = "sink") -> Path:
+    """Same place and shape as the Faust workers' heartbeats (`worker-<name>.json`)."""
+    return settings.run_dir / f"worker-{name}.json"
 
 
 def _aiokafka_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
@@ -85,9 +101,14 @@ class AuditSink:
     Use `await start()`, then `await run()` until `stop()` is called, then `await close()`.
     """
 
-    def __init__(self, settings: Settings, audit: AuditSettings | None = None) -> None:
+    def __init__(
+        self, settings: Settings, audit: AuditSettings | None = None, tables: Sequence[str] | None = None
+    ) -> None:
         self.settings = settings
         self.audit = audit or audit_settings(settings)
+        self.tables = parse_tables(tables) if tables is not None else tuple(TABLES)
+        """The tables this sink commits to (it must be their only committer)."""
+        self.name = sink_name(self.tables)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-commit")
         self._tables: dict[str, Any] = {}
         self._consumer: Any = None
@@ -127,10 +148,12 @@ class AuditSink:
         # on the first commit.
         await self._io(importlib.import_module, "pyiceberg.io.pyarrow")
         catalog = await self._io(open_catalog, self.settings)
-        self._tables = await self._io(ensure_tables, self.settings, catalog)
+        self._tables = await self._io(ensure_tables, self.settings, catalog, self.tables)
         committed = {name: await self._io(read_committed, t) for name, t in self._tables.items()}
         written: dict[str, dict[str, datetime]] = {}
         for name, column in ((INFERENCE_LOG, "submitted_at"), (USAGE, "event_time")):
+            if name not in committed:
+                continue
             since = committed[name].join_since
             if since is not None:
                 written[name] = await self._io(
@@ -141,10 +164,13 @@ class AuditSink:
             topic_prefix=self.settings.kafka.topic_prefix,
             committed=committed,
             written_ids=written,
+            tables=self.tables,
             schemas={name: t.schema().as_arrow() for name, t in self._tables.items()},
         )
         log.info(
-            "audit sink: resuming with %s remembered request ids",
+            "audit %s (%s): resuming with %s remembered request ids",
+            self.name,
+            ", ".join(self.tables),
             {k: len(v) for k, v in written.items()},
         )
         kafka = self.settings.kafka
@@ -235,7 +261,7 @@ class AuditSink:
         """
         assert self._writer is not None, "start() first"
         writer = self._writer
-        hb = heartbeat_path(self.settings)
+        hb = heartbeat_path(self.settings, self.name)
         last_hb = 0.0
         from aiokafka.errors import OffsetOutOfRangeError
 
@@ -398,7 +424,8 @@ class AuditSink:
         tmp.write_text(
             json.dumps(
                 {
-                    "stage": "sink",
+                    "stage": self.name,
+                    "tables": list(self.tables),
                     "pid": os.getpid(),
                     "ts": time.time(),
                     "ready": self._ready,
@@ -419,14 +446,16 @@ class AuditSink:
         tmp.replace(path)
 
 
-async def run_sink(settings: Settings, audit: AuditSettings | None = None) -> None:
+async def run_sink(
+    settings: Settings, audit: AuditSettings | None = None, tables: Sequence[str] | None = None
+) -> None:
     """Run the sink until SIGTERM/SIGINT, then commit what is buffered and return.
 
     Raises:
         DependencyUnavailable: the catalog or the broker cannot be reached.
         StartupError: topics missing, or a second sink writes the same tables.
     """
-    sink = AuditSink(settings, audit)
+    sink = AuditSink(settings, audit, tables)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sink.stop)
@@ -439,7 +468,16 @@ async def run_sink(settings: Settings, audit: AuditSettings | None = None) -> No
     await sink.close()
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ragstream.workers.sink", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--tables",
+        help="comma-separated tables this process commits to (default: all); "
+        "run one sink per group of `audit.sinks`, never two for one table",
+    )
+    args = parser.parse_args(argv)
     settings = load_settings()
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -453,7 +491,7 @@ def main() -> None:
     # what was imported and collect far less often.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    asyncio.run(run_sink(settings))
+    asyncio.run(run_sink(settings, tables=parse_tables(args.tables) if args.tables else None))
 
 
 if __name__ == "__main__":

@@ -24,14 +24,14 @@ its duplicate filter after a restart).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
 from ragstream.infra.settings import AuditSettings, ModelPrice, Settings
-from ragstream.schemas.errors import DependencyUnavailable
+from ragstream.schemas.errors import ConfigError, DependencyUnavailable
 from ragstream.schemas.events import DeadLettered, DocumentIndexed
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 
@@ -55,6 +55,9 @@ __all__ = [
     "ingestion_row",
     "is_document_dead_letter",
     "no_response_row",
+    "parse_tables",
+    "sink_groups",
+    "sink_name",
     "RowBuffer",
     "arrow_schema",
     "rows_to_arrow",
@@ -373,6 +376,49 @@ TABLES: dict[str, TableDef] = {
 }
 """Every audit table, registered explicitly."""
 
+
+def parse_tables(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """`"usage,dead_letters"` -> the tables one sink process writes, validated.
+
+    Raises:
+        ConfigError: an unknown or repeated table, or none.
+    """
+    names = tuple(n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip())
+    unknown = [n for n in names if n not in TABLES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigError(
+            f"audit sink tables {spec!r}: name each of {', '.join(TABLES)} at most once"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return names
+
+
+def sink_groups(audit: AuditSettings) -> list[tuple[str, ...]]:
+    """`audit.sinks` parsed: the tables of each sink process.
+
+    Raises:
+        ConfigError: a table in no sink or in two (two committers would fight over its
+            offsets; none would leave it unwritten).
+    """
+    groups = [parse_tables(spec) for spec in audit.sinks]
+    seen = [name for group in groups for name in group]
+    missing = [name for name in TABLES if name not in seen]
+    twice = sorted({name for name in seen if seen.count(name) > 1})
+    if missing or twice:
+        raise ConfigError(
+            f"audit.sinks {list(audit.sinks)}: every table must be in exactly one sink"
+            + (f"; in none: {', '.join(missing)}" if missing else "")
+            + (f"; in several: {', '.join(twice)}" if twice else "")
+        )
+    return groups
+
+
+def sink_name(tables: Sequence[str]) -> str:
+    """The process name of the sink writing `tables`: `sink` for all of them, else
+    `sink-<first table>` (unique, since a table has one sink). Heartbeat: worker-<name>.json."""
+    return "sink" if set(tables) == set(TABLES) else f"sink-{tables[0]}"
+
+
 # Audit tables have one committer (the sink). pyiceberg's own retry would rebuild a
 # conflicting commit with the snapshot properties it was first given; for a compaction that
 # raced an append that means stale offsets in the newest snapshot. So conflicts surface, and
@@ -387,8 +433,11 @@ TABLE_PROPERTIES: dict[str, str] = {
 }
 
 
-def ensure_tables(settings: Settings, catalog: Any | None = None) -> dict[str, Any]:
-    """Create missing audit tables and add columns that newer code defines (union by name).
+def ensure_tables(
+    settings: Settings, catalog: Any | None = None, names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Create missing audit tables (`names`, default all) and add columns that newer code
+    defines (union by name).
 
     Adding nullable columns keeps every older snapshot readable; columns are never dropped.
 
@@ -405,7 +454,8 @@ def ensure_tables(settings: Settings, catalog: Any | None = None) -> dict[str, A
     out: dict[str, Any] = {}
     try:
         catalog.create_namespace_if_not_exists(ns)
-        for name, tdef in TABLES.items():
+        for name in names if names is not None else TABLES:
+            tdef = TABLES[name]
             schema = tdef.schema()
             # identity(event_date) rather than day(event_time): pyiceberg computes the day
             # transform with the optional Rust extension (pyiceberg-core); a date column

@@ -43,7 +43,8 @@ _SINK = (
     "from ragstream.workers.sink import run_sink\n"
     "logging.basicConfig(level='INFO', format='%(asctime)s %(name)s %(message)s')\n"
     "logging.getLogger('aiokafka').setLevel('WARNING')\n"
-    "asyncio.run(run_sink(load_settings(), AuditSettings.model_validate_json(sys.argv[1])))\n"
+    "tables = sys.argv[2].split(',') if len(sys.argv) > 2 else None\n"
+    "asyncio.run(run_sink(load_settings(), AuditSettings.model_validate_json(sys.argv[1]), tables))\n"
 )
 
 
@@ -68,11 +69,15 @@ def broker(tmp_path: Path) -> Iterator[Settings]:
 
 
 class SinkProcess:
-    def __init__(self, settings: Settings, audit: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, audit: dict[str, Any], tables: tuple[str, ...] = ()) -> None:
+        from ragstream.infra.audit.tables import sink_name
+
         self.settings = settings
         self.audit = json.dumps(audit)
+        self.tables = tables
+        self.name = sink_name(tables) if tables else "sink"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = settings.data_dir / "sink.log"
+        self.log = settings.data_dir / f"{self.name}.log"
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
@@ -86,7 +91,7 @@ class SinkProcess:
         )
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _SINK, self.audit],
+                [sys.executable, "-c", _SINK, self.audit, *([",".join(self.tables)] if self.tables else [])],
                 env=env,
                 cwd=REPO,
                 stdout=logf,
@@ -97,7 +102,7 @@ class SinkProcess:
     def wait_running(self, timeout_s: float = 30) -> None:
         """Until this process's heartbeat says its consume loop runs (startup is done)."""
         assert self.proc is not None
-        hb = self.settings.run_dir / "worker-sink.json"
+        hb = self.settings.run_dir / f"worker-{self.name}.json"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -128,11 +133,11 @@ class SinkProcess:
 
 
 @pytest.fixture
-def sink_factory(broker: Settings) -> Iterator[Callable[[dict[str, Any]], SinkProcess]]:
+def sink_factory(broker: Settings) -> Iterator[Callable[..., SinkProcess]]:
     made: list[SinkProcess] = []
 
-    def make(audit: dict[str, Any]) -> SinkProcess:
-        s = SinkProcess(broker, audit)
+    def make(audit: dict[str, Any], tables: tuple[str, ...] = ()) -> SinkProcess:
+        s = SinkProcess(broker, audit, tables)
         made.append(s)
         return s
 
@@ -226,7 +231,7 @@ FAST = {
 
 
 def test_rows_land_with_their_values_and_plain_readers_see_them(
-    broker: Settings, sink_factory: Callable[[dict[str, Any]], SinkProcess]
+    broker: Settings, sink_factory: Callable[..., SinkProcess]
 ) -> None:
     answered = QuerySubmitted(request_id="answered", question="What is X?", user="alice", tenant="acme")
     silent = QuerySubmitted(
@@ -309,7 +314,7 @@ def test_rows_land_with_their_values_and_plain_readers_see_them(
 
 
 def test_kill_9_at_random_moments_loses_nothing_and_duplicates_nothing(
-    broker: Settings, sink_factory: Callable[[dict[str, Any]], SinkProcess]
+    broker: Settings, sink_factory: Callable[..., SinkProcess]
 ) -> None:
     """Thousands of requests published while the sink is killed with SIGKILL again and again
     (small, frequent batches: kills land mid-batch and mid-commit), then restarted."""
@@ -392,7 +397,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_duplicates_nothing(
 
 
 def test_a_recreated_topic_is_read_from_its_start(
-    broker: Settings, sink_factory: Callable[[dict[str, Any]], SinkProcess]
+    broker: Settings, sink_factory: Callable[..., SinkProcess]
 ) -> None:
     """The embedded broker keeps topics in memory: after its restart every offset the tables
     stored is past the end of the new, empty log. New records must still be audited."""
@@ -423,6 +428,50 @@ def test_a_recreated_topic_is_read_from_its_start(
     finally:
         restarted.kill()
         restarted.wait()
+
+
+def test_sinks_split_by_table_each_write_only_their_own(
+    broker: Settings, sink_factory: Callable[..., SinkProcess]
+) -> None:
+    """Two sink processes, `inference_log` and the rest, as `audit.sinks` can run them: every
+    request lands once in each table, and a third sink for a table that already has one stops
+    at its first commit instead of writing twice."""
+    ids = [f"split-{i:04d}" for i in range(300)]
+    events: list[Event] = []
+    for rid in ids:
+        events += [QuerySubmitted(request_id=rid, question="?", deadline_ms=60_000), _response(rid)]
+    bad = DeadLettered(
+        stage="ingest", error_kind="unreadable", message="not a pdf", document_id="d9", original=b"%PDF"
+    )
+    publish(broker, [*events, bad])
+    first = sink_factory(FAST, ("inference_log",))
+    rest = sink_factory(FAST, ("usage", "ingestion_log", "dead_letters"))
+    first.start()
+    rest.start()
+
+    def landed() -> bool:
+        return len(read(broker, "inference_log")) == len(ids) and len(read(broker, "usage")) == len(ids)
+
+    wait_for(landed, 60, first)
+    wait_for(lambda: len(read(broker, "dead_letters")) == 1, 30, rest)
+    hb = json.loads((broker.run_dir / "worker-sink-usage.json").read_text())
+    assert hb["tables"] == ["usage", "ingestion_log", "dead_letters"]
+
+    # A second committer for usage: its first commit finds offsets it did not write.
+    intruder = sink_factory(FAST, ("usage",))
+    intruder.start()
+    intruder.wait_running()
+    publish(broker, [_response("late-1")])
+    wait_for(lambda: "late-1" in {r["request_id"] for r in read(broker, "usage")}, 30, rest)
+    assert intruder.proc is not None and intruder.proc.wait(timeout=30) != 0
+    assert "second audit sink" in intruder.tail()
+
+    assert first.terminate() == 0, first.tail()
+    assert rest.terminate() == 0, rest.tail()
+    for table in ("inference_log", "usage"):
+        per_id = Counter(r["request_id"] for r in read(broker, table))
+        assert max(per_id.values()) == 1 and set(ids) <= set(per_id), table
+    assert [r["document_id"] for r in read(broker, "ingestion_log")] == ["d9"]
 
 
 def _tansu_on(port: int) -> list[Any]:

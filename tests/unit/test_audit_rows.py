@@ -435,3 +435,32 @@ def test_row_buffer_takes_the_tables_field_ids(tmp_path: Path) -> None:
     assert [f.metadata for f in out.schema] == [f.metadata for f in target]
     table.append(out)
     assert table.scan().to_arrow().column("request_id").to_pylist() == ["r1"]
+
+
+def test_sink_groups_give_every_table_exactly_one_committer() -> None:
+    from ragstream.infra.audit.tables import TABLES, parse_tables, sink_groups, sink_name
+    from ragstream.schemas.errors import ConfigError
+
+    assert sink_groups(AuditSettings()) == [tuple(TABLES)]
+    assert sink_name(tuple(TABLES)) == "sink"
+    split = sink_groups(AuditSettings(sinks=("inference_log", "usage, ingestion_log,dead_letters")))
+    assert split == [("inference_log",), ("usage", "ingestion_log", "dead_letters")]
+    assert [sink_name(g) for g in split] == ["sink-inference_log", "sink-usage"]
+    for bad in (("inference_log",), ("inference_log,usage,ingestion_log,dead_letters", "usage")):
+        with pytest.raises(ConfigError, match="exactly one sink"):
+            sink_groups(AuditSettings(sinks=bad))
+    for spec in ("usage,usage", "usage,billing", ""):
+        with pytest.raises(ConfigError, match="at most once"):
+            parse_tables(spec)
+
+
+def test_a_writer_for_some_tables_reads_only_their_topics() -> None:
+    w = AuditWriter(AuditSettings(), topic_prefix="rs", committed={}, tables=("inference_log",))
+    assert set(w.tables) == {INFERENCE_LOG} and w.topics == {Q_TOPIC, R_TOPIC}
+    w.process(Q_TOPIC, 0, 0, _query("a"), T0)
+    w.process(R_TOPIC, 0, 0, _response("a"), T0)
+    assert [r["request_id"] for r in w.tables[INFERENCE_LOG].rows] == ["a"]
+    other = AuditWriter(
+        AuditSettings(), topic_prefix="rs", committed={}, tables=("usage", "ingestion_log", "dead_letters")
+    )
+    assert other.topics == {R_TOPIC, I_TOPIC, D_TOPIC}

@@ -26,7 +26,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from ragstream.infra.generator import SMOLLM2_MODEL
-from ragstream.infra.settings import GenerationSettings, ServingSettings, Settings
+from ragstream.infra.settings import AuditSettings, GenerationSettings, ServingSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -250,24 +250,41 @@ def test_worker_healthcheck_reads_the_heartbeat_the_worker_writes(
         assert subprocess.run(probe, capture_output=True, timeout=30).returncode != 0, f"{name}: stale beat"
 
 
-def test_audit_sink_runs_once_and_reports_its_heartbeat(services: dict[str, dict[str, Any]]) -> None:
+def _sinks(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in services.items() if name.startswith("audit-sink")}
+
+
+def test_every_audit_table_has_exactly_one_sink_service(services: dict[str, dict[str, Any]]) -> None:
+    from ragstream.infra.audit.tables import TABLES, parse_tables, sink_groups, sink_name
     from ragstream.workers.sink import heartbeat_path
 
-    sink = services["audit-sink"]
-    assert sink["command"] == ["python", "-m", "ragstream.workers.sink"]
-    # The one committer of its Iceberg tables: a second replica would race it.
-    assert sink["deploy"]["replicas"] == 1
-    assert sink["restart"] == "unless-stopped"
-    assert {"kafka", "iceberg-rest", "ragstream-init"} <= sink["depends_on"].keys()
-    settings = Settings(data_dir=Path(_env(sink)["RAGSTREAM_DATA_DIR"]))
-    assert _healthcheck_command(sink)[-1] == str(heartbeat_path(settings))
+    sinks = _sinks(services)
+    assert sinks
+    groups = []
+    for name, sink in sinks.items():
+        command = sink["command"]
+        assert command[:3] == ["python", "-m", "ragstream.workers.sink"], name
+        tables = parse_tables(command[4]) if command[3:4] == ["--tables"] else tuple(TABLES)
+        groups.append(",".join(tables))
+        # The one committer of its Iceberg tables: a second replica would race it.
+        assert sink["deploy"]["replicas"] == 1, name
+        assert sink["restart"] == "unless-stopped", name
+        assert {"kafka", "iceberg-rest", "ragstream-init"} <= sink["depends_on"].keys(), name
+        settings = Settings(data_dir=Path(_env(sink)["RAGSTREAM_DATA_DIR"]))
+        assert _healthcheck_command(sink)[-1] == str(heartbeat_path(settings, sink_name(tables))), name
+    # Every table in exactly one sink (ConfigError otherwise), as `ragstream status` expects.
+    env = _env(next(iter(sinks.values())))
+    declared = json.loads(env.get("RAGSTREAM_AUDIT__SINKS", "null")) or AuditSettings().sinks
+    assert sorted(sink_groups(AuditSettings(sinks=tuple(groups)))) == sorted(
+        sink_groups(AuditSettings(sinks=tuple(declared)))
+    )
 
 
 def test_worker_env_builds_settings_that_point_at_compose_services(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ragstream = _ragstream_services(services)
-    assert set(_workers(services)) | {"ragstream-init", "audit-sink"} <= set(ragstream)
+    assert set(_workers(services)) | {"ragstream-init"} | set(_sinks(services)) <= set(ragstream)
     envs = [_env(service) for service in ragstream.values()]
     assert all(env == envs[0] for env in envs), "workers and init must share x-ragstream-env"
     env = envs[0]
