@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -356,3 +357,153 @@ def test_dead_lettered_input_reaches_the_audit_trail(stack: Stack) -> None:
     assert len(rows) == 1
     assert rows[0]["stage"] == "ingest" and rows[0]["error_kind"] == "schema_violation"
     assert rows[0]["original"] == b"\x00 not json"
+
+
+def _sink_pid(stack: Stack, killed: set[int]) -> int | None:
+    """The running audit sink's pid, from its own heartbeat (None while it starts)."""
+    import psutil
+
+    try:
+        hb = json.loads((stack.settings.run_dir / "worker-sink.json").read_text())
+        pid = int(hb["pid"])
+        proc = psutil.Process(pid)
+        running = (
+            pid not in killed
+            and hb.get("ready")
+            and proc.status() != psutil.STATUS_ZOMBIE
+            and "ragstream.workers.sink" in " ".join(proc.cmdline())
+        )
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return None
+    return pid if running else None
+
+
+def _sink_restarts(stack: Stack) -> int:
+    return int(
+        json.loads((stack.settings.run_dir / "stack.json").read_text())["components"]["audit-sink"][
+            "restarts"
+        ]
+    )
+
+
+async def _eventually_running(stack: Stack, killed: set[int], timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _sink_pid(stack, killed) is not None:
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+def _kill_the_sink(stack: Stack, mode: str, killed: set[int], timeout_s: float = 60) -> str:
+    """SIGKILL the stack's audit sink once it is running: `batch` while it holds rows not yet
+    committed, `commit` the moment a new data file appears in the warehouse (written, its
+    snapshot not yet committed). Returns what it hit."""
+    import psutil
+
+    settings = stack.settings
+    tables = Path(settings.iceberg_warehouse.removeprefix("file://"))
+    deadline = time.monotonic() + timeout_s
+    pid = None
+    while pid is None:
+        assert time.monotonic() < deadline, "the audit sink did not come back"
+        pid = _sink_pid(stack, killed)
+        time.sleep(0.05)
+    killed.add(pid)
+    if mode == "commit":
+        seen = set(tables.rglob("*.parquet"))
+        while time.monotonic() < deadline:
+            if any(p not in seen for p in tables.rglob("*.parquet")):
+                psutil.Process(pid).kill()
+                return "commit"
+            time.sleep(0.001)
+        psutil.Process(pid).kill()
+        return "timeout"
+    while time.monotonic() < deadline:
+        hb = json.loads((settings.run_dir / "worker-sink.json").read_text())
+        if any(hb.get("buffered", {}).values()):
+            psutil.Process(pid).kill()
+            return "batch"
+        time.sleep(0.01)
+    psutil.Process(pid).kill()
+    return "timeout"
+
+
+async def test_kill_9_of_the_stacks_audit_sink_under_load_writes_every_request_once(
+    client: AsyncClient, stack: Stack
+) -> None:
+    """The running stack's own sink is killed with SIGKILL, mid-batch and mid-commit, while
+    requests flow through the real pipeline; the supervisor restarts it each time. Then every
+    request has exactly one row in `inference_log` and in `usage`, and the answered ones say
+    what their client saw."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ragstream.infra.audit.query import audit_sql
+
+    # Load: questions on a route that does not exist are retrieved (Triton + LanceDB) and then
+    # answered with an error by the generate stage, a few hundred per second at most; a few
+    # real questions go all the way through the model meanwhile.
+    gate = asyncio.Semaphore(16)
+
+    async def fast(i: int) -> Any:
+        async with gate:
+            return await client.ask(
+                f"load {i}: what is the LX-4471-C?", tenant="larkspur", route="no-such-route"
+            )
+
+    modes = ["batch", "commit", "batch", "commit"]
+    restarts_before, killed = _sink_restarts(stack), set[int]()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        kills = pool.submit(lambda: [_kill_the_sink(stack, m, killed) for m in modes])
+        real = [
+            asyncio.ensure_future(
+                client.ask(q, tenant=t, groups=g, top_k=2, max_tokens=12, deadline_ms=90_000)
+            )
+            for t, g, q, _ in QA[:2]
+        ]
+        load: list[Any] = []
+        i = 0
+        while not kills.done():
+            load += await asyncio.gather(*(fast(i + k) for k in range(50)))
+            i += 50
+        hit = kills.result()
+        answered = await asyncio.gather(*real)
+    assert hit.count("commit") >= 1 and hit.count("batch") >= 1, hit
+    assert all(r.status == "error" and "unknown_route" in (r.error_reason or "") for r in load)
+    assert all(r.status == "ok" for r in answered)
+    asked = load + answered
+    assert len(asked) >= 200
+    ids = ", ".join(f"'{r.request_id}'" for r in asked)
+
+    def counts(table: str) -> dict[str, int]:
+        rows = audit_sql(
+            stack.settings,
+            f"SELECT request_id, count(*) AS n FROM {table} WHERE request_id IN ({ids}) GROUP BY request_id",
+        ).to_pylist()
+        return {r["request_id"]: r["n"] for r in rows}
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        log_n, usage_n = counts("inference_log"), counts("usage")
+        if len(log_n) == len(asked) and len(usage_n) == len(asked):
+            break
+        await asyncio.sleep(1)
+    assert set(log_n.values()) == {1} and len(log_n) == len(asked)
+    assert set(usage_n.values()) == {1} and len(usage_n) == len(asked)
+    rows = audit_sql(
+        stack.settings,
+        "SELECT request_id, answer, completion_tokens, latency_total_ms FROM inference_log WHERE request_id IN ("
+        + ", ".join(f"'{r.request_id}'" for r in answered)
+        + ")",
+    ).to_pylist()
+    by_id = {r["request_id"]: r for r in rows}
+    for r in answered:
+        assert by_id[r.request_id]["answer"] == r.answer
+        assert by_id[r.request_id]["completion_tokens"] == r.usage.completion_tokens
+        assert by_id[r.request_id]["latency_total_ms"] == pytest.approx(r.latency_ms["total"])
+    # The supervisor restarted it after every kill (with backoff: the last may take seconds).
+    deadline = time.monotonic() + 30
+    while _sink_restarts(stack) - restarts_before < len(modes) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert _sink_restarts(stack) - restarts_before == len(modes)
+    assert _sink_pid(stack, killed) is not None or await _eventually_running(stack, killed)
