@@ -299,6 +299,25 @@ def test_rows_land_with_their_values_and_plain_readers_see_them(
     con.register("log", cat.load_table(("ragstream", "inference_log")).scan().to_arrow())
     statuses = dict(con.execute("SELECT request_id, status FROM log ORDER BY 1").fetchall())
     assert statuses == {"answered": "ok", "orphan": "ok", "silent": "no_response"}
+    # polars scans the Iceberg table itself (through pyiceberg), with nested columns intact.
+    import polars as pl
+
+    os.environ["POLARS_ICEBERG_PLANNER"] = "pyiceberg"  # its other planner is another package
+
+    frame = pl.scan_iceberg(cat.load_table(("ragstream", "inference_log"))).filter(
+        pl.col("request_id") == "answered"
+    )
+    got = frame.select("status", "citations", "latency_ms", "event_date").collect().to_dicts()
+    assert got[0]["status"] == "ok" and got[0]["citations"][0]["chunk_id"] == "doc-1#0"
+    assert got[0]["event_date"] == answered.produced_at.date()
+    cost = (
+        pl.scan_iceberg(cat.load_table(("ragstream", "usage")))
+        .group_by("tenant")
+        .agg(pl.col("estimated_cost").sum())
+        .collect()
+    )
+    n_usage = len(read(broker, "usage"))  # answered, orphan and the late silent one
+    assert cost.to_dicts() == [{"tenant": "acme", "estimated_cost": pytest.approx(n_usage * (0.1 + 0.06))}]
     from ragstream.infra.audit.query import audit_sql
 
     joined = audit_sql(
