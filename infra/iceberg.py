@@ -5,6 +5,7 @@ Only catalog access lives here for now; the audit tables and their writer build 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,24 @@ def open_catalog(settings: Settings) -> Any:
         db.parent.mkdir(parents=True, exist_ok=True)
         if props["warehouse"].startswith("file://"):
             Path(props["warehouse"].removeprefix("file://")).mkdir(parents=True, exist_ok=True)
-    try:
-        return load_catalog(settings.iceberg.catalog_name, **props)
-    except Exception as exc:  # sqlalchemy, http and OS errors each have their own types
-        raise DependencyUnavailable(f"cannot open Iceberg catalog {props['uri']}: {exc}") from exc
+    # Two processes opening a new SQLite catalog at once (two audit sinks starting together)
+    # both try to create its bookkeeping tables, and the loser gets "table ... already
+    # exists" (or "database is locked"): harmless, the next try finds the tables.
+    attempts = 5 if props["type"] == "sql" else 1
+    for attempt in range(attempts):
+        try:
+            return load_catalog(settings.iceberg.catalog_name, **props)
+        except Exception as exc:  # sqlalchemy, http and OS errors each have their own types
+            if attempt + 1 < attempts and _is_sqlite_init_race(exc):
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            raise DependencyUnavailable(f"cannot open Iceberg catalog {props['uri']}: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def _is_sqlite_init_race(exc: BaseException) -> bool:
+    text = str(exc)
+    return "already exists" in text or "database is locked" in text
 
 
 def ensure_namespace(settings: Settings) -> None:
