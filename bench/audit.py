@@ -330,7 +330,7 @@ async def _publish(settings: Settings, payloads: list[tuple[bytes, bytes, bytes]
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.servers,
+        **kafka.aiokafka_kwargs(settings.kafka),
         linger_ms=5,
         max_batch_size=1 << 20,
         max_request_size=settings.kafka.max_message_bytes,

@@ -79,6 +79,24 @@ def ensure_namespace(settings: Settings) -> None:
     """
     catalog = open_catalog(settings)
     try:
-        catalog.create_namespace_if_not_exists(settings.iceberg.namespace)
+        create_namespace(catalog, settings.iceberg.namespace)
     except Exception as exc:
         raise DependencyUnavailable(f"cannot create namespace {settings.iceberg.namespace}: {exc}") from exc
+
+
+def create_namespace(catalog: Any, namespace: str, attempts: int = 5) -> None:
+    """Create the namespace if missing. Two processes starting together (two audit sinks,
+    or a sink and `ragstream up`) may both find it missing and race to create it; the
+    loser's error is harmless, and the next look finds it.
+
+    Raises:
+        Exception: whatever the catalog raised on the last attempt.
+    """
+    for attempt in range(attempts):
+        try:
+            catalog.create_namespace_if_not_exists(namespace)
+            return
+        except Exception:  # an IntegrityError from SQLite, a 409 from a REST catalog, ...
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(0.1 * (attempt + 1))

@@ -87,6 +87,17 @@ def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     return kwargs
 
 
+def aiokafka_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
+    """Connection kwargs for aiokafka clients: as `client_kwargs`, plus the TLS context that
+    aiokafka (unlike kafka-python) needs for SSL and SASL_SSL."""
+    kwargs = client_kwargs(kafka)
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        import ssl
+
+        kwargs["ssl_context"] = ssl.create_default_context()
+    return kwargs
+
+
 def make_producer(settings: Settings, **overrides: Any) -> Any:
     """A kafka-python producer with bytes keys/values and acks from all replicas.
 

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ragstream.infra.embedder import EMBED_DIMENSION, encode_texts, load_minilm
+from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import StartupError
 
@@ -352,11 +353,7 @@ def main() -> None:
     parser.add_argument("--models", choices=["embed", "generate", "all"], default="all")
     group: ModelGroup = parser.parse_args().models
     settings = Settings()
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings)
     try:
         serve(settings, group)
     except StartupError as exc:

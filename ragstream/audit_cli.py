@@ -10,7 +10,6 @@ Register in `ragstream.cli`:
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import asdict
 from datetime import date, datetime
@@ -22,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings, load_settings
 
 __all__ = ["OutputFormat", "audit_app", "maintain", "sql"]
@@ -46,13 +46,7 @@ class OutputFormat(StrEnum):
 
 def _settings(config: Path | None) -> Settings:
     settings = load_settings(config)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("pyiceberg", "kafka", "aiokafka"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(settings)
     return settings
 
 

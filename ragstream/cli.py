@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from ragstream.audit_cli import audit_app
 from ragstream.audit_cli import sql as audit_sql_command
+from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import RagstreamError
 
@@ -55,13 +55,7 @@ GroupOpt = Annotated[
 
 def _settings(config: Path | None) -> Settings:
     settings = load_settings(config)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("kafka", "aiokafka", "faust", "mode", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(settings)
     return settings
 
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, 
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from ragstream.infra.kafka import client_kwargs
+from ragstream.infra.kafka import aiokafka_kwargs
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import DependencyUnavailable, SchemaViolation
 from ragstream.schemas.events import MetadataValue
@@ -196,7 +196,7 @@ class AsyncClient:
 
             kafka = self._settings.kafka
             prefix = kafka.topic_prefix
-            conn = client_kwargs(kafka)
+            conn = aiokafka_kwargs(kafka)
             producer = AIOKafkaProducer(
                 **conn,
                 acks="all",

@@ -34,8 +34,6 @@ import json
 import logging
 import os
 import signal
-import ssl
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,12 +55,15 @@ from ragstream.infra.audit.tables import (
     sink_name,
 )
 from ragstream.infra.iceberg import open_catalog
-from ragstream.infra.settings import KafkaSettings, Settings, load_settings
+from ragstream.infra.kafka import aiokafka_kwargs
+from ragstream.infra.logs import configure_logging
+from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import DependencyUnavailable, SchemaViolation, StartupError
 from ragstream.schemas.events import Event
 from ragstream.streams.audit import AuditWriter, start_offsets
 from ragstream.streams.codec import decode
 from ragstream.streams.topics import ALL_TOPICS, QUERIES, RESPONSES, TopicSpec
+from ragstream.workers.stages import heartbeat_path
 
 __all__ = ["AuditSink", "heartbeat_path", "main", "run_sink"]
 
@@ -73,26 +74,6 @@ _HEARTBEAT_S = 0.5
 _POLL_MS = 100
 _PROBE_TIMEOUT_S = 5.0
 _ALIGN_SLACK_MS = 2000
-
-
-def heartbeat_path(settings: Settings, name: str = "sink") -> Path:
-    """Same place and shape as the Faust workers' heartbeats (`worker-<name>.json`)."""
-    return settings.run_dir / f"worker-{name}.json"
-
-
-def _aiokafka_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "bootstrap_servers": kafka.servers.split(","),
-        "security_protocol": kafka.security_protocol,
-    }
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        kwargs["ssl_context"] = ssl.create_default_context()
-    if kafka.sasl_mechanism:
-        kwargs["sasl_mechanism"] = kafka.sasl_mechanism
-        kwargs["sasl_plain_username"] = kafka.sasl_username
-        if kafka.sasl_password is not None:
-            kwargs["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
-    return kwargs
 
 
 class AuditSink:
@@ -175,7 +156,7 @@ class AuditSink:
         )
         kafka = self.settings.kafka
         self._consumer = AIOKafkaConsumer(
-            **_aiokafka_kwargs(kafka),
+            **aiokafka_kwargs(kafka),
             group_id=None,
             enable_auto_commit=False,
             # "none": an offset the log no longer has raises, so the tables' floors can be
@@ -479,13 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("aiokafka", "kafka", "pyiceberg"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(settings)
     # The sink allocates many short-lived objects per record (decode, rows, Arrow); the
     # default gen-0 threshold (700) made the collector ~20% of its CPU (measured). Freeze
     # what was imported and collect far less often.

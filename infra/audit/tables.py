@@ -24,7 +24,6 @@ its duplicate filter after a restart).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -448,13 +447,13 @@ def ensure_tables(
     from pyiceberg.partitioning import PartitionField, PartitionSpec
     from pyiceberg.transforms import IdentityTransform
 
-    from ragstream.infra.iceberg import open_catalog
+    from ragstream.infra.iceberg import create_namespace, open_catalog
 
     catalog = catalog if catalog is not None else open_catalog(settings)
     ns = settings.iceberg.namespace
     out: dict[str, Any] = {}
     try:
-        _create_namespace(catalog, ns)
+        create_namespace(catalog, ns)
         for name in names if names is not None else TABLES:
             tdef = TABLES[name]
             schema = tdef.schema()
@@ -485,19 +484,6 @@ def ensure_tables(
     except Exception as exc:  # sqlalchemy, http and pyiceberg errors each have their own types
         raise DependencyUnavailable(f"cannot create audit tables in {ns}: {exc}") from exc
     return out
-
-
-def _create_namespace(catalog: Any, ns: str, attempts: int = 5) -> None:
-    """Create the namespace if missing. Two sinks starting together may both find it missing
-    and race to create it; the loser's error is harmless, and the next look finds it."""
-    for attempt in range(attempts):
-        try:
-            catalog.create_namespace_if_not_exists(ns)
-            return
-        except Exception:  # an IntegrityError from SQLite, a 409 from a REST catalog, ...
-            if attempt + 1 == attempts:
-                raise
-            time.sleep(0.1 * (attempt + 1))
 
 
 def ensure_schema(table: Any, schema: Any) -> Any:
