@@ -66,6 +66,12 @@ class KafkaSettings(_Section):
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.5
     max_message_bytes: int = 16 * 1024 * 1024
+    # Bounded publishing: a retriable broker error is retried with backoff for this long,
+    # then the worker exits (its supervisor restarts it; unacked inputs are consumed again).
+    publish_retry_budget_s: float = Field(default=120.0, gt=0)
+    # A message whose handler fails in an unexpected way is retried this many times before
+    # it is dead-lettered as `internal_error`, so it never blocks its partition.
+    internal_error_retries: int = Field(default=2, ge=0)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

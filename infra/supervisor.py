@@ -48,6 +48,8 @@ class Component:
     liveness: Callable[[], bool] | None = None
     """If given and False for `liveness_grace_s` after ready, the process is restarted."""
     liveness_grace_s: float = 30.0
+    exit_reason: Callable[[], str | None] | None = None
+    """Why the process ended, in its own words (e.g. a crashed stage's heartbeat), if known."""
 
     # runtime
     proc: subprocess.Popen[bytes] | None = None
@@ -184,6 +186,9 @@ class Supervisor:
             code = c.proc.poll()
             if code is not None:
                 c.last_exit = _describe(code)
+                reason = _reason(c)
+                if reason:
+                    c.last_exit += f" ({reason})"
                 log.error(
                     "%s exited with %s; restarting. Last log lines:\n%s", c.name, c.last_exit, self._tail(c)
                 )
@@ -269,6 +274,15 @@ def _describe(code: int) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
+
+
+def _reason(c: Component) -> str | None:
+    if c.exit_reason is None:
+        return None
+    try:
+        return c.exit_reason()
+    except Exception:  # noqa: BLE001 - the reason is a courtesy; the exit code stands
+        return None
 
 
 def _safe(check: Callable[[], bool]) -> bool:

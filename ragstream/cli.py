@@ -173,6 +173,25 @@ def status(
         raise typer.Exit(1)
 
 
+_STUCK_AFTER_S = 300.0
+"""A stage holding the same work this long is reported stuck (every stage call is bounded
+well below it: deadlines on the query path, retry budgets on the document path)."""
+
+
+def _stage_problem(hb: dict[str, Any] | None) -> str | None:
+    """Why a stage that still beats is not healthy: crashed, stalled publishing, or stuck."""
+    if not hb:
+        return None
+    if hb.get("crashed"):
+        return f"CRASHED: {hb['crashed']}"
+    if hb.get("stalled_since"):
+        return f"STALLED publishing since {time.strftime('%H:%M:%S', time.localtime(hb['stalled_since']))}: {hb.get('stalled_reason')}"
+    oldest = hb.get("oldest_inflight_s") or 0
+    if isinstance(oldest, int | float) and oldest > _STUCK_AFTER_S:
+        return f"STUCK: holding work for {oldest:.0f}s"
+    return None
+
+
 def _health(settings: Settings) -> list[dict[str, Any]]:
     from ragstream.infra import kafka
     from ragstream.infra.audit.tables import sink_name
@@ -210,15 +229,19 @@ def _health(settings: Settings) -> list[dict[str, Any]]:
     stages = [st for spec in settings.workers for st in parse_stages(spec)]
     for stage in stages:
         hb = worker_health(settings, stage)
+        problem = _stage_problem(hb)
         detail = (
             f"processed={hb.get('processed')} dead_lettered={hb.get('dead_lettered')}"
+            f" inflight={hb.get('inflight', 0)}"
+            + (f" duplicates_skipped={hb['duplicates_skipped']}" if hb.get("duplicates_skipped") else "")
+            + (f" {problem}" if problem else "")
             if hb
             else "no recent heartbeat"
         )
         rows.append(
             {
                 "component": f"worker-{stage}",
-                "healthy": bool(hb and hb.get("ready")),
+                "healthy": bool(hb and hb.get("ready")) and problem is None,
                 "detail": detail,
                 **proc_info(_process_of(comps, stage)),
             }

@@ -117,6 +117,19 @@ def worker_health(settings: Settings, stage: str) -> dict[str, object] | None:
     return hb
 
 
+def crash_reason(settings: Settings, stages: tuple[str, ...]) -> str | None:
+    """What a worker's crashed stages wrote in their last heartbeat, however old."""
+    reasons = []
+    for stage in stages:
+        try:
+            hb = json.loads(heartbeat_path(settings, stage).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(hb, dict) and hb.get("crashed"):
+            reasons.append(f"stage {stage} crashed: {hb['crashed']}")
+    return "; ".join(reasons) or None
+
+
 def _worker_ready(settings: Settings, stage: str) -> bool:
     hb = worker_health(settings, stage)
     return bool(hb and hb.get("ready"))
@@ -191,6 +204,7 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
                 liveness=lambda stages=stages: all(  # type: ignore[misc]
                     worker_health(settings, s) is not None for s in stages
                 ),
+                exit_reason=lambda stages=stages: crash_reason(settings, stages),  # type: ignore[misc]
                 wave=1,
             )
         )

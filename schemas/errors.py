@@ -14,6 +14,9 @@ __all__ = [
     "DeadlineExceeded",
     "DependencyUnavailable",
     "DocumentTooLarge",
+    "OutputRejected",
+    "PublishStalled",
+    "RetriesExhausted",
     "EmptyDocument",
     "RagstreamError",
     "SchemaViolation",
@@ -68,6 +71,20 @@ class UnknownRoute(BadInputError):
     kind = "unknown_route"
 
 
+class OutputRejected(BadInputError):
+    """What a stage made of a message cannot be published, whatever the retries: it does not
+    serialise, or a record is over the broker's size limit. The input is dead-lettered."""
+
+    kind = "output_rejected"
+
+
+class RetriesExhausted(BadInputError):
+    """A message failed on every one of its bounded retries. It is dead-lettered with the
+    last error, so it never blocks its partition."""
+
+    kind = "retries_exhausted"
+
+
 # --- retry ------------------------------------------------------------------------------
 class TransientError(RagstreamError):
     """A dependency failed in a way that may pass. Retry after `retry_after_s`."""
@@ -90,6 +107,14 @@ class DeadlineExceeded(DependencyUnavailable):
     response saying so; it is not retried past the caller's deadline."""
 
     kind = "deadline_exceeded"
+
+
+class PublishStalled(TransientError):
+    """The broker refused a stage's outputs past `kafka.publish_retry_budget_s`. The worker
+    exits so its supervisor restarts it (counted, with this reason); nothing was acked, so the
+    inputs are consumed again."""
+
+    kind = "publish_stalled"
 
 
 # --- fail at start ----------------------------------------------------------------------

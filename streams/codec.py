@@ -1,12 +1,19 @@
-"""pydantic <-> bytes. Every decoding failure becomes a `SchemaViolation` (dead-letter)."""
+"""pydantic <-> bytes. Every decoding failure becomes a `SchemaViolation` (dead-letter).
+
+Decoding is bounded whatever the input: the value's size is checked before parsing, JSON
+nesting is limited by pydantic-core's parser (it fails past 200 levels with a `ValueError`,
+never a `RecursionError`), and string and array lengths by the contracts' own limits. The
+error paths (`sniff_ids`, and the dead-letter builder in `stage.py`) use the same parser, so
+a message that is bad in a new way cannot take down the code that reports it.
+"""
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from typing import Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
+from pydantic_core import from_json
 
 from ragstream.schemas.errors import SchemaViolation
 from ragstream.schemas.events import Event
@@ -15,6 +22,7 @@ from ragstream.streams.topics import TopicSpec
 __all__ = ["decode", "encode", "sniff_ids"]
 
 _MAX_ERROR_CHARS = 600
+_MAX_ID_CHARS = 256
 
 
 @cache
@@ -25,22 +33,30 @@ def _adapter(value_types: tuple[type[Event], ...]) -> TypeAdapter[Any]:
     return TypeAdapter(Annotated[union, Field(discriminator="event_type")])
 
 
-def decode(spec: TopicSpec, raw: bytes | None) -> Event:
+def decode(spec: TopicSpec, raw: bytes | None, *, max_bytes: int | None = None) -> Event:
     """Parse and validate one message value against the topic's contract.
 
     Raises:
-        SchemaViolation: not UTF-8 JSON, or not one of the topic's event types.
+        SchemaViolation: empty, over `max_bytes`, not UTF-8 JSON, nested too deep, or not
+            one of the topic's event types. Nothing else, whatever the bytes.
     """
-    if raw is None:
+    if raw is None or not raw:
         raise SchemaViolation(f"empty message value on {spec.name}")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise SchemaViolation(f"message value of {len(raw)} bytes is over the limit of {max_bytes} bytes")
+    names = ", ".join(t.__name__ for t in spec.value_types)
     try:
         event: Event = _adapter(spec.value_types).validate_json(raw)
     except ValidationError as exc:
-        names = ", ".join(t.__name__ for t in spec.value_types)
         detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:8]
+            f"{'.'.join(str(p) for p in e['loc'])[:100] or '<root>'}: {e['msg'][:200]}"
+            for e in exc.errors()[:8]
         )
-        raise SchemaViolation(f"not a valid {names}: {detail}"[:_MAX_ERROR_CHARS]) from exc
+        raise SchemaViolation(_clean(f"not a valid {names}: {detail}")[:_MAX_ERROR_CHARS]) from exc
+    except Exception as exc:  # a validator tripped on the input: still bad input
+        raise SchemaViolation(
+            _clean(f"not a valid {names}: {type(exc).__name__}: {exc}")[:_MAX_ERROR_CHARS]
+        ) from exc
     return event
 
 
@@ -54,20 +70,31 @@ _SNIFFED = ("event_id", "trace_id", "request_id", "document_id", "tenant", "sour
 def sniff_ids(raw: bytes | None) -> dict[str, str]:
     """Best effort: read the ids of a message that failed validation, to tell its sender.
 
-    Never raises. Only top-level string fields (and `chunk.document_id`) are read.
+    Never raises: the parser is bounded in depth (no `RecursionError`) and any failure gives
+    `{}`. Only top-level string fields (and `chunk.document_id`) are read, each at most 256
+    characters of clean text.
     """
     if not raw:
         return {}
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = from_json(raw, cache_strings=False)
+        if not isinstance(data, dict):
+            return {}
+        out = {k: v for k in _SNIFFED if isinstance(v := data.get(k), str) and _is_id(v)}
+        chunk = data.get("chunk")
+        if "document_id" not in out and isinstance(chunk, dict):
+            doc = chunk.get("document_id")
+            if isinstance(doc, str) and _is_id(doc):
+                out["document_id"] = doc
+        return out
+    except Exception:  # noqa: BLE001 - documented: never raises
         return {}
-    if not isinstance(data, dict):
-        return {}
-    out = {k: v for k in _SNIFFED if isinstance(v := data.get(k), str) and 0 < len(v) <= 256}
-    chunk = data.get("chunk")
-    if "document_id" not in out and isinstance(chunk, dict):
-        doc = chunk.get("document_id")
-        if isinstance(doc, str) and 0 < len(doc) <= 256:
-            out["document_id"] = doc
-    return out
+
+
+def _is_id(value: str) -> bool:
+    return 0 < len(value) <= _MAX_ID_CHARS and value.isprintable()
+
+
+def _clean(text: str) -> str:
+    """Text that always encodes as UTF-8 (lone surrogates replaced)."""
+    return text.encode("utf-8", "replace").decode("utf-8")

@@ -1,6 +1,6 @@
 """Pipelined micro-batching for a stage's input stream.
 
-    reader ──► queue ──► batcher ──(slot)──► process_batch task ──► drainer: publish, ack
+    reader ──► queue ──► batcher ──(slot)──► process_batch task ──► drainer: deliver, ack
 
 - The batcher waits for a free slot (at most `depth` batches in flight), then takes one
   event and whatever else is already queued, up to `batch_size`, waiting at most
@@ -11,6 +11,10 @@
 - The drainer publishes results strictly in input order and acks the input events only once
   the broker has the outputs, so a crash at any point re-delivers rather than loses
   (at-least-once; stage effects are idempotent).
+- Nothing here waits forever on a failure: `StageRunner.process_batch` never raises, and
+  `StageRunner.deliver` is bounded. If delivery gives up (`PublishStalled`) or any task of
+  the pipeline fails, `run()` raises it, the stage crashes visibly and its worker exits to be
+  restarted; unacked inputs are consumed again.
 """
 
 from __future__ import annotations
@@ -19,17 +23,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ragstream.schemas.events import Event
 from ragstream.streams.stage import Emit, Message, StageRunner
 from ragstream.streams.topics import TopicSpec
 
-__all__ = ["BatchPipeline"]
+__all__ = ["BatchPipeline", "ConcurrentPipeline"]
 
 log = logging.getLogger(__name__)
 
-_PUBLISH_RETRY_MAX_S = 5.0
+T = TypeVar("T")
 
 
 class BatchPipeline:
@@ -51,21 +55,30 @@ class BatchPipeline:
         self.depth = max(depth, 1)
         self.batches = 0
         self.batched_events = 0
+        self.inflight = runner.inflight
 
     async def run(self, events: AsyncIterator[Any]) -> None:
-        """Consume `events` (Faust events with manual acks) until cancelled."""
+        """Consume `events` (Faust events with manual acks) until cancelled.
+
+        Raises:
+            PublishStalled: delivery gave up; nothing of the failed batch was acked.
+        """
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.batch_size * (self.depth + 1))
-        inflight: asyncio.Queue[tuple[asyncio.Task[list[Emit]], list[Any]]] = asyncio.Queue()
+        inflight: asyncio.Queue[tuple[asyncio.Task[list[Emit]], list[Any], list[Message], int]] = (
+            asyncio.Queue()
+        )
         slots = asyncio.Semaphore(self.depth)
         reader = asyncio.create_task(self._read(events, queue), name=f"{self.runner.stage}-reader")
         drainer = asyncio.create_task(self._drain(inflight, slots), name=f"{self.runner.stage}-drainer")
+        watched = {reader, drainer}
         try:
             while True:
-                await slots.acquire()
-                batch = await self._next_batch(queue, reader)
+                await _first(slots.acquire(), watched)
+                batch = await _first(self._next_batch(queue), watched)
                 messages = [Message.from_faust(e) for e in batch]
+                token = self.inflight.begin()
                 task = asyncio.create_task(self.runner.process_batch(self.spec, messages, self.handler))
-                await inflight.put((task, batch))
+                await inflight.put((task, batch, messages, token))
                 self.batches += 1
                 self.batched_events += len(batch)
         finally:
@@ -76,15 +89,10 @@ class BatchPipeline:
     async def _read(self, events: AsyncIterator[Any], queue: asyncio.Queue[Any]) -> None:
         async for event in events:
             await queue.put(event)
+        raise RuntimeError("input stream ended")
 
-    async def _next_batch(self, queue: asyncio.Queue[Any], reader: asyncio.Task[None]) -> list[Any]:
-        getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-        if getter not in done:
-            getter.cancel()
-            reader.result()  # re-raise the reader's failure
-            raise RuntimeError("input stream ended")
-        batch = [getter.result()]
+    async def _next_batch(self, queue: asyncio.Queue[Any]) -> list[Any]:
+        batch = [await queue.get()]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.batch_size:
             try:
@@ -103,27 +111,16 @@ class BatchPipeline:
 
     async def _drain(
         self,
-        inflight: asyncio.Queue[tuple[asyncio.Task[list[Emit]], list[Any]]],
+        inflight: asyncio.Queue[tuple[asyncio.Task[list[Emit]], list[Any], list[Message], int]],
         slots: asyncio.Semaphore,
     ) -> None:
         while True:
-            task, batch = await inflight.get()
+            task, batch, messages, token = await inflight.get()
             outputs = await task  # process_batch never raises
-            delay = 0.1
-            while True:
-                try:
-                    await self.runner.publish(outputs)
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - Kafka hiccup: keep order, retry
-                    log.warning(
-                        "%s: publishing failed (%s); retrying in %.1fs", self.runner.stage, exc, delay
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _PUBLISH_RETRY_MAX_S)
+            await self.runner.deliver(messages, outputs)  # bounded; raises PublishStalled
             for event in batch:
                 event.ack()
+            self.inflight.end(token)
             slots.release()
 
 
@@ -148,36 +145,64 @@ class ConcurrentPipeline:
         self.handler = handler
         self.concurrency = max(concurrency, 1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.inflight = runner.inflight
+        self._failed: asyncio.Future[None] | None = None
 
     async def run(self, events: AsyncIterator[Any]) -> None:
+        """Consume `events` until cancelled.
+
+        Raises:
+            PublishStalled: a request's delivery gave up (or any task failed); the stage
+                stops rather than losing it, and the request is consumed again.
+        """
+        self._failed = asyncio.get_running_loop().create_future()
         slots = asyncio.Semaphore(self.concurrency)
+        consume = asyncio.create_task(self._consume(events, slots), name=f"{self.runner.stage}-consume")
         try:
-            async for event in events:
-                await slots.acquire()
-                task = asyncio.create_task(self._one(event, slots))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            await _first(asyncio.shield(self._failed), {consume})
+            await self._failed  # re-raises what failed
         finally:
+            consume.cancel()
             for t in list(self._tasks):
                 t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(consume, *self._tasks, return_exceptions=True)
+
+    async def _consume(self, events: AsyncIterator[Any], slots: asyncio.Semaphore) -> None:
+        async for event in events:
+            await slots.acquire()
+            task = asyncio.create_task(self._one(event, slots))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        raise RuntimeError("input stream ended")
 
     async def _one(self, event: Any, slots: asyncio.Semaphore) -> None:
+        token = self.inflight.begin()
         try:
-            outputs = await self.runner.process_batch(self.spec, [Message.from_faust(event)], self.handler)
-            delay = 0.1
-            while True:
-                try:
-                    await self.runner.publish(outputs)
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - Kafka hiccup: retry, never drop
-                    log.warning(
-                        "%s: publishing failed (%s); retrying in %.1fs", self.runner.stage, exc, delay
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _PUBLISH_RETRY_MAX_S)
+            message = Message.from_faust(event)
+            outputs = await self.runner.process_batch(self.spec, [message], self.handler)
+            await self.runner.deliver([message], outputs)
             event.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - not acked: the stage fails, the request is redelivered
+            if self._failed is not None and not self._failed.done():
+                self._failed.set_exception(exc)
         finally:
+            self.inflight.end(token)
             slots.release()
+
+
+async def _first(work: Awaitable[T], watched: set[asyncio.Task[Any]]) -> T:
+    """Await `work`, unless a watched task ends first: then raise what it raised."""
+    fut = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({fut, *watched}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        fut.cancel()
+        raise
+    if fut in done:
+        return fut.result()
+    fut.cancel()
+    for t in watched & done:
+        t.result()  # raises the task's failure
+    raise RuntimeError("a pipeline task ended")

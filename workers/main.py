@@ -7,13 +7,15 @@ partition assignment, counters) that the supervisor and `ragstream status` read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ragstream.infra.settings import Settings
 from ragstream.streams.app import RagstreamApp, create_app, faust_topic
@@ -24,6 +26,9 @@ from ragstream.workers.stages import STAGES, StageDef, heartbeat_path, parse_sta
 __all__ = ["STAGES", "StageDef", "build_worker_app", "heartbeat_path", "parse_stages", "run_worker"]
 
 log = logging.getLogger(__name__)
+
+CRASH_EXIT_CODE = 70
+"""A worker exits with this when one of its stages crashed (EX_SOFTWARE)."""
 
 
 def build_worker_app(
@@ -74,6 +79,14 @@ def _register_stage(
 
     @app.agent(source, name=f"{settings.kafka.topic_prefix}.{sdef.name}")
     async def agent(stream: Any) -> None:
+        try:
+            await _run_stage(stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported, then the whole worker exits
+            _crash(settings, runner, exc)
+
+    async def _run_stage(stream: Any) -> None:
         async with sdef.open(settings, runner) as handler:
             pipeline: BatchPipeline | ConcurrentPipeline
             if sdef.concurrency is not None:
@@ -95,6 +108,25 @@ def _register_stage(
     return runner
 
 
+def _crash(settings: Settings, runner: StageRunner, exc: BaseException) -> NoReturn:
+    """A stage's agent failed: never let it sit dead (or be restarted silently by Faust) while
+    the process looks healthy. The heartbeat records why, then the worker exits with
+    `CRASH_EXIT_CODE`; the supervisor restarts it, counts it and shows the reason. Nothing
+    unacked is lost: the new process consumes it again."""
+    runner.ready = False
+    runner.crashed = f"{type(exc).__name__}: {exc}"[:500]
+    log.critical(
+        "stage %s crashed; the worker exits to be restarted:\n%s",
+        runner.stage,
+        "".join(traceback.format_exception(exc)),
+    )
+    try:
+        write_heartbeat(heartbeat_path(settings, runner.stage), runner.stage, runner, False)
+    finally:
+        logging.shutdown()
+        os._exit(CRASH_EXIT_CODE)
+
+
 def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -107,6 +139,13 @@ def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool)
                 "ready": runner.ready and assigned,
                 "processed": runner.processed,
                 "dead_lettered": runner.dead_lettered,
+                "crashed": runner.crashed,
+                "stalled_since": runner.stalled_since,
+                "stalled_reason": runner.stalled_reason,
+                "publish_retries": runner.publish_retries,
+                "inflight": len(runner.inflight),
+                "oldest_inflight_s": round(runner.inflight.oldest_age_s(), 3),
+                "duplicates_skipped": runner.duplicates_skipped,
             }
         )
     )

@@ -236,7 +236,7 @@ class LanceDBVectorStore:
         async with self._write_lock:
             for column, config in wanted.items():
                 if (column,) not in indexed:
-                    await table.create_index(column, config=config)
+                    await _create_index_once(table, column, config)
         if self._optimize_interval_s > 0:
             self._maintenance = asyncio.create_task(self._optimize_forever(), name="lancedb-optimize")
         log.info(
@@ -569,3 +569,31 @@ class LanceDBVectorStore:
             rows = await self.table.query().where(where).select(_HIT_COLUMNS).to_list()
         rows.sort(key=lambda r: (r["chunk_index"], -r["version"], r["chunk_id"]))
         return [_hit(r) for r in rows]
+
+
+_INDEX_RACE_ATTEMPTS = 8
+
+
+async def _create_index_once(table: lancedb.AsyncTable, column: str, config: FTS | BTree | Bitmap) -> None:
+    """Create an index that several processes may be creating at the same moment.
+
+    Stages of a fresh stack open the store together; LanceDB lets one `CreateIndex` commit
+    and fails the others with "Retryable commit conflict". The loser checks whether the
+    winner made the index, and otherwise tries again.
+
+    Raises:
+        StartupError: still conflicting after `_INDEX_RACE_ATTEMPTS` tries.
+    """
+    for attempt in range(1, _INDEX_RACE_ATTEMPTS + 1):
+        try:
+            await table.create_index(column, config=config)
+            return
+        except (RuntimeError, OSError, ValueError) as exc:
+            if "onflict" not in str(exc) and "preempted" not in str(exc) and "etryable" not in str(exc):
+                raise StartupError(f"cannot create the {column!r} index: {exc}") from exc
+            await table.checkout_latest()  # type: ignore[no-untyped-call]
+            if (column,) in {tuple(ix.columns) for ix in await table.list_indices()}:
+                return
+            log.info("LanceDB index %r: commit conflict (try %d); retrying", column, attempt)
+            await asyncio.sleep(0.05 * attempt)
+    raise StartupError(f"cannot create the {column!r} index: commit conflicts on every try")

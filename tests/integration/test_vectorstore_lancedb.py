@@ -385,3 +385,32 @@ async def test_second_connection_sees_new_rows_at_once(tmp_path: Path, store: Ve
         assert await reader.search(q("xylophone", mode="keyword")) == []
     finally:
         await reader.close()
+
+
+def _open_and_close(data_dir: str) -> list[str]:
+    """In a process of its own, as a stage would: open the store, list its indexes."""
+
+    async def go() -> list[str]:
+        s = LanceDBVectorStore(settings_for(Path(data_dir)))
+        await s.start()
+        try:
+            return sorted(c for ix in await s.table.list_indices() for c in ix.columns)
+        finally:
+            await s.close()
+
+    return asyncio.run(go())
+
+
+def test_stages_opening_a_new_store_together_all_start(tmp_path: Path) -> None:
+    """Fresh stack: the stages open a new table at once and race to create its indexes
+    (LanceDB: "Retryable commit conflict ... CreateIndex transaction was preempted"). Every
+    opener must start, and the indexes must exist once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        for round_ in range(4):
+            data_dir = tmp_path / f"round-{round_}"
+            data_dir.mkdir()
+            results = pool.map(_open_and_close, [str(data_dir)] * 4)
+            assert all(r == ["document_id", "public", "search_text", "tenant"] for r in results), results
