@@ -272,6 +272,10 @@ class ServingSettings(_Section):
     retrieval_concurrency: int = Field(default=8, ge=1)
     generation_concurrency: int = Field(default=8, ge=1)
     """Requests a generation worker handles at once; Triton queues beyond its slots."""
+    completed_window_s: float = Field(default=3600.0, gt=0)
+    """How far back the query-path worker reads `responses` at start (and keeps in memory)
+    to know which requests already have their final response. A request redelivered after a
+    crash is skipped, not answered (and paid for) twice, if its first answer is this recent."""
 
 
 class Settings(BaseSettings):

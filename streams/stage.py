@@ -41,7 +41,9 @@ from ragstream.schemas.errors import (
     TransientError,
 )
 from ragstream.schemas.events import DeadLettered, Event, new_id
+from ragstream.schemas.queries import ResponseCompleted
 from ragstream.streams.codec import decode, encode, sniff_ids
+from ragstream.streams.completions import CompletedRequests
 from ragstream.streams.topics import DEADLETTER, TopicSpec, topic_for
 
 __all__ = ["Emit", "InFlight", "Message", "StageRunner", "dead_letter_record", "emit"]
@@ -130,6 +132,7 @@ class StageRunner:
         max_retry_delay_s: float = 5.0,
         internal_retries: int | None = None,
         on_dead_letter: Callable[[DeadLettered], Sequence[Emit]] | None = None,
+        completions: CompletedRequests | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
@@ -152,6 +155,9 @@ class StageRunner:
         """Why the stage's agent died (the worker exits right after writing it)."""
         self.duplicates_skipped = 0
         """Inputs not processed because their request already has its final response."""
+        self.completions = completions
+        """The exactly-once gate for request stages (see `streams.completions`)."""
+        self._claims: dict[tuple[str, int | None, int | None], str] = {}
         """What the stage's pipeline holds and since when (a stuck partition shows here)."""
 
     # -- processing (no publishing) ------------------------------------------------------
@@ -189,6 +195,8 @@ class StageRunner:
                 good.append((m, decode(spec, m.value, max_bytes=limit)))
             except SchemaViolation as exc:
                 out.extend(self._dead_letter_all(m, exc))
+        if self.completions is not None:
+            good = [(m, e) for m, e in good if self._claim(m, e)]
         if not good:
             return out
         try:
@@ -214,6 +222,26 @@ class StageRunner:
             except Exception as exc:  # noqa: BLE001 - dead-lettered, the worker lives on
                 out.extend(self._dead_letter_all(m, exc))
         return out
+
+    def _claim(self, m: Message, e: Event) -> bool:
+        """Request stages: skip an input whose request is answered or already in flight."""
+        assert self.completions is not None
+        request_id = getattr(e, "request_id", None)
+        if not isinstance(request_id, str):
+            return True
+        if not self.completions.claim(self.stage, request_id):
+            self.duplicates_skipped += 1
+            log.info(
+                "%s: request %s already answered or in flight; %s[%s]@%s skipped",
+                self.stage,
+                request_id,
+                m.topic,
+                m.partition,
+                m.offset,
+            )
+            return False
+        self._claims[(m.topic, m.partition, m.offset)] = request_id
+        return True
 
     # -- shared -------------------------------------------------------------------------
     def _progress(self, n: int) -> None:
@@ -274,6 +302,13 @@ class StageRunner:
             PublishStalled: retriable failures lasted past `kafka.publish_retry_budget_s`,
                 or the dead-letter topic itself refused a record.
         """
+        gate = self.completions
+        if gate is not None:  # a final response is published once, whoever made it
+            outputs = [
+                o
+                for o in outputs
+                if not (isinstance(o.event, ResponseCompleted) and gate.is_done(o.event.request_id))
+            ]
         records, rejected = self._encode_all(outputs)
         if rejected:
             records = self._reject(messages, records, rejected)
@@ -309,6 +344,14 @@ class StageRunner:
             pending = retry
         self.stalled_since = None
         self.stalled_reason = None
+        if gate is not None:
+            for o in outputs:
+                if isinstance(o.event, ResponseCompleted):
+                    gate.mark_done(o.event.request_id)
+            for m in messages:
+                request_id = self._claims.pop((m.topic, m.partition, m.offset), None)
+                if request_id is not None:
+                    gate.release(self.stage, request_id)
 
     async def _send_round(
         self, records: Sequence[_Record]

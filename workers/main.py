@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from ragstream.infra.settings import Settings
 from ragstream.streams.app import RagstreamApp, create_app, faust_topic
+from ragstream.streams.completions import CompletedRequests
 from ragstream.streams.pipeline import BatchPipeline, ConcurrentPipeline
 from ragstream.streams.stage import StageRunner
 from ragstream.workers.stages import STAGES, StageDef, heartbeat_path, parse_stages
@@ -56,7 +57,18 @@ def build_worker_app(
         fut: Awaitable[Any] = await t.send(key=key, value=value)
         return fut
 
-    runners = [_register_stage(app, settings, sdef, send) for sdef in defs]
+    completions = CompletedRequests(settings) if any(d.once_per_request for d in defs) else None
+    gate = _Gate(completions)
+    runners = [_register_stage(app, settings, sdef, send, gate) for sdef in defs]
+    if completions is not None:
+
+        @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+        async def _caught_up_before_new_partitions(app: Any, assigned: Any, **kwargs: Any) -> None:
+            # Another worker's answers for these partitions must be known before their
+            # inputs are looked at (its crash left them unacked).
+            if gate.started:
+                await completions.caught_up()
+
     beats = [(heartbeat_path(settings, r.stage), r) for r in runners]
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
@@ -68,13 +80,35 @@ def build_worker_app(
     return app, runners
 
 
+class _Gate:
+    """Starts the worker's `CompletedRequests` once, for whichever request stage asks first."""
+
+    def __init__(self, completions: CompletedRequests | None) -> None:
+        self.completions = completions
+        self.started = False
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self.completions is not None and not self.started:
+                await self.completions.start()
+                self.started = True
+
+
 def _register_stage(
     app: RagstreamApp,
     settings: Settings,
     sdef: StageDef,
     send: Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]],
+    gate: _Gate,
 ) -> StageRunner:
-    runner = StageRunner(settings, sdef.name, send, on_dead_letter=sdef.on_dead_letter)
+    runner = StageRunner(
+        settings,
+        sdef.name,
+        send,
+        on_dead_letter=sdef.on_dead_letter,
+        completions=gate.completions if sdef.once_per_request else None,
+    )
     source = faust_topic(app, settings, sdef.source)
 
     @app.agent(source, name=f"{settings.kafka.topic_prefix}.{sdef.name}")
@@ -87,6 +121,8 @@ def _register_stage(
             _crash(settings, runner, exc)
 
     async def _run_stage(stream: Any) -> None:
+        if sdef.once_per_request:
+            await gate.start()  # every answer already published is known before any input
         async with sdef.open(settings, runner) as handler:
             pipeline: BatchPipeline | ConcurrentPipeline
             if sdef.concurrency is not None:

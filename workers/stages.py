@@ -41,6 +41,9 @@ class StageDef:
     published and acked when done (the query path), instead of ordered batches."""
     on_dead_letter: Callable[[DeadLettered], Sequence[Emit]] | None = None
     """What the caller is told when one of its messages is dead-lettered."""
+    once_per_request: bool = False
+    """Skip inputs whose request already has its final response (`streams.completions`):
+    after a crash, nothing is generated or answered twice."""
 
 
 class _Resources:
@@ -193,6 +196,7 @@ STAGES: dict[str, StageDef] = {
         _open_retrieve,
         concurrency=lambda s: s.serving.retrieval_concurrency,
         on_dead_letter=_caller_error,
+        once_per_request=True,
     ),
     "generate": StageDef(
         "generate",
@@ -202,6 +206,7 @@ STAGES: dict[str, StageDef] = {
         _open_generate,
         concurrency=lambda s: s.serving.generation_concurrency,
         on_dead_letter=_caller_error,
+        once_per_request=True,
     ),
 }
 """Every stage, registered explicitly."""
