@@ -10,7 +10,7 @@ is needed. `model_server_command()` sets it in the child environment as well.
 
 Models are listed explicitly in `model_specs()`: the MiniLM embedder (dynamically batched) and
 the SmolLM2 generator (decoupled: one request, a stream of responses; its wire contract is in
-`ragstream.infra.generator`). Adding one is one more `ModelSpec` whose `bind` loads the weights
+`ragstream.infra.generator.wire`). Adding one is one more `ModelSpec` whose `bind` loads the weights
 and calls `triton.bind(...)`.
 """
 
@@ -78,7 +78,7 @@ alone vs 432 ms together, measured). `all` is one process with every model (test
 
 def model_specs(settings: Settings, group: ModelGroup = "all") -> tuple[ModelSpec, ...]:
     """The models a server of `group` serves, in load order (explicit registry, no discovery)."""
-    from ragstream.infra.generator import SMOLLM2_MODEL
+    from ragstream.infra.generator.wire import SMOLLM2_MODEL
 
     specs = {
         "embed": (ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),),
@@ -122,27 +122,13 @@ def _bind_generator(triton: Triton, settings: Settings) -> None:
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.proxy.types import Request
 
-    from ragstream.infra.generator import (
-        CANCELLED,
-        FAILED,
-        INVALID_REQUEST,
-        SMOLLM2_MODEL,
-        LlamaEngine,
-        normalize_messages,
-    )
+    from ragstream.infra.generator import wire
+    from ragstream.infra.generator.engine import LlamaEngine
     from ragstream.schemas.errors import BadInputError, DependencyUnavailable
 
     started = time.monotonic()
     engine = LlamaEngine.load(settings.generation)
     logger.info("generator model loaded in %.2f s", time.monotonic() - started)
-
-    def response(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {
-            "TOKEN": np.array([text.encode("utf-8")], dtype=np.object_),
-            "FINISH_REASON": np.array([finish_reason.encode("utf-8")], dtype=np.object_),
-            "PROMPT_TOKENS": np.array([prompt_tokens], dtype=np.int32),
-            "COMPLETION_TOKENS": np.array([completion_tokens], dtype=np.int32),
-        }
 
     async def infer(requests: list[Request]) -> AsyncIterator[list[dict[str, Any]]]:
         # Failures are answered as a last response, never raised: pytriton 0.7 cannot unload
@@ -150,75 +136,46 @@ def _bind_generator(triton: Triton, settings: Settings) -> None:
         if len(requests) != 1:
             # Without a batcher Triton hands the model one request per execution.
             message = f"expected one request per execution, got {len(requests)}"
-            yield [response(message, INVALID_REQUEST, 0, 0) for _ in requests]
+            yield [wire.response_arrays(message, wire.INVALID_REQUEST) for _ in requests]
             return
         try:
             async for item in _generate(requests[0]):
                 yield [item]
         except BadInputError as exc:
-            yield [response(str(exc), INVALID_REQUEST, 0, 0)]
+            yield [wire.response_arrays(str(exc), wire.INVALID_REQUEST)]
         except (DependencyUnavailable, ValueError, KeyError) as exc:
             logger.warning("generation failed: %s", exc)
-            yield [response(str(exc), FAILED, 0, 0)]
+            yield [wire.response_arrays(str(exc), wire.FAILED)]
 
     async def _generate(request: Request) -> AsyncIterator[dict[str, Any]]:
-        stream_id = _optional_text(request.data, "STREAM_ID")
-        if _optional_scalar(request.data, "CANCEL", False):
-            if stream_id:
-                engine.cancel(stream_id)
-            yield response("", CANCELLED, 0, 0)
+        call = wire.parse_call(request.data)
+        if call.cancel:
+            if call.stream_id:
+                engine.cancel(call.stream_id)
+            yield wire.response_arrays("", wire.CANCELLED)
             return
-        try:
-            messages = normalize_messages(json.loads(_as_text(request.data["MESSAGES"].reshape(-1)[0])))
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise BadInputError(f"MESSAGES is not a JSON chat: {exc}") from exc
-        max_tokens = int(request.data["MAX_TOKENS"].reshape(-1)[0])
-        temperature = float(request.data["TEMPERATURE"].reshape(-1)[0])
-        if max_tokens < 1 or temperature < 0:
-            raise BadInputError("MAX_TOKENS must be at least 1 and TEMPERATURE at least 0")
-        timeout_s = float(_optional_scalar(request.data, "TIMEOUT_S", 0.0)) or None
         async for delta in engine.stream(
-            messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            stream_id=stream_id or None,
-            timeout_s=timeout_s,
+            call.messages,
+            max_tokens=call.max_tokens,
+            temperature=call.temperature,
+            stream_id=call.stream_id or None,
+            timeout_s=call.timeout_s,
         ):
-            yield response(
+            yield wire.response_arrays(
                 delta.text, delta.finish_reason or "", delta.prompt_tokens, delta.completion_tokens
             )
 
-    scalar = (1,)
     triton.bind(
-        model_name=SMOLLM2_MODEL,
+        model_name=wire.SMOLLM2_MODEL,
         infer_func=infer,
         inputs=[
-            Tensor(name="MESSAGES", dtype=bytes, shape=scalar),
-            Tensor(name="MAX_TOKENS", dtype=np.int32, shape=scalar),
-            Tensor(name="TEMPERATURE", dtype=np.float32, shape=scalar),
-            Tensor(name="STREAM_ID", dtype=bytes, shape=scalar, optional=True),
-            Tensor(name="TIMEOUT_S", dtype=np.float32, shape=scalar, optional=True),
-            Tensor(name="CANCEL", dtype=np.bool_, shape=scalar, optional=True),
+            Tensor(name=spec.name, dtype=spec.dtype, shape=wire.SHAPE, optional=spec.optional)
+            for spec in wire.INPUTS
         ],
-        outputs=[
-            Tensor(name="TOKEN", dtype=bytes, shape=scalar),
-            Tensor(name="FINISH_REASON", dtype=bytes, shape=scalar),
-            Tensor(name="PROMPT_TOKENS", dtype=np.int32, shape=scalar),
-            Tensor(name="COMPLETION_TOKENS", dtype=np.int32, shape=scalar),
-        ],
+        outputs=[Tensor(name=spec.name, dtype=spec.dtype, shape=wire.SHAPE) for spec in wire.OUTPUTS],
         config=ModelConfig(batching=False, decoupled=True),
         strict=True,
     )
-
-
-def _optional_text(data: Mapping[str, npt.NDArray[Any]], name: str) -> str:
-    value = data.get(name)
-    return "" if value is None or value.size == 0 else _as_text(value.reshape(-1)[0])
-
-
-def _optional_scalar(data: Mapping[str, npt.NDArray[Any]], name: str, default: Any) -> Any:
-    value = data.get(name)
-    return default if value is None or value.size == 0 else value.reshape(-1)[0].item()
 
 
 def _as_text(item: object) -> str:

@@ -4,11 +4,13 @@
   `kind` as the reason, and the caller (if one can be identified) gets an error response.
 - `TransientError`: a dependency hiccup. The stage retries with backoff, then dead-letters.
 - `ConfigError`: the deployment is wrong. The process fails at start with a clear message.
+- `FencedError`: another process owns what this one writes. This one stops, before writing.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AuditQueryError",
     "BadInputError",
     "ConfigError",
     "DeadlineExceeded",
@@ -18,6 +20,8 @@ __all__ = [
     "PublishStalled",
     "RetriesExhausted",
     "EmptyDocument",
+    "FencedError",
+    "GenerationTimeout",
     "RagstreamError",
     "SchemaViolation",
     "StartupError",
@@ -85,6 +89,14 @@ class RetriesExhausted(BadInputError):
     kind = "retries_exhausted"
 
 
+class AuditQueryError(BadInputError):
+    """SQL over the audit tables that cannot run: DuckDB rejects it, or it names a table that
+    does not exist. Nothing is retried; the caller (`ragstream sql`) gets the reason and fixes
+    the query."""
+
+    kind = "invalid_audit_query"
+
+
 # --- retry ------------------------------------------------------------------------------
 class TransientError(RagstreamError):
     """A dependency failed in a way that may pass. Retry after `retry_after_s`."""
@@ -109,6 +121,13 @@ class DeadlineExceeded(DependencyUnavailable):
     kind = "deadline_exceeded"
 
 
+class GenerationTimeout(DeadlineExceeded):
+    """The generator did not finish the answer within the caller's `timeout_s`. Handled as any
+    `DeadlineExceeded`: the caller gets a deadline error response, the answer is not retried."""
+
+    kind = "generation_timeout"
+
+
 class PublishStalled(TransientError):
     """The broker refused a stage's outputs past `kafka.publish_retry_budget_s`. The worker
     exits so its supervisor restarts it (counted, with this reason); nothing was acked, so the
@@ -128,3 +147,13 @@ class StartupError(RagstreamError):
     """A component of the stack could not be started or did not become ready in time."""
 
     kind = "startup_error"
+
+
+# --- stop -------------------------------------------------------------------------------
+class FencedError(RagstreamError):
+    """Another process writes what this one was about to: a second audit sink committing to
+    the same table. This process stops at once, before writing anything, and does not retry:
+    the other writer owns the table. Give every table one sink (`audit.sinks`); a restarted
+    second sink stops again at its first commit."""
+
+    kind = "fenced"

@@ -1,13 +1,17 @@
-"""Generator helpers: UTF-8 safe deltas, routes, and token counts equal to the model's own."""
+"""Generator helpers: the wire contract, UTF-8 safe deltas, routes, the GGUF header, and token
+counts equal to the model's own."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from ragstream.infra.generator import (
@@ -18,9 +22,20 @@ from ragstream.infra.generator import (
     read_gguf_metadata,
     resolve_route,
     smollm2_gguf_path,
+    wire,
 )
 from ragstream.infra.settings import GenerationSettings
-from ragstream.schemas.errors import BadInputError, UnknownRoute
+from ragstream.schemas.errors import BadInputError, StartupError, UnknownRoute
+
+DEPLOY_CONFIG = (
+    Path(__file__).resolve().parents[2]
+    / "infra"
+    / "deploy"
+    / "triton"
+    / "model_repository"
+    / SMOLLM2_MODEL
+    / "config.pbtxt"
+)
 
 TEXT = "Ünïcödé — emoji 🚀👩‍👩‍👧 and 中文字符, naïve café."
 
@@ -71,6 +86,86 @@ def test_gguf_header_gives_the_trained_context() -> None:
     meta = read_gguf_metadata(smollm2_gguf_path())
     assert meta["llama.context_length"] == 8192
     assert len(meta["tokenizer.ggml.tokens"]) == meta["llama.vocab_size"]
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "smollm")
+    assert len(meta["tokenizer.ggml.merges"]) > 0
+    assert "<|im_start|>" in meta["tokenizer.chat_template"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model", b"GGUF\x03\x00\x00\x00" + b"\xff" * 16])
+def test_a_file_that_is_not_a_gguf_model_fails_at_startup(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(StartupError, match="GGUF header"):
+        read_gguf_metadata(path)
+
+
+# --- the wire contract, as the client sends it and both servers read it ----------------
+def test_a_request_reaches_the_server_as_sent() -> None:
+    messages = normalize_messages([{"role": "user", "content": "Qu'est-ce qu'un arc-en-ciel ? 🌈"}])
+    inputs = wire.request_arrays(messages, max_tokens=8, temperature=0.5, stream_id="s-1", timeout_s=3.0)
+    assert wire.parse_call(inputs) == wire.GenerationCall(messages, 8, 0.5, "s-1", 3.0)
+
+
+def test_a_cancel_names_the_stream_to_stop() -> None:
+    call = wire.parse_call(wire.cancel_arrays("s-1"))
+    assert (call.cancel, call.stream_id) == (True, "s-1")
+
+
+def test_a_request_without_a_timeout_has_no_server_deadline() -> None:
+    inputs = wire.request_arrays(
+        normalize_messages("hi"), max_tokens=1, temperature=0.0, stream_id="", timeout_s=0.0
+    )
+    assert wire.parse_call(inputs).timeout_s is None
+    del inputs[wire.TIMEOUT_S], inputs[wire.STREAM_ID]
+    assert wire.parse_call(inputs).timeout_s is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (wire.MESSAGES, np.array([b"not json"], dtype=np.object_)),
+        (wire.MESSAGES, np.array([b'{"role": "user"}'], dtype=np.object_)),
+        (wire.MESSAGES, np.array([b"[]"], dtype=np.object_)),
+        (wire.MAX_TOKENS, np.array([0], dtype=np.int32)),
+        (wire.TEMPERATURE, np.array([-1.0], dtype=np.float32)),
+        (wire.MAX_TOKENS, None),
+    ],
+)
+def test_a_malformed_request_is_bad_input(name: str, value: Any) -> None:
+    inputs = wire.request_arrays(
+        normalize_messages("hi"), max_tokens=4, temperature=0.0, stream_id="s", timeout_s=1.0
+    )
+    if value is None:
+        del inputs[name]
+    else:
+        inputs[name] = value
+    with pytest.raises(BadInputError):
+        wire.parse_call(inputs)
+
+
+def test_a_response_reaches_the_client_as_sent() -> None:
+    arrays = wire.response_arrays("café 🚀", wire.STOP, 12, 3)
+    assert wire.parse_response(arrays) == wire.GenerationResponse("café 🚀".encode(), "stop", 12, 3)
+    assert wire.parse_response({}) == wire.GenerationResponse(b"", "", 0, 0)
+
+
+def test_the_production_model_config_declares_the_wire_tensors() -> None:
+    # The deploy model.py reads tensors by wire's names; config.pbtxt must declare the same ones.
+    triton_type = {
+        bytes: "TYPE_STRING",
+        np.int32: "TYPE_INT32",
+        np.float32: "TYPE_FP32",
+        np.bool_: "TYPE_BOOL",
+    }
+    text = DEPLOY_CONFIG.read_text()
+    inputs_text, outputs_text = text.split("\noutput [", 1)
+    pattern = re.compile(r'name: "(\w+)"\s*data_type: (\w+)\s*dims: \[ 1 \](\s*optional: true)?')
+
+    def declared(section: str) -> list[tuple[str, str, bool]]:
+        return [(name, kind, bool(optional)) for name, kind, optional in pattern.findall(section)]
+
+    assert declared(inputs_text) == [(t.name, triton_type[t.dtype], t.optional) for t in wire.INPUTS]
+    assert declared(outputs_text) == [(t.name, triton_type[t.dtype], t.optional) for t in wire.OUTPUTS]
 
 
 # --- the tokenizer against the model's own (llama.cpp in xllamacpp, vocab and template) ----
