@@ -67,7 +67,7 @@ class LlamaEngine:
 
     @classmethod
     def load(cls, settings: GenerationSettings, gguf_path: Path | None = None) -> LlamaEngine:
-        """Load the GGUF (about 3 s, ~200 MiB; 2.5 s of it reading the header). Blocking.
+        """Load the GGUF (about 0.5 s, ~200 MiB). Blocking.
 
         xllamacpp also serves llama.cpp's HTTP API on a random 127.0.0.1 port; nothing uses it.
 
