@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from ragstream.infra.generator import SMOLLM2_MODEL
+from ragstream.infra.generator import SMOLLM2_MODEL, wire
 from ragstream.infra.settings import AuditSettings, GenerationSettings, ServingSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -412,50 +413,35 @@ def test_every_route_names_a_model_in_the_repository(services: dict[str, dict[st
     assert set(routes.values()) <= served
 
 
-def _tensor_specs(call: ast.expr, constants: dict[str, Any]) -> dict[str, tuple[int, list[int], bool]]:
-    """`Tensor(name=..., dtype=..., shape=..., optional=...)` calls as {name: (type, dims, optional)}."""
+def _wire_specs(specs: Any) -> dict[str, tuple[int, list[int], bool]]:
+    """The generator's wire contract (`infra.generator.wire`) as {name: (type, dims, optional)}."""
     dtypes = {
-        "bytes": model_config_pb2.TYPE_STRING,
-        "np.int32": model_config_pb2.TYPE_INT32,
-        "np.float32": model_config_pb2.TYPE_FP32,
-        "np.bool_": model_config_pb2.TYPE_BOOL,
+        bytes: model_config_pb2.TYPE_STRING,
+        np.int32: model_config_pb2.TYPE_INT32,
+        np.float32: model_config_pb2.TYPE_FP32,
+        np.bool_: model_config_pb2.TYPE_BOOL,
     }
-    specs = {}
-    assert isinstance(call, ast.List)
-    for tensor in call.elts:
-        assert isinstance(tensor, ast.Call)
-        kw = {k.arg: k.value for k in tensor.keywords}
-        shape = kw["shape"]
-        dims = constants[shape.id] if isinstance(shape, ast.Name) else ast.literal_eval(shape)
-        optional = ast.literal_eval(kw["optional"]) if "optional" in kw else False
-        specs[ast.literal_eval(kw["name"])] = (dtypes[ast.unparse(kw["dtype"])], list(dims), optional)
-    return specs
+    return {t.name: (dtypes[t.dtype], list(wire.SHAPE), t.optional) for t in specs}
 
 
-def _local_generator_binding() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Inputs, outputs and ModelConfig kwargs that infra/model_server.py binds for SmolLM2."""
+def _local_generator_config() -> dict[str, Any]:
+    """The ModelConfig kwargs infra/model_server.py binds SmolLM2 with (it binds the tensors of
+    `wire.INPUTS`/`wire.OUTPUTS`, checked below against the deploy config.pbtxt)."""
     module = ast.parse(MODEL_SERVER.read_text())
     [function] = [
         node for node in module.body if isinstance(node, ast.FunctionDef) and node.name == "_bind_generator"
     ]
-    constants = {
-        node.targets[0].id: ast.literal_eval(node.value)
-        for node in ast.walk(function)
-        if isinstance(node, ast.Assign)
-        and isinstance(node.targets[0], ast.Name)
-        and isinstance(node.value, ast.Tuple)
-    }
     [bind] = [
         node
         for node in ast.walk(function)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "bind"
     ]
     kw = {k.arg: k.value for k in bind.keywords}
-    assert ast.unparse(kw["model_name"]) == "SMOLLM2_MODEL"
+    assert ast.unparse(kw["model_name"]) == "wire.SMOLLM2_MODEL"
+    assert "wire.INPUTS" in ast.unparse(kw["inputs"]) and "wire.OUTPUTS" in ast.unparse(kw["outputs"])
     config = kw["config"]
     assert isinstance(config, ast.Call)
-    config_kwargs = {str(k.arg): ast.literal_eval(k.value) for k in config.keywords}
-    return _tensor_specs(kw["inputs"], constants), _tensor_specs(kw["outputs"], constants), config_kwargs
+    return {str(k.arg): ast.literal_eval(k.value) for k in config.keywords}
 
 
 def _specs(tensors: Any) -> dict[str, tuple[int, list[int], bool]]:
@@ -465,7 +451,8 @@ def _specs(tensors: Any) -> dict[str, tuple[int, list[int], bool]]:
 def test_generator_model_matches_the_local_server(services: dict[str, dict[str, Any]]) -> None:
     model_dir = _triton_repository(services) / SMOLLM2_MODEL
     config = _model_config(model_dir / "config.pbtxt")
-    inputs, outputs, local = _local_generator_binding()
+    local = _local_generator_config()
+    inputs, outputs = _wire_specs(wire.INPUTS), _wire_specs(wire.OUTPUTS)
 
     assert config.name == SMOLLM2_MODEL and config.backend == "python"
     assert (model_dir / "1" / "model.py").is_file()
