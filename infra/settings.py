@@ -76,6 +76,11 @@ class KafkaSettings(_Section):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # TLS material for SSL and SASL_SSL (PEM paths). No CA file means the system's CAs.
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_key_password: SecretStr | None = None
 
     @property
     def embedded(self) -> bool:

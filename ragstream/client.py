@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, 
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from ragstream.infra.kafka import aiokafka_kwargs
+from ragstream.infra.kafka import KafkaConnection
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import DependencyUnavailable, SchemaViolation
 from ragstream.schemas.events import MetadataValue
@@ -196,7 +196,7 @@ class AsyncClient:
 
             kafka = self._settings.kafka
             prefix = kafka.topic_prefix
-            conn = aiokafka_kwargs(kafka)
+            conn = KafkaConnection.from_settings(kafka).aiokafka_kwargs()
             producer = AIOKafkaProducer(
                 **conn,
                 acks="all",

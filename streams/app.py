@@ -19,11 +19,12 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from ragstream.infra.kafka import KafkaConnection
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import ConfigError
 from ragstream.streams.topics import TopicSpec
 
-__all__ = ["RagstreamApp", "create_app"]
+__all__ = ["RagstreamApp", "broker_credentials", "broker_url", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,20 @@ def create_app(
 ) -> RagstreamApp:
     """Build (but do not start) the Faust app of one stage.
 
-    `fetch_max_wait_ms` defaults to `settings.kafka.fetch_max_wait_ms`.
+    `fetch_max_wait_ms` defaults to `settings.kafka.fetch_max_wait_ms`. The app connects as
+    `KafkaConnection.from_settings(settings.kafka)` says, like every other client.
+
+    Raises:
+        ConfigError: the Kafka connection settings are inconsistent or its TLS files unreadable.
     """
     kafka = settings.kafka
+    connection = KafkaConnection.from_settings(kafka)
     datadir = settings.data_dir / "run" / "faust" / stage
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    servers = ";".join(f"kafka://{s}" for s in kafka.servers.split(","))
     app = RagstreamApp(
         f"{kafka.topic_prefix}-{stage}",
-        broker=servers,
-        broker_credentials=_credentials(settings),
+        broker=broker_url(connection),
+        broker_credentials=broker_credentials(connection),
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
@@ -112,12 +117,32 @@ def faust_topic(app: RagstreamApp, settings: Settings, spec: TopicSpec) -> Any:
     )
 
 
-def _credentials(settings: Settings) -> Any:
-    kafka = settings.kafka
-    if kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password is not None:
+def broker_url(connection: KafkaConnection) -> str:
+    """Faust's `broker` setting. The scheme picks the aiokafka transport; it carries no
+    security (Faust has no TLS scheme): that is `broker_credentials`' job."""
+    return ";".join(f"kafka://{server}" for server in connection.bootstrap_servers)
+
+
+def broker_credentials(connection: KafkaConnection) -> Any:
+    """Faust's `broker_credentials` setting: None, `SSLCredentials` or `SASLCredentials`.
+
+    Faust derives aiokafka's `security_protocol` from the credentials' type
+    (`faust.transport.drivers.aiokafka.credentials_to_aiokafka_auth`), not from a setting:
+    no credentials mean PLAINTEXT, and `SASLCredentials` mean SASL_PLAINTEXT unless they hold
+    an `ssl_context`. So TLS must travel inside the credentials.
+
+    Raises:
+        ConfigError: the TLS files cannot be loaded.
+    """
+    context = connection.ssl_context()
+    if connection.uses_sasl:
+        password = connection.sasl_password
         return faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password.get_secret_value(),
-            mechanism=kafka.sasl_mechanism,
+            username=connection.sasl_username,
+            password=None if password is None else password.get_secret_value(),
+            mechanism=connection.sasl_mechanism,
+            ssl_context=context,
         )
+    if context is not None:
+        return faust.SSLCredentials(context)
     return None
