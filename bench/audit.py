@@ -45,16 +45,10 @@ import psutil
 
 from bench.common import REPO, BenchStack, Results, console, verdict
 from ragstream.infra import kafka
-from ragstream.infra.audit.tables import (
-    INFERENCE_LOG,
-    USAGE,
-    Source,
-    ensure_tables,
-    inference_row,
-    rows_to_arrow,
-    sink_name,
-    usage_row,
-)
+from ragstream.infra.audit.buffer import rows_to_arrow
+from ragstream.infra.audit.creation import ensure_tables
+from ragstream.infra.audit.rows import Source, inference_row, usage_row
+from ragstream.infra.audit.tables import INFERENCE_LOG, USAGE, sink_name
 from ragstream.infra.settings import Settings
 from ragstream.schemas.queries import Citation, PromptMessage, QuerySubmitted, ResponseCompleted, Usage
 from ragstream.streams.codec import decode, encode
@@ -175,15 +169,16 @@ def broker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[byte
 _PROFILED_SINK = """
 import cProfile, sys
 import ragstream.workers.sink as sink
+from ragstream.workers.sink_commits import Commits
 loop_prof, commit_prof = cProfile.Profile(), cProfile.Profile()
-plain_commit = sink.AuditSink._commit
+plain_commit = Commits._commit
 def _commit(self, batch):
     commit_prof.enable()
     try:
         return plain_commit(self, batch)
     finally:
         commit_prof.disable()
-sink.AuditSink._commit = _commit
+Commits._commit = _commit
 loop_prof.enable()
 try:
     sink.main(sys.argv[3:])

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from ragstream.infra.audit.buffer import RowBuffer
 from ragstream.infra.audit.commits import (
     JOIN_SINCE_KEY,
     OFFSETS_KEY,
@@ -64,16 +65,8 @@ from ragstream.infra.audit.commits import (
     decode_offsets,
     encode_offsets,
 )
-from ragstream.infra.audit.tables import (
-    DEAD_LETTERS,
-    INFERENCE_LOG,
-    INGESTION_LOG,
-    TABLES,
-    USAGE,
-    AuditSettings,
-    RowBuffer,
+from ragstream.infra.audit.rows import (
     Source,
-    arrow_schema,
     dead_letter_row,
     inference_row,
     ingestion_dead_letter_row,
@@ -82,6 +75,15 @@ from ragstream.infra.audit.tables import (
     no_response_row,
     usage_row,
 )
+from ragstream.infra.audit.tables import (
+    DEAD_LETTERS,
+    INFERENCE_LOG,
+    INGESTION_LOG,
+    TABLES,
+    USAGE,
+    arrow_schema,
+)
+from ragstream.infra.settings import AuditSettings
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 from ragstream.streams.topics import ALL_TOPICS, QUERIES

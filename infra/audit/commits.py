@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ragstream.infra.audit.tables import RowBuffer
-from ragstream.schemas.errors import StartupError
+from ragstream.infra.audit.buffer import RowBuffer
+from ragstream.schemas.errors import FencedError
 
 __all__ = [
     "JOIN_SINCE_KEY",
@@ -113,7 +113,7 @@ def commit_batch(table: Any, batch: Batch, *, attempts: int = 5) -> None:
     that stops us.
 
     Raises:
-        StartupError: another writer is committing offsets to this table.
+        FencedError: another writer is committing offsets to this table.
         CommitFailedException: still conflicting after `attempts` tries.
     """
     from pyiceberg.exceptions import CommitFailedException
@@ -137,7 +137,7 @@ def _check_single_writer(table: Any, batch: Batch) -> None:
     theirs = current.offsets if current.snapshot_id is not None else None
     # Maintenance snapshots carry the offsets they found, so they pass.
     if theirs != batch.base_offsets and not (batch.base_offsets is None and not theirs):
-        raise StartupError(
+        raise FencedError(
             f"audit table {batch.table} holds offsets {theirs} where this sink committed "
             f"{batch.base_offsets}; is a second audit sink running?"
         )

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from ragstream.infra.audit.tables import TABLES, AuditSettings, audit_settings
-from ragstream.infra.settings import Settings
+from ragstream.infra.audit.creation import ensure_tables
+from ragstream.infra.audit.tables import TABLES
+from ragstream.infra.settings import AuditSettings, Settings
 from ragstream.schemas.errors import DependencyUnavailable
 
 __all__ = [
@@ -194,9 +195,7 @@ def maintain(
     Raises:
         DependencyUnavailable: the catalog cannot be reached.
     """
-    from ragstream.infra.audit.tables import ensure_tables
-
-    audit = audit or audit_settings(settings)
+    audit = audit or settings.audit
     tables = ensure_tables(settings)
     try:
         return [maintain_table(t, audit, compact=compact, now=now) for t in tables.values()]

@@ -17,15 +17,9 @@ from typing import Any
 
 from ragstream.infra.audit.tables import TABLES
 from ragstream.infra.settings import Settings
-from ragstream.schemas.errors import BadInputError, DependencyUnavailable
+from ragstream.schemas.errors import AuditQueryError, DependencyUnavailable
 
-__all__ = ["AuditQueryError", "audit_sql", "read_table"]
-
-
-class AuditQueryError(BadInputError):
-    """The SQL is invalid or names something that does not exist."""
-
-    kind = "invalid_audit_query"
+__all__ = ["audit_sql", "read_table"]
 
 
 def _load(settings: Settings, name: str) -> Any:

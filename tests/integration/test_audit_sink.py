@@ -38,8 +38,7 @@ PARTITIONS = 2
 
 _SINK = (
     "import asyncio, logging, sys\n"
-    "from ragstream.infra.settings import load_settings\n"
-    "from ragstream.infra.audit.tables import AuditSettings\n"
+    "from ragstream.infra.settings import AuditSettings, load_settings\n"
     "from ragstream.workers.sink import run_sink\n"
     "logging.basicConfig(level='INFO', format='%(asctime)s %(name)s %(message)s')\n"
     "logging.getLogger('aiokafka').setLevel('WARNING')\n"

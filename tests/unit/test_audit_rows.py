@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ragstream.infra.audit.buffer import RowBuffer, rows_to_arrow
 from ragstream.infra.audit.commits import (
     OFFSETS_KEY,
     Committed,
@@ -20,25 +21,18 @@ from ragstream.infra.audit.commits import (
     load_written_ids,
     read_committed,
 )
-from ragstream.infra.audit.tables import (
-    INFERENCE_LOG,
-    INGESTION_LOG,
-    USAGE,
-    AuditSettings,
-    ModelPrice,
-    RowBuffer,
+from ragstream.infra.audit.creation import ensure_tables
+from ragstream.infra.audit.rows import (
     Source,
-    arrow_schema,
     dead_letter_row,
-    ensure_tables,
     inference_row,
     ingestion_dead_letter_row,
     is_document_dead_letter,
     no_response_row,
-    rows_to_arrow,
     usage_row,
 )
-from ragstream.infra.settings import Settings
+from ragstream.infra.audit.tables import INFERENCE_LOG, INGESTION_LOG, USAGE, arrow_schema
+from ragstream.infra.settings import AuditSettings, ModelPrice, Settings
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
 from ragstream.schemas.queries import (
     Citation,
@@ -332,7 +326,7 @@ def test_new_nullable_column_keeps_old_snapshots_readable(tmp_path: Path) -> Non
     from pyiceberg.schema import Schema
     from pyiceberg.types import NestedField, StringType
 
-    from ragstream.infra.audit.tables import ensure_schema
+    from ragstream.infra.audit.creation import ensure_schema
 
     tables = _open(tmp_path)
     table = tables[USAGE]
@@ -361,6 +355,24 @@ def test_ingestion_rows_land(tmp_path: Path) -> None:
     ]
     assert read_committed(tables[INGESTION_LOG]).offsets == {(I_TOPIC, 0): 1}
     assert b.rows
+
+
+def test_a_second_writer_on_a_table_is_fenced_before_writing(tmp_path: Path) -> None:
+    from ragstream.schemas.errors import FencedError
+
+    table = _open(tmp_path)[USAGE]
+    first, second = _writer(), _writer()  # both started on the empty table
+    first.process(R_TOPIC, 0, 0, _response("a"), T0)
+    commit_batch(table, b := first.take(USAGE, T0))
+    first.committed(b)
+    second.process(R_TOPIC, 0, 0, _response("b"), T0)
+    with pytest.raises(FencedError, match="second audit sink"):
+        commit_batch(table, second.take(USAGE, T0))
+    assert table.scan().to_arrow().column("request_id").to_pylist() == ["a"]
+    # The table's owner goes on committing.
+    first.process(R_TOPIC, 0, 1, _response("c"), T0)
+    commit_batch(table, first.take(USAGE, T0))
+    assert sorted(table.scan().to_arrow().column("request_id").to_pylist()) == ["a", "c"]
 
 
 def test_maintenance_compacts_closed_days_keeps_offsets_and_cleans_up(tmp_path: Path) -> None:

@@ -1,0 +1,273 @@
+"""The audit tables' Iceberg schemas: every column, with the doc a reader sees in the catalog.
+
+One builder per table (registered in `ragstream.infra.audit.tables.TABLES`); field ids are
+assigned in order, and every table ends with the same lineage columns. pyiceberg is imported
+inside the builders, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "LATENCY_STAGES",
+    "dead_letter_schema",
+    "inference_schema",
+    "ingestion_schema",
+    "usage_schema",
+]
+
+LATENCY_STAGES: tuple[str, ...] = (
+    "queue_retrieval",
+    "embed_query",
+    "search",
+    "retrieval",
+    "queue_generation",
+    "prompt",
+    "time_to_first_token",
+    "generation",
+    "total",
+)
+"""Stages with their own `latency_<stage>_ms` column; every stage is also in `latency_ms`."""
+
+
+def _fields() -> Any:
+    from pyiceberg.types import NestedField
+
+    counter = iter(range(1, 10_000))
+
+    def f(name: str, typ: Any, doc: str, required: bool = False) -> NestedField:
+        return NestedField(next(counter), name, typ, required=required, doc=doc)
+
+    return f, counter
+
+
+def _lineage(f: Any, event_time: str) -> list[Any]:
+    from pyiceberg.types import DateType, IntegerType, LongType, StringType, TimestamptzType
+
+    return [
+        f(
+            "event_date",
+            DateType(),
+            f"UTC day of {event_time}: the partition column. Filter on it to read only some days.",
+            True,
+        ),
+        f("kafka_topic", StringType(), "Topic of the record this row was built from."),
+        f("kafka_partition", IntegerType(), "Partition of that record."),
+        f("kafka_offset", LongType(), "Offset of that record."),
+        f("logged_at", TimestamptzType(), "When the audit sink built the row (UTC).", True),
+    ]
+
+
+def inference_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import (
+        BooleanType,
+        DoubleType,
+        IntegerType,
+        ListType,
+        LongType,
+        MapType,
+        StringType,
+        StructType,
+        TimestamptzType,
+    )
+
+    f, ids = _fields()
+
+    def nf(name: str, typ: Any, doc: str = "") -> Any:
+        from pyiceberg.types import NestedField
+
+        return NestedField(next(ids), name, typ, required=False, doc=doc or None)
+
+    fields = [
+        f("request_id", StringType(), "The request id (= trace id).", True),
+        f("tenant", StringType(), "Tenant the request ran under."),
+        f("user", StringType(), "Who asked."),
+        f(
+            "submitted_at",
+            TimestamptzType(),
+            "QuerySubmitted.produced_at; if the query was never seen, the response time minus "
+            "its total latency. event_date is its UTC day.",
+            True,
+        ),
+        f("completed_at", TimestamptzType(), "ResponseCompleted.produced_at; null for no_response."),
+        f("deadline_at", TimestamptzType(), "submitted_at + deadline_ms, when the query was seen."),
+        f("question", StringType(), "The question as asked."),
+        f("conversation_id", StringType(), "Conversation the question belongs to, if any."),
+        f(
+            "retrieved_chunk_ids",
+            ListType(next(ids), StringType(), element_required=False),
+            "Chunks retrieval chose, best first.",
+        ),
+        f(
+            "retrieved_scores",
+            ListType(next(ids), DoubleType(), element_required=False),
+            "Their scores, same order.",
+        ),
+        f(
+            "citations",
+            ListType(
+                next(ids),
+                StructType(
+                    nf("number", IntegerType(), "The [n] used in the answer."),
+                    nf("document_id", StringType()),
+                    nf("chunk_id", StringType()),
+                    nf("title", StringType()),
+                    nf("score", DoubleType()),
+                    nf("source", StringType()),
+                    nf("cited", BooleanType(), "True when the answer refers to [n]."),
+                ),
+                element_required=False,
+            ),
+            "Sources offered to the model, numbered as in the prompt.",
+        ),
+        f("prompt_template_version", StringType(), "Version of the prompt template used."),
+        f(
+            "prompt_messages",
+            ListType(
+                next(ids),
+                StructType(nf("role", StringType()), nf("content", StringType())),
+                element_required=False,
+            ),
+            "The exact chat messages sent to the model, in order (for audit and replay).",
+        ),
+        f("answer", StringType(), "The final answer text."),
+        f(
+            "status",
+            StringType(),
+            "ok, error, blocked, or no_response (no response by deadline + grace).",
+            True,
+        ),
+        f("error_reason", StringType(), "Why the status is not ok."),
+        f("model_id", StringType(), "Model that generated the answer."),
+        f("route", StringType(), "Generation route (requested route for no_response rows)."),
+        f("finish_reason", StringType(), "stop, length, deadline or error."),
+        f("prompt_tokens", LongType(), "Prompt tokens."),
+        f("completion_tokens", LongType(), "Completion tokens."),
+        f("total_tokens", LongType(), "prompt_tokens + completion_tokens."),
+        *[
+            f(
+                f"latency_{stage}_ms",
+                DoubleType(),
+                f"Latency of stage {stage!r} in ms (null if not measured).",
+            )
+            for stage in LATENCY_STAGES
+        ],
+        f(
+            "latency_ms",
+            MapType(next(ids), StringType(), next(ids), DoubleType(), value_required=False),
+            "Every per-stage latency in ms, including stages without their own column.",
+        ),
+        f("streamed", BooleanType(), "Whether token deltas were streamed."),
+        f("delta_count", IntegerType(), "Token deltas published before the final response."),
+        f(
+            "guardrail",
+            StructType(
+                nf("verdict", StringType(), "allow, block, redact, ..."),
+                nf("reasons", ListType(next(ids), StringType(), element_required=False)),
+                nf("categories", ListType(next(ids), StringType(), element_required=False)),
+                nf("checker", StringType()),
+                nf("score", DoubleType()),
+            ),
+            "Reserved for the guardrail verdict (null until guardrails record one).",
+        ),
+        f(
+            "judge",
+            StructType(
+                nf("faithfulness", DoubleType()),
+                nf("relevance", DoubleType()),
+                nf("scores", MapType(next(ids), StringType(), next(ids), DoubleType(), value_required=False)),
+                nf("model", StringType()),
+                nf("verdict", StringType()),
+                nf("rationale", StringType()),
+            ),
+            "Reserved for answer-quality judgements (null until a judge records one).",
+        ),
+        f("response_event_id", StringType(), "event_id of the ResponseCompleted."),
+        f("query_topic", StringType(), "Topic of the QuerySubmitted record, when seen."),
+        f("query_partition", IntegerType(), "Its partition."),
+        f("query_offset", LongType(), "Its offset."),
+        *_lineage(f, "submitted_at"),
+    ]
+    return Schema(*fields)
+
+
+def usage_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import BooleanType, DoubleType, LongType, StringType, TimestamptzType
+
+    f, _ = _fields()
+    return Schema(
+        f("request_id", StringType(), "The request id.", True),
+        f("event_time", TimestamptzType(), "When the response completed; event_date is its UTC day.", True),
+        f("tenant", StringType(), "Tenant billed."),
+        f("user", StringType(), "Who asked."),
+        f("model_id", StringType(), "Model that generated the answer."),
+        f("route", StringType(), "Generation route."),
+        f("prompt_tokens", LongType(), "Prompt tokens."),
+        f("completion_tokens", LongType(), "Completion tokens."),
+        f("total_tokens", LongType(), "prompt_tokens + completion_tokens."),
+        f(
+            "estimated_cost",
+            DoubleType(),
+            "prompt/1000 * input_per_1k + completion/1000 * output_per_1k from audit.prices; "
+            "null when the model has no price.",
+        ),
+        f("status", StringType(), "ok, error or blocked.", True),
+        f("streamed", BooleanType(), "Whether token deltas were streamed."),
+        *_lineage(f, "event_time"),
+    )
+
+
+def ingestion_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import IntegerType, LongType, StringType, TimestamptzType
+
+    f, _ = _fields()
+    return Schema(
+        f("event_time", TimestamptzType(), "When the outcome was produced; event_date is its UTC day.", True),
+        f("tenant", StringType(), "Tenant of the document."),
+        f("document_id", StringType(), "The document (null if a dead letter could not name it)."),
+        f("source_event_id", StringType(), "event_id of the DocumentSubmitted."),
+        f("event_id", StringType(), "event_id of the DocumentIndexed or DeadLettered."),
+        f("outcome", StringType(), "indexed, unchanged, deleted, stale or dead_lettered.", True),
+        f("version", LongType(), "Document version."),
+        f("fingerprint", StringType(), "Content fingerprint that was indexed."),
+        f("chunk_count", IntegerType(), "Chunks written."),
+        f("chunks_removed", IntegerType(), "Chunks removed."),
+        f("stage", StringType(), "Stage that dead-lettered the document."),
+        f("error", StringType(), "error_kind: message, for dead letters."),
+        *_lineage(f, "event_time"),
+    )
+
+
+def dead_letter_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import BinaryType, BooleanType, IntegerType, LongType, StringType, TimestamptzType
+
+    f, _ = _fields()
+    return Schema(
+        f(
+            "event_time",
+            TimestamptzType(),
+            "When the message was dead-lettered; event_date is its UTC day.",
+            True,
+        ),
+        f("event_id", StringType(), "event_id of the DeadLettered."),
+        f("trace_id", StringType(), "Trace the bad message belonged to."),
+        f("tenant", StringType(), "Tenant, when known."),
+        f("stage", StringType(), "Stage that gave up on the message.", True),
+        f("error_kind", StringType(), "Error class kind (schema_violation, ...).", True),
+        f("message", StringType(), "Human-readable reason."),
+        f("original", BinaryType(), "The original message bytes (possibly truncated)."),
+        f("original_truncated", BooleanType(), "True when original was cut short."),
+        f("original_topic", StringType(), "Where the original message was read."),
+        f("original_partition", IntegerType(), "Its partition."),
+        f("original_offset", LongType(), "Its offset."),
+        f("original_key", StringType(), "Its key."),
+        f("source_event_id", StringType(), "Submission it stems from, if known."),
+        f("request_id", StringType(), "Request it stems from, if known."),
+        f("document_id", StringType(), "Document it stems from, if known."),
+        *_lineage(f, "event_time"),
+    )
