@@ -24,7 +24,7 @@ from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import SchemaViolation
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, DocumentSubmitted, Event, MetadataValue
 from ragstream.streams.codec import decode, encode
-from ragstream.streams.stage import Message, dead_letter_record
+from ragstream.streams.runner import Message, dead_letter_record
 from ragstream.streams.topics import DEADLETTER, DOCUMENTS, INDEXED
 
 __all__ = ["IngestReport", "Outcome", "collect_files", "document_id_for", "ingest"]

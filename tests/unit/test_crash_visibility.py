@@ -25,7 +25,7 @@ def test_a_crashing_stage_exits_its_worker_with_the_reason_in_its_heartbeat(tmp_
         from pathlib import Path
         from ragstream.infra.settings import Settings
         from ragstream.schemas.errors import StartupError
-        from ragstream.streams.stage import StageRunner
+        from ragstream.streams.runner import StageRunner
         from ragstream.workers.main import _crash
 
         async def send(*a):
