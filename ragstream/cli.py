@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from ragstream.audit_cli import sql as audit_sql_command
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import RagstreamError
+
+if TYPE_CHECKING:
+    from ragstream.client import AskOptions
 
 app = typer.Typer(
     help="ragstream: documents and questions over Kafka, models on Triton, answers you can audit.",
@@ -489,7 +492,15 @@ def ask(
     ] = "anonymous",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Chunks to retrieve.")] = 5,
     alpha: Annotated[float, typer.Option(help="Hybrid weighting: 1 = vector only, 0 = keyword only.")] = 0.5,
-    route: Annotated[str, typer.Option(help="Generation route (names the model).")] = "default",
+    mode: Annotated[str, typer.Option(help="Retrieval: hybrid, vector or keyword.")] = "hybrid",
+    neighbours: Annotated[int, typer.Option(help="Also use this many chunks either side of each hit.")] = 0,
+    document_id: Annotated[
+        list[str] | None, typer.Option("--document-id", help="Search only these documents (repeatable).")
+    ] = None,
+    route: Annotated[
+        str | None,
+        typer.Option(help="Generation route (names the model); default: generation.default_route."),
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 256,
     temperature: Annotated[float, typer.Option()] = 0.2,
     deadline_ms: Annotated[int, typer.Option("--deadline-ms", help="Time budget for the answer.")] = 30_000,
@@ -499,13 +510,17 @@ def ask(
 
     Exit code 0 when answered, 1 on an error (deadline included), 3 when blocked.
     """
+
     settings = _settings(config)
-    options: dict[str, Any] = {
+    options: AskOptions = {
         "tenant": tenant,
         "user": user,
         "groups": group or [],
         "top_k": top_k,
         "alpha": alpha,
+        "mode": mode,  # type: ignore[typeddict-item]  # validated by the contract
+        "neighbours": neighbours,
+        "document_ids": document_id or None,
         "route": route,
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -523,9 +538,7 @@ def ask(
     raise typer.Exit(_ASK_EXIT.get(response.status, 1))
 
 
-async def _ask(
-    settings: Settings, question: str, options: dict[str, Any], *, stream: bool
-) -> tuple[Any, bool]:
+async def _ask(settings: Settings, question: str, options: AskOptions, *, stream: bool) -> tuple[Any, bool]:
     """The final response, and whether any of its text was printed as it streamed."""
     from ragstream.client import AsyncClient
 
