@@ -23,6 +23,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from ragstream.infra.files import write_json_atomic
 from ragstream.schemas.errors import ConfigError
 
 __all__ = [
@@ -463,9 +464,5 @@ def write_settings_file(settings: Settings, path: Path) -> Path:
         return value
 
     data = plain(settings.model_dump(exclude={"config_file"}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.touch(mode=0o600)
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, data, mode=0o600, indent=2)  # it holds secrets
     return path

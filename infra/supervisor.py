@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragstream.infra.files import write_json_atomic
 from ragstream.schemas.errors import StartupError
 
 __all__ = ["Component", "Supervisor", "read_state", "stop_stack"]
@@ -262,9 +263,7 @@ class Supervisor:
                 for c in self.components
             },
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_path)
+        write_json_atomic(self.state_path, state, indent=2)
 
 
 def _describe(code: int) -> str:

@@ -26,7 +26,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import re
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,7 +41,7 @@ from ragstream.schemas.errors import (
     SchemaViolation,
     TransientError,
 )
-from ragstream.schemas.events import DeadLettered, Event, new_id
+from ragstream.schemas.events import IDENTIFIER_RE, DeadLettered, Event, new_id
 from ragstream.schemas.queries import ResponseCompleted
 from ragstream.streams.codec import decode, encode, sniff_ids
 from ragstream.streams.completions import CompletedRequests
@@ -56,7 +55,6 @@ E = TypeVar("E", bound=Event)
 _MAX_ORIGINAL_BYTES = 1_000_000
 _MAX_KEY_BYTES = 1024
 _MAX_REASON_CHARS = 2000
-_IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,255}")
 _RECORD_OVERHEAD_BYTES = 1024
 """Headroom under `kafka.max_message_bytes` for the record's framing and headers."""
 
@@ -533,7 +531,7 @@ def _dead_letter_record(stage: str, message: Message, kind: str, reason: str) ->
 
 
 def _ident(value: str | None, max_len: int = 256) -> str | None:
-    if value and len(value) <= max_len and _IDENT.fullmatch(value):
+    if value and len(value) <= max_len and IDENTIFIER_RE.fullmatch(value):
         return value
     return None
 

@@ -10,7 +10,6 @@ hands them to the `StageRunner` with the stage's `handle`. A timer writes a hear
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ragstream.infra.files import write_json_atomic
 from ragstream.infra.settings import Settings
 from ragstream.schemas.events import Event
 from ragstream.streams.app import RagstreamApp, create_app, faust_topic
@@ -174,28 +174,24 @@ def _crash(settings: Settings, runner: StageRunner, exc: BaseException) -> NoRet
 
 
 def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "stage": stage,
-                "pid": os.getpid(),
-                "ts": time.time(),
-                "ready": runner.ready and assigned,
-                "processed": runner.processed,
-                "dead_lettered": runner.dead_lettered,
-                "crashed": runner.crashed,
-                "stalled_since": runner.stalled_since,
-                "stalled_reason": runner.stalled_reason,
-                "publish_retries": runner.publish_retries,
-                "inflight": len(runner.inflight),
-                "oldest_inflight_s": round(runner.inflight.oldest_age_s(), 3),
-                "duplicates_skipped": runner.duplicates_skipped,
-            }
-        )
+    write_json_atomic(
+        path,
+        {
+            "stage": stage,
+            "pid": os.getpid(),
+            "ts": time.time(),
+            "ready": runner.ready and assigned,
+            "processed": runner.processed,
+            "dead_lettered": runner.dead_lettered,
+            "crashed": runner.crashed,
+            "stalled_since": runner.stalled_since,
+            "stalled_reason": runner.stalled_reason,
+            "publish_retries": runner.publish_retries,
+            "inflight": len(runner.inflight),
+            "oldest_inflight_s": round(runner.inflight.oldest_age_s(), 3),
+            "duplicates_skipped": runner.duplicates_skipped,
+        },
     )
-    tmp.replace(path)
 
 
 def run_worker(settings: Settings, stages: str | Sequence[str]) -> None:
