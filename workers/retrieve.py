@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
+
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.settings import Settings
 from ragstream.infra.vectorstore.base import SearchHit, SearchQuery, VectorStore
@@ -67,15 +69,17 @@ async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Event
 async def _retrieve(
     query: QuerySubmitted, deps: RetrievalDeps, latency: dict[str, float]
 ) -> list[RetrievedChunk]:
-    """Retries transient failures until the caller's deadline cancels it."""
-    while True:
-        try:
-            return await _retrieve_once(query, deps, latency)
-        except TransientError as exc:
-            if remaining_s(query) <= _RETRY_DELAY_S:
-                raise
-            log.warning("retrieval for %s failed (%s); retrying", query.request_id, exc)
-            await asyncio.sleep(_RETRY_DELAY_S)
+    """Retries transient failures while the caller's deadline leaves room for another try."""
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(TransientError),
+        stop=lambda _: remaining_s(query) <= _RETRY_DELAY_S,
+        wait=wait_fixed(_RETRY_DELAY_S),
+        before_sleep=lambda rs: log.warning(
+            "retrieval for %s failed (%s); retrying", query.request_id, rs.outcome and rs.outcome.exception()
+        ),
+        reraise=True,
+    )
+    return await retrying(_retrieve_once, query, deps, latency)
 
 
 async def _retrieve_once(

@@ -286,3 +286,35 @@ def test_every_stage_declares_where_each_of_its_outputs_goes() -> None:
         )
     assert {s.name: s.consumes for s in STAGES.values()}["generate"] == RETRIEVALS
     assert INDEXED in ingest.STAGE.produces
+
+
+async def test_retrieval_retries_a_flaky_embedder_within_the_deadline_then_answers() -> None:
+    from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted
+    from ragstream.workers import retrieve
+
+    class Flaky:
+        model_id = "fake"
+        calls = 0
+
+        async def embed(self, texts: Sequence[str]) -> Any:
+            Flaky.calls += 1
+            if Flaky.calls < 3:
+                raise DependencyUnavailable("triton restarting")
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    class Empty:
+        async def search(self, query: Any) -> list[Any]:
+            return []
+
+    deps = retrieve.RetrievalDeps(embedder=Flaky(), store=Empty())  # type: ignore[arg-type]
+    (out,) = await retrieve.handle([QuerySubmitted(question="q?", deadline_ms=5_000)], deps)
+    assert isinstance(out, ContextRetrieved) and Flaky.calls == 3
+
+    class Down(Flaky):
+        async def embed(self, texts: Sequence[str]) -> Any:
+            raise DependencyUnavailable("triton down")
+
+    deps = retrieve.RetrievalDeps(embedder=Down(), store=Empty())  # type: ignore[arg-type]
+    (out,) = await retrieve.handle([QuerySubmitted(question="q?", deadline_ms=700)], deps)
+    assert isinstance(out, ResponseCompleted) and out.status == "error"
+    assert (out.error_reason or "").startswith("retrieval_failed: triton down")
