@@ -62,7 +62,7 @@ async def _embedding_texts(path: Path, settings: Settings) -> list[str]:
             out = await handle_document(doc, build_deps(s, store))
         finally:
             await store.close()
-        return [e.event.chunk.embedding_text() for e in out if isinstance(e.event, ChunkCreated)]
+        return [e.chunk.embedding_text() for e in out if isinstance(e, ChunkCreated)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

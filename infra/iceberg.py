@@ -5,9 +5,10 @@ Only catalog access lives here for now; the audit tables and their writer build 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_incrementing
 
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import ConfigError, DependencyUnavailable
@@ -54,16 +55,16 @@ def open_catalog(settings: Settings) -> Any:
     # Two processes opening a new SQLite catalog at once (two audit sinks starting together)
     # both try to create its bookkeeping tables, and the loser gets "table ... already
     # exists" (or "database is locked"): harmless, the next try finds the tables.
-    attempts = 5 if props["type"] == "sql" else 1
-    for attempt in range(attempts):
-        try:
-            return load_catalog(settings.iceberg.catalog_name, **props)
-        except Exception as exc:  # sqlalchemy, http and OS errors each have their own types
-            if attempt + 1 < attempts and _is_sqlite_init_race(exc):
-                time.sleep(0.1 * (attempt + 1))
-                continue
-            raise DependencyUnavailable(f"cannot open Iceberg catalog {props['uri']}: {exc}") from exc
-    raise AssertionError("unreachable")
+    retrying = Retrying(
+        retry=retry_if_exception(_is_sqlite_init_race),
+        stop=stop_after_attempt(5 if props["type"] == "sql" else 1),
+        wait=wait_incrementing(start=0.1, increment=0.1),
+        reraise=True,
+    )
+    try:
+        return retrying(load_catalog, settings.iceberg.catalog_name, **props)
+    except Exception as exc:  # sqlalchemy, http and OS errors each have their own types
+        raise DependencyUnavailable(f"cannot open Iceberg catalog {props['uri']}: {exc}") from exc
 
 
 def _is_sqlite_init_race(exc: BaseException) -> bool:
@@ -92,11 +93,7 @@ def create_namespace(catalog: Any, namespace: str, attempts: int = 5) -> None:
     Raises:
         Exception: whatever the catalog raised on the last attempt.
     """
-    for attempt in range(attempts):
-        try:
-            catalog.create_namespace_if_not_exists(namespace)
-            return
-        except Exception:  # an IntegrityError from SQLite, a 409 from a REST catalog, ...
-            if attempt + 1 == attempts:
-                raise
-            time.sleep(0.1 * (attempt + 1))
+    # Any error: an IntegrityError from SQLite, a 409 from a REST catalog, ...
+    Retrying(
+        stop=stop_after_attempt(attempts), wait=wait_incrementing(start=0.1, increment=0.1), reraise=True
+    )(catalog.create_namespace_if_not_exists, namespace)

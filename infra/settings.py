@@ -9,8 +9,6 @@ or file. Nothing else in ragstream reads `os.environ`.
 
 from __future__ import annotations
 
-import json
-import tomllib
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -19,10 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    JsonConfigSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
 )
 
+from ragstream.infra.files import write_json_atomic
 from ragstream.schemas.errors import ConfigError
 
 __all__ = [
@@ -402,30 +404,37 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         for source in self._named_by:
             raw = source().get("config_file")
             if raw:
-                return read_config_file(Path(str(raw)).expanduser())
+                return read_config_file(Path(str(raw)).expanduser(), self.settings_cls)
         return {}
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse a config file; unknown keys fail later in validation, with their name.
+def read_config_file(path: Path, settings_cls: type[BaseSettings] | None = None) -> dict[str, Any]:
+    """Parse a config file with pydantic-settings' own TOML/YAML/JSON source (by suffix);
+    unknown keys fail later in validation, with their name.
 
     Raises:
-        ConfigError: the file cannot be read or parsed.
+        ConfigError: the file is missing, has another suffix, or cannot be parsed.
     """
+    sources: dict[str, tuple[Any, str]] = {
+        ".toml": (TomlConfigSettingsSource, "toml_file"),
+        ".yaml": (YamlConfigSettingsSource, "yaml_file"),
+        ".yml": (YamlConfigSettingsSource, "yaml_file"),
+        ".json": (JsonConfigSettingsSource, "json_file"),
+    }
+    if path.suffix not in sources:
+        raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    if not path.is_file():  # the library's sources skip a missing file silently
+        raise ConfigError(f"cannot read config file {path}: no such file")
+    source, argument = sources[path.suffix]
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    try:
-        if path.suffix == ".toml":
-            data: Any = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        data: Any = source(settings_cls or Settings, **{argument: path})()
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        yaml.YAMLError,
+    ) as exc:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"config file {path} is not valid: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
@@ -468,9 +477,5 @@ def write_settings_file(settings: Settings, path: Path) -> Path:
         return value
 
     data = plain(settings.model_dump(exclude={"config_file"}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.touch(mode=0o600)
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, data, mode=0o600, indent=2)  # it holds secrets
     return path

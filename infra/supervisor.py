@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragstream.infra.files import write_json_atomic
 from ragstream.schemas.errors import StartupError
 
-__all__ = ["Component", "Supervisor", "read_state", "stop_stack"]
+__all__ = ["Component", "Supervisor", "pid_alive", "read_state", "stop_stack"]
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +263,7 @@ class Supervisor:
                 for c in self.components
             },
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_path)
+        write_json_atomic(self.state_path, state, indent=2)
 
 
 def _describe(code: int) -> str:
@@ -316,8 +315,9 @@ def read_state(state_path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
+def pid_alive(pid: object) -> bool:
+    """True if `pid` names a running process (not a zombie)."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -341,16 +341,16 @@ def stop_stack(state_path: Path, timeout_s: float = 60.0) -> bool:
     sup = state.get("supervisor_pid")
     sup = sup if isinstance(sup, int) else None
     children = [v.get("pid") for v in state.get("components", {}).values()]
-    if not _alive(sup) and not any(_alive(p) for p in children):
+    if not pid_alive(sup) and not any(pid_alive(p) for p in children):
         return False
-    if sup is not None and _alive(sup):
+    if sup is not None and pid_alive(sup):
         os.kill(sup, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while _alive(sup) and time.monotonic() < deadline:
+        while pid_alive(sup) and time.monotonic() < deadline:
             time.sleep(0.1)
     # Backstop: whatever the supervisor could not stop (or if it was killed).
     for pid in children:
-        if _alive(pid):
+        if pid_alive(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,9 +19,13 @@ from rich.table import Table
 
 from ragstream.audit_cli import audit_app
 from ragstream.audit_cli import sql as audit_sql_command
+from ragstream.health import stack_health
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import RagstreamError
+
+if TYPE_CHECKING:
+    from ragstream.client import AskOptions
 
 app = typer.Typer(
     help="ragstream: documents and questions over Kafka, models on Triton, answers you can audit.",
@@ -71,12 +75,12 @@ def up(
 
     In the foreground, Ctrl-C stops everything. With --detach, use `ragstream down`.
     """
-    from ragstream.infra.supervisor import read_state
+    from ragstream.infra.supervisor import pid_alive, read_state
     from ragstream.stack import build_supervisor, state_path
 
     settings = _settings(config)
     state = read_state(state_path(settings))
-    if state and _pid_alive(state.get("supervisor_pid")):
+    if state and pid_alive(state.get("supervisor_pid")):
         err.print(
             f"[red]A stack is already running (supervisor pid {state['supervisor_pid']}).[/] Use `ragstream down`."
         )
@@ -164,7 +168,7 @@ def status(
 ) -> None:
     """Show the health of each component. Exit code 1 if any is down."""
     settings = _settings(config)
-    rows = _health(settings)
+    rows = stack_health(settings)
     if as_json:
         console.print_json(json.dumps(rows))
     else:
@@ -173,134 +177,8 @@ def status(
         raise typer.Exit(1)
 
 
-_STUCK_AFTER_S = 300.0
-"""A stage holding the same work this long is reported stuck (every stage call is bounded
-well below it: deadlines on the query path, retry budgets on the document path)."""
-
-
-def _stage_problem(hb: dict[str, Any] | None) -> str | None:
-    """Why a stage that still beats is not healthy: crashed, stalled publishing, or stuck."""
-    if not hb:
-        return None
-    if hb.get("crashed"):
-        return f"CRASHED: {hb['crashed']}"
-    if hb.get("stalled_since"):
-        return f"STALLED publishing since {time.strftime('%H:%M:%S', time.localtime(hb['stalled_since']))}: {hb.get('stalled_reason')}"
-    oldest = hb.get("oldest_inflight_s") or 0
-    if isinstance(oldest, int | float) and oldest > _STUCK_AFTER_S:
-        return f"STUCK: holding work for {oldest:.0f}s"
-    return None
-
-
-def _health(settings: Settings) -> list[dict[str, Any]]:
-    from ragstream.infra import kafka
-    from ragstream.infra.audit.tables import sink_name
-    from ragstream.infra.supervisor import read_state
-    from ragstream.infra.triton import is_ready as triton_ready
-    from ragstream.stack import audit_components, state_path, worker_health
-    from ragstream.workers.stages import parse_stages
-
-    state = read_state(state_path(settings)) or {}
-    comps = state.get("components", {})
-
-    def proc_info(name: str) -> dict[str, Any]:
-        c = comps.get(name, {})
-        return {"pid": c.get("pid"), "restarts": c.get("restarts", 0), "last_exit": c.get("last_exit")}
-
-    rows: list[dict[str, Any]] = []
-    broker_ok = kafka.broker_is_up(settings, timeout_s=1.0)
-    rows.append(
-        {"component": "broker", "healthy": broker_ok, "detail": settings.kafka.servers, **proc_info("broker")}
-    )
-    for name, group, url in (
-        ("triton", "embed", settings.triton.grpc_url),
-        ("triton-llm", "generate", settings.generation_grpc_url),
-    ):
-        t = triton_ready(settings, timeout_s=1.0, group=group)  # type: ignore[arg-type]
-        models = ", ".join(f"{k}={'ready' if v else 'down'}" for k, v in t.items() if k != "server")
-        rows.append(
-            {
-                "component": name,
-                "healthy": all(t.values()),
-                "detail": f"{url} {models}",
-                **proc_info(name),
-            }
-        )
-    stages = [st for spec in settings.workers for st in parse_stages(spec)]
-    for stage in stages:
-        hb = worker_health(settings, stage)
-        problem = _stage_problem(hb)
-        detail = (
-            f"processed={hb.get('processed')} dead_lettered={hb.get('dead_lettered')}"
-            f" inflight={hb.get('inflight', 0)}"
-            + (f" duplicates_skipped={hb['duplicates_skipped']}" if hb.get("duplicates_skipped") else "")
-            + (f" {problem}" if problem else "")
-            if hb
-            else "no recent heartbeat"
-        )
-        rows.append(
-            {
-                "component": f"worker-{stage}",
-                "healthy": bool(hb and hb.get("ready")) and problem is None,
-                "detail": detail,
-                **proc_info(_process_of(comps, stage)),
-            }
-        )
-    for component, tables in audit_components(settings):
-        hb = worker_health(settings, sink_name(tables))
-        rows.append(
-            {
-                "component": component,
-                "healthy": bool(hb and hb.get("ready")),
-                "detail": f"tables={','.join(tables)} live={hb.get('live')} pending_queries={hb.get('pending_queries')}"
-                if hb
-                else "no recent heartbeat",
-                **proc_info(component),
-            }
-        )
-    lance = Path(settings.lancedb_uri)
-    rows.append(
-        {
-            "component": "vector-store",
-            "healthy": settings.vector_store.kind != "lancedb" or lance.is_dir(),
-            "detail": f"{settings.vector_store.kind} {lance if settings.vector_store.kind == 'lancedb' else settings.vector_store.weaviate_url}",
-            "pid": None,
-            "restarts": 0,
-            "last_exit": None,
-        }
-    )
-    rows.append(_catalog_row(settings))
-    return rows
-
-
-def _process_of(components: dict[str, Any], stage: str) -> str:
-    """The supervised process (e.g. `worker-ingest+embed+index`) that runs `stage`."""
-    for name in components:
-        if name.startswith("worker-") and stage in name.removeprefix("worker-").split("+"):
-            return str(name)
-    return f"worker-{stage}"
-
-
-def _catalog_row(settings: Settings) -> dict[str, Any]:
-    from ragstream.infra.iceberg import open_catalog
-
-    try:
-        ok = settings.iceberg.namespace in {ns[0] for ns in open_catalog(settings).list_namespaces()}
-        detail = settings.iceberg_catalog_uri
-    except RagstreamError as exc:
-        ok, detail = False, str(exc)
-    return {
-        "component": "iceberg-catalog",
-        "healthy": ok,
-        "detail": detail,
-        "pid": None,
-        "restarts": 0,
-        "last_exit": None,
-    }
-
-
 def _print_status(settings: Settings, rows: list[dict[str, Any]] | None = None) -> None:
-    rows = rows if rows is not None else _health(settings)
+    rows = rows if rows is not None else stack_health(settings)
     table = Table(title="ragstream status")
     for col in ("component", "state", "pid", "restarts", "detail"):
         table.add_column(col)
@@ -309,18 +187,6 @@ def _print_status(settings: Settings, rows: list[dict[str, Any]] | None = None) 
         restarts = str(r["restarts"] or 0) + (f" ({r['last_exit']})" if r.get("last_exit") else "")
         table.add_row(r["component"], state, str(r["pid"] or ""), restarts, r["detail"])
     console.print(table)
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -489,7 +355,15 @@ def ask(
     ] = "anonymous",
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Chunks to retrieve.")] = 5,
     alpha: Annotated[float, typer.Option(help="Hybrid weighting: 1 = vector only, 0 = keyword only.")] = 0.5,
-    route: Annotated[str, typer.Option(help="Generation route (names the model).")] = "default",
+    mode: Annotated[str, typer.Option(help="Retrieval: hybrid, vector or keyword.")] = "hybrid",
+    neighbours: Annotated[int, typer.Option(help="Also use this many chunks either side of each hit.")] = 0,
+    document_id: Annotated[
+        list[str] | None, typer.Option("--document-id", help="Search only these documents (repeatable).")
+    ] = None,
+    route: Annotated[
+        str | None,
+        typer.Option(help="Generation route (names the model); default: generation.default_route."),
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 256,
     temperature: Annotated[float, typer.Option()] = 0.2,
     deadline_ms: Annotated[int, typer.Option("--deadline-ms", help="Time budget for the answer.")] = 30_000,
@@ -499,13 +373,17 @@ def ask(
 
     Exit code 0 when answered, 1 on an error (deadline included), 3 when blocked.
     """
+
     settings = _settings(config)
-    options: dict[str, Any] = {
+    options: AskOptions = {
         "tenant": tenant,
         "user": user,
         "groups": group or [],
         "top_k": top_k,
         "alpha": alpha,
+        "mode": mode,  # type: ignore[typeddict-item]  # validated by the contract
+        "neighbours": neighbours,
+        "document_ids": document_id or None,
         "route": route,
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -523,9 +401,7 @@ def ask(
     raise typer.Exit(_ASK_EXIT.get(response.status, 1))
 
 
-async def _ask(
-    settings: Settings, question: str, options: dict[str, Any], *, stream: bool
-) -> tuple[Any, bool]:
+async def _ask(settings: Settings, question: str, options: AskOptions, *, stream: bool) -> tuple[Any, bool]:
     """The final response, and whether any of its text was printed as it streamed."""
     from ragstream.client import AsyncClient
 

@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypedDict, TypeVar, Unpack, cast
 
 from ragstream.infra.kafka import KafkaConnection
 from ragstream.infra.settings import Settings, load_settings
@@ -35,7 +35,7 @@ from ragstream.schemas.queries import (
 from ragstream.streams.codec import decode, encode
 from ragstream.streams.topics import QUERIES, RESPONSES, TOKENS
 
-__all__ = ["AsyncClient", "Client", "DeltaAssembler", "Response", "build_query"]
+__all__ = ["AskOptions", "AsyncClient", "Client", "DeltaAssembler", "Response", "build_query"]
 
 log = logging.getLogger(__name__)
 
@@ -93,46 +93,59 @@ class DeltaAssembler:
         return answer[len(text) :] if answer.startswith(text) else ""
 
 
+class AskOptions(TypedDict, total=False):
+    """Everything a question can say besides its text, for `ask`, `stream` and `build_query`.
+
+    Omitted options take the contract's defaults (`QuerySubmitted`); `tenant` defaults to
+    `default_tenant` and `route` to `generation.default_route` from the settings.
+    """
+
+    tenant: str | None
+    user: str
+    groups: Sequence[str]
+    top_k: int
+    alpha: float
+    mode: Literal["hybrid", "vector", "keyword"]
+    metadata_filters: dict[str, MetadataValue] | None
+    document_ids: Sequence[str] | None
+    neighbours: int
+    route: str | None
+    max_tokens: int
+    temperature: float
+    deadline_ms: int
+    conversation_id: str | None
+    history: Sequence[ConversationTurn | dict[str, str]]
+
+
+_RETRIEVAL = ("top_k", "alpha", "mode", "neighbours")
+_GENERATION = ("max_tokens", "temperature")
+
+
 def build_query(
-    settings: Settings,
-    question: str,
-    *,
-    tenant: str | None = None,
-    user: str = "anonymous",
-    groups: Sequence[str] = (),
-    top_k: int = 5,
-    alpha: float = 0.5,
-    mode: str = "hybrid",
-    metadata_filters: dict[str, MetadataValue] | None = None,
-    route: str = "default",
-    max_tokens: int = 256,
-    temperature: float = 0.2,
-    deadline_ms: int = 30_000,
-    conversation_id: str | None = None,
-    history: Sequence[ConversationTurn | dict[str, str]] = (),
-    stream: bool = False,
+    settings: Settings, question: str, *, stream: bool = False, **options: Unpack[AskOptions]
 ) -> QuerySubmitted:
     """The `QuerySubmitted` a client publishes for these options.
 
     Raises:
         pydantic.ValidationError: an option is out of range (it is a `ValueError`).
     """
+    o: dict[str, Any] = dict(options)
+    retrieval: dict[str, Any] = {k: o[k] for k in _RETRIEVAL if k in o}
+    retrieval["metadata_filters"] = o.get("metadata_filters") or {}
+    if o.get("document_ids") is not None:
+        retrieval["document_ids"] = tuple(o["document_ids"])
+    generation: dict[str, Any] = {k: o[k] for k in _GENERATION if k in o}
+    generation["route"] = o.get("route") or settings.generation.default_route
+    extra: dict[str, Any] = {k: o[k] for k in ("user", "deadline_ms", "conversation_id") if k in o}
     return QuerySubmitted(
-        tenant=tenant or settings.default_tenant,
-        user=user,
-        access_groups=tuple(groups),
+        tenant=o.get("tenant") or settings.default_tenant,
+        access_groups=tuple(o.get("groups", ())),
         question=question,
-        conversation_id=conversation_id,
-        history=tuple(ConversationTurn.model_validate(t) for t in history),
-        retrieval=RetrievalOptions(
-            top_k=top_k,
-            alpha=alpha,
-            mode=mode,  # type: ignore[arg-type]  # validated by pydantic
-            metadata_filters=metadata_filters or {},
-        ),
-        generation=GenerationOptions(route=route, max_tokens=max_tokens, temperature=temperature),
-        deadline_ms=deadline_ms,
+        history=tuple(ConversationTurn.model_validate(t) for t in o.get("history", ())),
+        retrieval=RetrievalOptions.model_validate(retrieval),
+        generation=GenerationOptions.model_validate(generation),
         stream=stream,
+        **extra,
     )
 
 
@@ -260,25 +273,7 @@ class AsyncClient:
                     pass
             await _stop_all(self._producer, self._consumer)
 
-    async def ask(
-        self,
-        question: str,
-        *,
-        tenant: str | None = None,
-        user: str = "anonymous",
-        groups: Sequence[str] = (),
-        top_k: int = 5,
-        alpha: float = 0.5,
-        mode: str = "hybrid",
-        metadata_filters: dict[str, MetadataValue] | None = None,
-        route: str = "default",
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        deadline_ms: int = 30_000,
-        conversation_id: str | None = None,
-        history: Sequence[ConversationTurn | dict[str, str]] = (),
-        stream: bool = False,
-    ) -> Response:
+    async def ask(self, question: str, *, stream: bool = False, **options: Unpack[AskOptions]) -> Response:
         """Ask a question and wait for its final response.
 
         Never waits much past `deadline_ms`: without a final response by then (plus the
@@ -290,24 +285,7 @@ class AsyncClient:
             pydantic.ValidationError: an option is out of range (it is a `ValueError`).
             RuntimeError: the client was closed.
         """
-        query = build_query(
-            self._settings,
-            question,
-            tenant=tenant,
-            user=user,
-            groups=groups,
-            top_k=top_k,
-            alpha=alpha,
-            mode=mode,
-            metadata_filters=metadata_filters,
-            route=route,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            deadline_ms=deadline_ms,
-            conversation_id=conversation_id,
-            history=history,
-            stream=stream,
-        )
+        query = build_query(self._settings, question, stream=stream, **options)
         final: Response | None = None
         async for item in self._exchange(query):
             if isinstance(item, ResponseCompleted):
@@ -316,24 +294,7 @@ class AsyncClient:
             raise RuntimeError(f"no response for request {query.request_id}")
         return final
 
-    async def stream(
-        self,
-        question: str,
-        *,
-        tenant: str | None = None,
-        user: str = "anonymous",
-        groups: Sequence[str] = (),
-        top_k: int = 5,
-        alpha: float = 0.5,
-        mode: str = "hybrid",
-        metadata_filters: dict[str, MetadataValue] | None = None,
-        route: str = "default",
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        deadline_ms: int = 30_000,
-        conversation_id: str | None = None,
-        history: Sequence[ConversationTurn | dict[str, str]] = (),
-    ) -> AsyncIterator[str | Response]:
+    async def stream(self, question: str, **options: Unpack[AskOptions]) -> AsyncIterator[str | Response]:
         """Ask a question; yield the answer's text deltas in order, then the final response.
 
         For an `ok` response the yielded strings concatenate to `response.answer`. The last
@@ -344,24 +305,7 @@ class AsyncClient:
             pydantic.ValidationError: an option is out of range (it is a `ValueError`).
             RuntimeError: the client was closed.
         """
-        query = build_query(
-            self._settings,
-            question,
-            tenant=tenant,
-            user=user,
-            groups=groups,
-            top_k=top_k,
-            alpha=alpha,
-            mode=mode,
-            metadata_filters=metadata_filters,
-            route=route,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            deadline_ms=deadline_ms,
-            conversation_id=conversation_id,
-            history=history,
-            stream=True,
-        )
+        query = build_query(self._settings, question, stream=True, **options)
         async for item in self._exchange(query):
             yield item
 
@@ -579,25 +523,7 @@ class Client:
             thread.join()
             loop.close()
 
-    def ask(
-        self,
-        question: str,
-        *,
-        tenant: str | None = None,
-        user: str = "anonymous",
-        groups: Sequence[str] = (),
-        top_k: int = 5,
-        alpha: float = 0.5,
-        mode: str = "hybrid",
-        metadata_filters: dict[str, MetadataValue] | None = None,
-        route: str = "default",
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        deadline_ms: int = 30_000,
-        conversation_id: str | None = None,
-        history: Sequence[ConversationTurn | dict[str, str]] = (),
-        stream: bool = False,
-    ) -> Response:
+    def ask(self, question: str, *, stream: bool = False, **options: Unpack[AskOptions]) -> Response:
         """Ask a question and wait for its final response; see `AsyncClient.ask`.
 
         Raises:
@@ -606,44 +532,9 @@ class Client:
             RuntimeError: the client was closed.
         """
         self.start()
-        return self._run(
-            self._client.ask(
-                question,
-                tenant=tenant,
-                user=user,
-                groups=groups,
-                top_k=top_k,
-                alpha=alpha,
-                mode=mode,
-                metadata_filters=metadata_filters,
-                route=route,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                deadline_ms=deadline_ms,
-                conversation_id=conversation_id,
-                history=history,
-                stream=stream,
-            )
-        )
+        return self._run(self._client.ask(question, stream=stream, **options))
 
-    def stream(
-        self,
-        question: str,
-        *,
-        tenant: str | None = None,
-        user: str = "anonymous",
-        groups: Sequence[str] = (),
-        top_k: int = 5,
-        alpha: float = 0.5,
-        mode: str = "hybrid",
-        metadata_filters: dict[str, MetadataValue] | None = None,
-        route: str = "default",
-        max_tokens: int = 256,
-        temperature: float = 0.2,
-        deadline_ms: int = 30_000,
-        conversation_id: str | None = None,
-        history: Sequence[ConversationTurn | dict[str, str]] = (),
-    ) -> Iterator[str | Response]:
+    def stream(self, question: str, **options: Unpack[AskOptions]) -> Iterator[str | Response]:
         """Yield the answer's text deltas in order, then the final response; see
         `AsyncClient.stream`.
 
@@ -655,22 +546,7 @@ class Client:
         self.start()
         agen = cast(
             AsyncGenerator[str | Response, None],
-            self._client.stream(
-                question,
-                tenant=tenant,
-                user=user,
-                groups=groups,
-                top_k=top_k,
-                alpha=alpha,
-                mode=mode,
-                metadata_filters=metadata_filters,
-                route=route,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                deadline_ms=deadline_ms,
-                conversation_id=conversation_id,
-                history=history,
-            ),
+            self._client.stream(question, **options),
         )
         try:
             while (item := self._run(_next_item(agen))) is not _DONE:

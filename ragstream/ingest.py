@@ -22,9 +22,16 @@ from ragstream.infra import kafka
 from ragstream.infra.parsing import media_type_for_path
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import SchemaViolation
-from ragstream.schemas.events import DeadLettered, DocumentIndexed, DocumentSubmitted, Event, MetadataValue
+from ragstream.schemas.events import (
+    IDENTIFIER_CHARS,
+    DeadLettered,
+    DocumentIndexed,
+    DocumentSubmitted,
+    Event,
+    MetadataValue,
+)
 from ragstream.streams.codec import decode, encode
-from ragstream.streams.stage import Message, dead_letter_record
+from ragstream.streams.runner import Message, dead_letter_record
 from ragstream.streams.topics import DEADLETTER, DOCUMENTS, INDEXED
 
 __all__ = ["IngestReport", "Outcome", "collect_files", "document_id_for", "ingest"]
@@ -32,7 +39,7 @@ __all__ = ["IngestReport", "Outcome", "collect_files", "document_id_for", "inges
 log = logging.getLogger(__name__)
 
 _PREVIEW_BYTES = 64 * 1024
-_UNSAFE = re.compile(r"[^A-Za-z0-9._:/@+=-]+")
+_UNSAFE = re.compile(f"[^{IDENTIFIER_CHARS}]+")
 
 
 @dataclass

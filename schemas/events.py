@@ -9,6 +9,7 @@ clients can produce and consume them; `ragstream schemas export` writes the JSON
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -23,6 +24,9 @@ from pydantic import (
 )
 
 __all__ = [
+    "IDENTIFIER_CHARS",
+    "IDENTIFIER_MAX_CHARS",
+    "IDENTIFIER_RE",
     "Chunk",
     "ChunkCreated",
     "ChunkEmbedded",
@@ -45,8 +49,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+IDENTIFIER_CHARS = "A-Za-z0-9._:/@+=-"
+"""What an id may contain (it starts with a letter or digit): the one definition, for the
+contracts, the dead-letter builder and file-name-derived document ids."""
+IDENTIFIER_MAX_CHARS = 256
+IDENTIFIER_RE = re.compile(f"[A-Za-z0-9][{IDENTIFIER_CHARS}]{{0,{IDENTIFIER_MAX_CHARS - 1}}}")
+"""Use with `fullmatch`."""
+
 Identifier = Annotated[
-    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+=-]*$")
+    str,
+    StringConstraints(
+        min_length=1, max_length=IDENTIFIER_MAX_CHARS, pattern=f"^[A-Za-z0-9][{IDENTIFIER_CHARS}]*$"
+    ),
 ]
 """Ids and tenant names: printable, no spaces, safe in filters and file names."""
 

@@ -22,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
-from ragstream.schemas.events import Event
-from ragstream.streams.stage import Emit, Message, StageRunner
+from ragstream.streams.runner import Emit, Handler, Message, StageRunner
 from ragstream.streams.topics import TopicSpec
 
 __all__ = ["BatchPipeline", "ConcurrentPipeline"]
@@ -41,7 +40,7 @@ class BatchPipeline:
         self,
         runner: StageRunner,
         spec: TopicSpec,
-        handler: Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]],
+        handler: Handler,
         *,
         batch_size: int,
         max_wait_s: float,
@@ -136,7 +135,7 @@ class ConcurrentPipeline:
         self,
         runner: StageRunner,
         spec: TopicSpec,
-        handler: Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]],
+        handler: Handler,
         *,
         concurrency: int,
     ) -> None:

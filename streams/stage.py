@@ -1,533 +1,88 @@
-"""Runs stage handlers over Kafka messages: decode, call, publish, dead-letter, retry.
+"""What a stage is: one declaration, read top to bottom.
 
-Handlers are plain async functions in `ragstream.workers`; they take validated events and
-return `Emit`s. Everything Kafka-shaped lives here, so a handler is testable without a broker
-and a Faust agent is three lines.
+Every stage module in `ragstream.workers` ends with a `STAGE = Stage(...)` that names:
+- the topic it `consumes` and the topics it `produces` (each output event goes to the one
+  declared topic that carries its type; the dead-letter topic is implied);
+- its `flow`: ordered micro-batches (`Batched`) or independent requests (`Concurrent`);
+- its `deps`: an async context manager that opens what `handle` needs and closes it after;
+- its `handle(events, deps)`: plain async logic, testable without Kafka.
 
-What happens on failure is decided by the error's class (`ragstream.schemas.errors`):
-- `BadInputError` (including a message that does not decode): dead-letter, move on;
-- `TransientError`: retry in place with backoff (the partition waits, order is kept) until
-  `retry_budget_s` is spent, then dead-letter with kind `retries_exhausted`;
-- anything else is a bug: retried `kafka.internal_error_retries` times, then dead-lettered
-  with kind `internal_error` and the traceback in the log. The worker never dies on a
-  message, and no message blocks its partition.
-
-Publishing is bounded too (`deliver`): outputs that cannot be serialised or are over the
-broker's size limit dead-letter their input (`output_rejected`) before anything is sent; a
-record the broker refuses for good does the same; retriable broker errors back off until
-`kafka.publish_retry_budget_s`, during which the runner reports itself `stalled`, and then
-raise `PublishStalled` so the worker exits and is restarted.
+`ragstream.workers.main` turns a declaration into a Faust agent; `StageRunner`
+(`streams.runner`) does decoding, retries, dead letters and bounded publishing.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import logging
-import re
-import time
-import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from ragstream.infra.settings import Settings
-from ragstream.schemas.errors import (
-    BadInputError,
-    OutputRejected,
-    PublishStalled,
-    RetriesExhausted,
-    SchemaViolation,
-    TransientError,
-)
-from ragstream.schemas.events import DeadLettered, Event, new_id
-from ragstream.schemas.queries import ResponseCompleted
-from ragstream.streams.codec import decode, encode, sniff_ids
-from ragstream.streams.completions import CompletedRequests
-from ragstream.streams.topics import DEADLETTER, TopicSpec, topic_for
+from ragstream.schemas.events import DeadLettered, Event
+from ragstream.streams.runner import StageRunner
+from ragstream.streams.topics import DEADLETTER, TopicSpec
 
-__all__ = ["Emit", "InFlight", "Message", "StageRunner", "dead_letter_record", "emit"]
+__all__ = ["Batched", "Concurrent", "Stage"]
 
-log = logging.getLogger(__name__)
-
-E = TypeVar("E", bound=Event)
-_MAX_ORIGINAL_BYTES = 1_000_000
-_MAX_KEY_BYTES = 1024
-_MAX_REASON_CHARS = 2000
-_IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,255}")
-_RECORD_OVERHEAD_BYTES = 1024
-"""Headroom under `kafka.max_message_bytes` for the record's framing and headers."""
+D = TypeVar("D")
 
 
-class Emit(NamedTuple):
-    topic: TopicSpec
-    event: Event
+@dataclass(frozen=True)
+class Batched:
+    """Ordered micro-batches: up to `size` events, gathered for at most `max_wait_s`, with
+    `depth` batches in flight (>1 only where effects do not depend on order)."""
+
+    size: Callable[[Settings], int]
+    max_wait_s: Callable[[Settings], float] = lambda s: 0.0
+    depth: Callable[[Settings], int] = lambda s: 1
 
 
-def emit(event: Event, topic: TopicSpec | None = None) -> Emit:
-    return Emit(topic or topic_for(event), event)
+@dataclass(frozen=True)
+class Concurrent:
+    """Independent requests, up to `limit` at once, each published and acked when done."""
+
+    limit: Callable[[Settings], int]
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A consumed record, as much as a dead-letter record needs of it."""
+@dataclass(frozen=True)
+class Stage(Generic[D]):
+    name: str
+    consumes: TopicSpec
+    produces: tuple[TopicSpec, ...]
+    flow: Batched | Concurrent
+    deps: Callable[[Settings, StageRunner], AbstractAsyncContextManager[D]]
+    """Opens the stage's dependencies (`contextlib.asynccontextmanager`)."""
+    handle: Callable[[Sequence[Event], D], Awaitable[Sequence[Event]]]
+    fetch_max_wait_ms: Callable[[Settings], int] = lambda s: s.kafka.fetch_max_wait_ms
+    on_dead_letter: Callable[[DeadLettered], Sequence[Event]] | None = None
+    """What the caller is told when one of its messages is dead-lettered."""
+    once_per_request: bool = False
+    """Skip inputs whose request already has its final response (`streams.completions`):
+    after a crash, nothing is generated or answered twice."""
+    _routes: dict[type[Event], TopicSpec] = field(init=False, repr=False, compare=False)
 
-    topic: str
-    partition: int | None
-    offset: int | None
-    key: bytes | None
-    value: bytes | None
+    def __post_init__(self) -> None:
+        routes: dict[type[Event], TopicSpec] = {}
+        for spec in (*self.produces, DEADLETTER):
+            for t in spec.value_types:
+                if t in routes and routes[t] is not spec:
+                    raise TypeError(
+                        f"stage {self.name}: {t.__name__} could go to {routes[t].name} or {spec.name}"
+                    )
+                routes[t] = spec
+        object.__setattr__(self, "_routes", routes)
 
-    @classmethod
-    def from_faust(cls, event: Any) -> Message:
-        m = event.message
-        return cls(m.topic, m.partition, m.offset, m.key, m.value)
-
-
-Sender = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
-"""(topic, key, value) -> an awaitable that resolves when the broker has the record."""
-
-
-@dataclass(slots=True)
-class _Record:
-    emit: Emit
-    topic: str
-    key: bytes
-    value: bytes
-    is_dead_letter: bool = False
-
-
-class InFlight:
-    """Start times of the work a stage holds, so a stuck partition shows in `status`."""
-
-    def __init__(self) -> None:
-        self._since: dict[int, float] = {}
-        self._ids = itertools.count()
-
-    def begin(self) -> int:
-        token = next(self._ids)
-        self._since[token] = time.time()
-        return token
-
-    def end(self, token: int) -> None:
-        self._since.pop(token, None)
-
-    def oldest_age_s(self) -> float:
-        return time.time() - min(self._since.values()) if self._since else 0.0
-
-    def __len__(self) -> int:
-        return len(self._since)
-
-
-class StageRunner:
-    """Calls a stage's handler for each message and publishes what it returns."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        stage: str,
-        send: Sender,
-        *,
-        retry_budget_s: float = 60.0,
-        max_retry_delay_s: float = 5.0,
-        internal_retries: int | None = None,
-        on_dead_letter: Callable[[DeadLettered], Sequence[Emit]] | None = None,
-        completions: CompletedRequests | None = None,
-    ) -> None:
-        self.settings = settings
-        self.stage = stage
-        self._send = send
-        self._on_dead_letter = on_dead_letter
-        self.retry_budget_s = retry_budget_s
-        self.max_retry_delay_s = max_retry_delay_s
-        self.internal_retries = (
-            settings.kafka.internal_error_retries if internal_retries is None else internal_retries
-        )
-        self.ready = False
-        self.processed = 0
-        self.dead_lettered = 0
-        self.publish_retries = 0
-        self.stalled_since: float | None = None
-        """Wall-clock time since which publishing has been failing (None while it works)."""
-        self.stalled_reason: str | None = None
-        self.inflight = InFlight()
-        self.crashed: str | None = None
-        """Why the stage's agent died (the worker exits right after writing it)."""
-        self.duplicates_skipped = 0
-        """Inputs not processed because their request already has its final response."""
-        self.completions = completions
-        """The exactly-once gate for request stages (see `streams.completions`)."""
-        self._claims: dict[tuple[str, int | None, int | None], str] = {}
-        """What the stage's pipeline holds and since when (a stuck partition shows here)."""
-
-    # -- processing (no publishing) ------------------------------------------------------
-    async def process_batch(
-        self,
-        spec: TopicSpec,
-        messages: Sequence[Message],
-        handler: Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]],
-    ) -> list[Emit]:
-        """Decode all, hand the valid ones to `handler` in order, return what to publish.
-
-        The result includes a dead-letter record for each message that failed. If the
-        handler rejects the batch, each event is retried on its own, so only the culprit is
-        dead-lettered. Never raises (but lets cancellation through).
-        """
-        try:
-            return await self._process(spec, messages, handler)
-        except Exception as exc:  # noqa: BLE001 - last line of defence: nothing may vanish
-            out: list[Emit] = []
-            for m in messages:
-                out.extend(self._dead_letter_all(m, exc))
-            return out
-
-    async def _process(
-        self,
-        spec: TopicSpec,
-        messages: Sequence[Message],
-        handler: Callable[[Sequence[Event]], Awaitable[Sequence[Emit]]],
-    ) -> list[Emit]:
-        out: list[Emit] = []
-        good: list[tuple[Message, Event]] = []
-        limit = self.settings.kafka.max_message_bytes
-        for m in messages:
-            try:
-                good.append((m, decode(spec, m.value, max_bytes=limit)))
-            except SchemaViolation as exc:
-                out.extend(self._dead_letter_all(m, exc))
-        if self.completions is not None:
-            good = [(m, e) for m, e in good if self._claim(m, e)]
-        if not good:
-            return out
-        try:
-            # A batch of several is split at once on an unexpected error: only the culprit
-            # should pay for the retries.
-            retries = self.internal_retries if len(good) == 1 else 0
-            out.extend(await self._retrying(lambda: handler([e for _, e in good]), retries))
-            self._progress(len(good))
-            return out
-        except RetriesExhausted as exc:
-            for m, _ in good:
-                out.extend(self._dead_letter_all(m, exc))
-            return out
-        except Exception as exc:  # noqa: BLE001 - isolate the culprit, the worker lives on
-            if len(good) == 1:
-                out.extend(self._dead_letter_all(good[0][0], exc))
-                return out
-            log.info("%s: batch of %d failed (%s); retrying one by one", self.stage, len(good), exc)
-        for m, e in good:
-            try:
-                out.extend(await self._retrying(lambda e=e: handler([e]), self.internal_retries))  # type: ignore[misc]
-                self._progress(1)
-            except Exception as exc:  # noqa: BLE001 - dead-lettered, the worker lives on
-                out.extend(self._dead_letter_all(m, exc))
-        return out
-
-    def _claim(self, m: Message, e: Event) -> bool:
-        """Request stages: skip an input whose request is answered or already in flight."""
-        assert self.completions is not None
-        request_id = getattr(e, "request_id", None)
-        if not isinstance(request_id, str):
-            return True
-        if not self.completions.claim(self.stage, request_id):
-            self.duplicates_skipped += 1
-            log.info(
-                "%s: request %s already answered or in flight; %s[%s]@%s skipped",
-                self.stage,
-                request_id,
-                m.topic,
-                m.partition,
-                m.offset,
-            )
-            return False
-        self._claims[(m.topic, m.partition, m.offset)] = request_id
-        return True
-
-    # -- shared -------------------------------------------------------------------------
-    def _progress(self, n: int) -> None:
-        self.processed += n
-
-    async def _retrying(
-        self, call: Callable[[], Awaitable[Sequence[Emit]]], internal_retries: int
-    ) -> Sequence[Emit]:
-        """Transient errors back off within `retry_budget_s`; bad input is final at once; an
-        unexpected error is tried `internal_retries` more times, then re-raised."""
-        deadline = time.monotonic() + self.retry_budget_s
-        attempt = 0
-        unexpected = 0
-        while True:
-            try:
-                return await call()
-            except BadInputError:
-                raise
-            except TransientError as exc:
-                attempt += 1
-                delay = min(exc.retry_after_s * (2 ** (attempt - 1)), self.max_retry_delay_s)
-                if time.monotonic() + delay > deadline:
-                    raise RetriesExhausted(f"gave up after {attempt} attempts: {exc}") from exc
-                log.warning(
-                    "%s: transient failure (attempt %d, retry in %.2fs): %s", self.stage, attempt, delay, exc
-                )
-                await asyncio.sleep(delay)
-            except Exception as exc:
-                unexpected += 1
-                if unexpected > internal_retries:
-                    raise
-                log.warning(
-                    "%s: unexpected %s (try %d of %d): %s",
-                    self.stage,
-                    type(exc).__name__,
-                    unexpected,
-                    internal_retries + 1,
-                    exc,
-                )
-                await asyncio.sleep(0.1 * 2 ** (unexpected - 1))
-
-    async def send_nowait(self, outputs: Sequence[Emit]) -> list[Awaitable[Any]]:
-        """Send without waiting for the broker; await the returned futures before relying on
-        delivery. Records to one partition keep their order."""
-        prefix = self.settings.kafka.topic_prefix
-        return [
-            await self._send(o.topic.full_name(prefix), o.event.kafka_key(), encode(o.event)) for o in outputs
-        ]
-
-    # -- publishing ---------------------------------------------------------------------
-    async def deliver(self, messages: Sequence[Message], outputs: Sequence[Emit]) -> None:
-        """Publish what `messages` produced, and return once the broker has all of it.
-
-        Bounded: see the module docstring. An output that can never be published
-        dead-letters the input it came from (matched by trace id), not its neighbours.
+    def route(self, event: Event) -> TopicSpec:
+        """The declared output topic for `event`.
 
         Raises:
-            PublishStalled: retriable failures lasted past `kafka.publish_retry_budget_s`,
-                or the dead-letter topic itself refused a record.
+            TypeError: the stage does not declare a topic for this event type (a bug).
         """
-        gate = self.completions
-        if gate is not None:  # a final response is published once, whoever made it
-            outputs = [
-                o
-                for o in outputs
-                if not (isinstance(o.event, ResponseCompleted) and gate.is_done(o.event.request_id))
-            ]
-        records, rejected = self._encode_all(outputs)
-        if rejected:
-            records = self._reject(messages, records, rejected)
-        budget_s = self.settings.kafka.publish_retry_budget_s
-        deadline = time.monotonic() + budget_s
-        delay = 0.1
-        pending = records
-        while pending:
-            retry, refused = await self._send_round(pending)
-            for rec, exc in refused:
-                if rec.is_dead_letter:
-                    raise PublishStalled(f"the dead-letter topic refused a record: {exc}")
-            if refused:
-                refused_traces = {rec.emit.event.trace_id: _describe(exc) for rec, exc in refused}
-                dead = self._reject(messages, [], refused_traces)
-                retry = [r for r in retry if r.emit.event.trace_id not in refused_traces] + dead
-            if not retry:
-                break
-            if time.monotonic() + delay > deadline:
-                raise PublishStalled(f"publishing failed for {budget_s:.0f}s: {self.stalled_reason}")
-            if self.stalled_since is None:
-                self.stalled_since = time.time()
-            self.publish_retries += 1
-            log.warning(
-                "%s: publishing %d record(s) failed (%s); retrying in %.1fs",
-                self.stage,
-                len(retry),
-                self.stalled_reason,
-                delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            pending = retry
-        self.stalled_since = None
-        self.stalled_reason = None
-        if gate is not None:
-            for o in outputs:
-                if isinstance(o.event, ResponseCompleted):
-                    gate.mark_done(o.event.request_id)
-            for m in messages:
-                request_id = self._claims.pop((m.topic, m.partition, m.offset), None)
-                if request_id is not None:
-                    gate.release(self.stage, request_id)
-
-    async def _send_round(
-        self, records: Sequence[_Record]
-    ) -> tuple[list[_Record], list[tuple[_Record, BaseException]]]:
-        """Send all, await all; returns (retriable failures, refused for good)."""
-        sent: list[tuple[_Record, Awaitable[Any] | BaseException]] = []
-        for rec in records:
-            try:
-                sent.append((rec, await self._send(rec.topic, rec.key, rec.value)))
-            except asyncio.CancelledError:
-                raise
-            except Exception as send_error:  # noqa: BLE001 - classified below
-                sent.append((rec, send_error))
-        retry: list[_Record] = []
-        refused: list[tuple[_Record, BaseException]] = []
-        for rec, fut in sent:
-            failure: BaseException
-            if isinstance(fut, BaseException):
-                failure = fut
-            else:
-                try:
-                    await fut
-                    continue
-                except asyncio.CancelledError:
-                    raise
-                except Exception as ack_error:  # noqa: BLE001 - classified below
-                    failure = ack_error
-            if _retriable(failure):
-                self.stalled_reason = _describe(failure)
-                retry.append(rec)
-            else:
-                refused.append((rec, failure))
-        return retry, refused
-
-    def _encode_all(self, outputs: Sequence[Emit]) -> tuple[list[_Record], dict[str, str]]:
-        prefix = self.settings.kafka.topic_prefix
-        limit = self.settings.kafka.max_message_bytes - _RECORD_OVERHEAD_BYTES
-        records: list[_Record] = []
-        rejected: dict[str, str] = {}
-        for o in outputs:
-            name = type(o.event).__name__
-            try:
-                key, value = o.event.kafka_key(), encode(o.event)
-            except Exception as exc:  # noqa: BLE001 - a serialisation bug: the input is dead-lettered
-                rejected[o.event.trace_id] = f"{name} does not serialise: {exc}"
-                continue
-            if len(key) + len(value) > limit:
-                rejected[o.event.trace_id] = (
-                    f"{name} is {len(key) + len(value)} bytes, over kafka.max_message_bytes "
-                    f"({self.settings.kafka.max_message_bytes})"
-                )
-                continue
-            records.append(
-                _Record(o, o.topic.full_name(prefix), key, value, is_dead_letter=o.topic is DEADLETTER)
-            )
-        return records, rejected
-
-    def _reject(
-        self, messages: Sequence[Message], records: list[_Record], rejected: dict[str, str]
-    ) -> list[_Record]:
-        """Drop every output of the inputs named in `rejected` (trace id -> reason) and add
-        their dead letters instead. An output whose input cannot be told rejects the batch."""
-        by_trace: dict[str, list[Message]] = {}
-        for m in messages:
-            ids = sniff_ids(m.value)
-            trace = ids.get("trace_id") or ids.get("request_id") or ids.get("event_id")
-            by_trace.setdefault(trace or "", []).append(m)
-        unknown = [t for t in rejected if t not in by_trace]
-        if unknown:  # cannot tell whose output it was: the whole batch is dead-lettered
-            fallback = rejected[unknown[0]]
-            culprits = [(m, rejected.get(t, fallback)) for t, ms in by_trace.items() for m in ms]
-            kept: list[_Record] = []
-        else:
-            culprits = [(m, reason) for t, reason in rejected.items() for m in by_trace[t]]
-            kept = [r for r in records if r.emit.event.trace_id not in rejected]
-        extra, _ = self._encode_all(
-            [dl for m, reason in culprits for dl in self._dead_letter_all(m, OutputRejected(reason))]
-        )
-        return kept + extra
-
-    def _dead_letter_all(self, message: Message, exc: BaseException) -> list[Emit]:
-        """The dead-letter record, plus whatever the stage tells the caller (if any)."""
-        dl = self._dead_letter(message, exc)
-        out = [dl]
-        if self._on_dead_letter is not None:
-            assert isinstance(dl.event, DeadLettered)
-            try:
-                out.extend(self._on_dead_letter(dl.event))
-            except Exception:  # the dead letter itself must still go out
-                log.exception("%s: could not build the caller's error response", self.stage)
-        return out
-
-    def _dead_letter(self, message: Message, exc: BaseException) -> Emit:
-        if isinstance(exc, BadInputError):
-            kind = exc.kind
-        else:
-            kind = "internal_error"
-            log.error(
-                "%s: unexpected error on %s[%s]@%s; dead-lettered:\n%s",
-                self.stage,
-                message.topic,
-                message.partition,
-                message.offset,
-                "".join(traceback.format_exception(exc)),
-            )
-        record = dead_letter_record(self.stage, message, kind, str(exc) or type(exc).__name__)
-        if kind != "internal_error":
-            log.info("%s: dead-lettered %s: %s", self.stage, kind, record.message[:300])
-        self.dead_lettered += 1
-        return Emit(DEADLETTER, record)
-
-
-def _retriable(exc: BaseException) -> bool:
-    """Kafka clients say so (`retriable`); otherwise only data errors are final."""
-    flag = getattr(exc, "retriable", None)
-    if isinstance(flag, bool):
-        return flag
-    return not isinstance(exc, ValueError | TypeError | UnicodeError | OverflowError)
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
-    return f"{type(exc).__name__}: {exc}"[:500]
-
-
-def dead_letter_record(stage: str, message: Message, kind: str, reason: str) -> DeadLettered:
-    """A dead-letter record that keeps the original bytes and whatever ids can be read.
-
-    Never raises, whatever the message: ids are read with a bounded parser and kept only if
-    they are valid identifiers; the key and the reason are cut to size and made valid UTF-8.
-    """
-    try:
-        return _dead_letter_record(stage, message, kind, reason)
-    except Exception:  # the record must exist; keep what cannot fail
-        log.exception("%s: building a full dead-letter record failed; writing a minimal one", stage)
-        return DeadLettered(
-            stage=stage,
-            error_kind=kind,
-            message=_clean(reason)[:_MAX_REASON_CHARS],
-            original=(message.value or b"")[:_MAX_ORIGINAL_BYTES],
-            original_truncated=len(message.value or b"") > _MAX_ORIGINAL_BYTES,
-            original_topic=message.topic,
-            original_partition=message.partition,
-            original_offset=message.offset,
-        )
-
-
-def _dead_letter_record(stage: str, message: Message, kind: str, reason: str) -> DeadLettered:
-    raw = message.value or b""
-    ids = sniff_ids(raw)
-    key = message.key[:_MAX_KEY_BYTES].decode("utf-8", "replace") if message.key else None
-    request_id = _ident(ids.get("request_id"))
-    return DeadLettered(
-        stage=stage,
-        error_kind=kind,
-        message=_clean(reason)[:_MAX_REASON_CHARS],
-        original=raw[:_MAX_ORIGINAL_BYTES],
-        original_truncated=len(raw) > _MAX_ORIGINAL_BYTES,
-        original_topic=message.topic,
-        original_partition=message.partition,
-        original_offset=message.offset,
-        original_key=_clean(key) if key else None,
-        source_event_id=_ident(ids.get("source_event_id") or ids.get("event_id"), 64),
-        request_id=request_id,
-        document_id=_ident(ids.get("document_id")) or (_clean(key)[:256] if key else None),
-        trace_id=_ident(ids.get("trace_id"), 128) or _ident(request_id, 128) or new_id(),
-        tenant=_ident(ids.get("tenant")) or "unknown",
-    )
-
-
-def _ident(value: str | None, max_len: int = 256) -> str | None:
-    if value and len(value) <= max_len and _IDENT.fullmatch(value):
-        return value
-    return None
-
-
-def _clean(text: str) -> str:
-    return text.encode("utf-8", "replace").decode("utf-8")
+        try:
+            return self._routes[type(event)]
+        except KeyError:
+            raise TypeError(
+                f"stage {self.name} produced {type(event).__name__}, which none of its topics "
+                f"({', '.join(t.name for t in self.produces)}) carries"
+            ) from None

@@ -8,17 +8,20 @@ Retractions pass through in their place, keeping per-document order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 from ragstream.infra.embedder import Embedder
+from ragstream.infra.settings import Settings
 from ragstream.schemas.events import ChunkCreated, ChunkEmbedded, DocumentRetracted, Event
-from ragstream.streams.stage import Emit, emit
-from ragstream.streams.topics import EMBEDDED
+from ragstream.streams.runner import StageRunner
+from ragstream.streams.stage import Batched, Stage
+from ragstream.streams.topics import CHUNKS, EMBEDDED
 
-__all__ = ["handle_chunks"]
+__all__ = ["STAGE", "handle", "open_deps"]
 
 
-async def handle_chunks(events: Sequence[Event], embedder: Embedder) -> list[Emit]:
+async def handle(events: Sequence[Event], embedder: Embedder) -> list[Event]:
     """Embed every chunk in the batch with one model call; keep the input order.
 
     Raises:
@@ -26,24 +29,51 @@ async def handle_chunks(events: Sequence[Event], embedder: Embedder) -> list[Emi
     """
     chunks = [e for e in events if isinstance(e, ChunkCreated)]
     vectors = await embedder.embed([c.chunk.embedding_text() for c in chunks]) if chunks else None
-    out: list[Emit] = []
+    out: list[Event] = []
     i = 0
     for e in events:
         if isinstance(e, ChunkCreated):
             assert vectors is not None
             out.append(
-                emit(
-                    ChunkEmbedded(
-                        source_event_id=e.source_event_id,
-                        trace_id=e.trace_id,
-                        tenant=e.tenant,
-                        chunk=e.chunk,
-                        vector=tuple(float(x) for x in vectors[i]),
-                        embedding_model=embedder.model_id,
-                    )
+                ChunkEmbedded(
+                    source_event_id=e.source_event_id,
+                    trace_id=e.trace_id,
+                    tenant=e.tenant,
+                    chunk=e.chunk,
+                    vector=tuple(float(x) for x in vectors[i]),
+                    embedding_model=embedder.model_id,
                 )
             )
             i += 1
         elif isinstance(e, DocumentRetracted):
-            out.append(emit(e, EMBEDDED))
+            out.append(e)
     return out
+
+
+@asynccontextmanager
+async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Embedder]:
+    from ragstream.infra.embedder import TritonEmbedder
+
+    embedder = TritonEmbedder(settings)
+    await embedder.start()
+    try:
+        yield embedder
+    finally:
+        await embedder.close()
+
+
+STAGE = Stage(
+    name="embed",
+    consumes=CHUNKS,
+    produces=(EMBEDDED,),
+    # Pipelined: the next batch is on Triton while the previous one is published.
+    flow=Batched(
+        size=lambda s: s.embed.batch_size,
+        max_wait_s=lambda s: s.embed.max_wait_ms / 1000,
+        depth=lambda s: s.embed.pipeline_depth,
+    ),
+    deps=open_deps,
+    handle=handle,
+    fetch_max_wait_ms=lambda s: s.kafka.document_path_fetch_max_wait_ms,
+)
+"""Chunks in; chunks with their vectors out, retractions passed through in order."""

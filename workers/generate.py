@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,13 @@ from ragstream.schemas.queries import (
     TokenGenerated,
     Usage,
 )
-from ragstream.streams.stage import Emit, emit
+from ragstream.streams.runner import StageRunner
+from ragstream.streams.stage import Concurrent, Stage
+from ragstream.streams.topics import RESPONSES, RETRIEVALS, TOKENS
 from ragstream.workers.prompt import build_prompt, citations_for
-from ragstream.workers.retrieve import error_response, ms_since, remaining_s
+from ragstream.workers.responses import error_response, invalid_request_response, ms_since, remaining_s
 
-__all__ = ["GenerationDeps", "handle_context"]
+__all__ = ["STAGE", "GenerationDeps", "handle", "handle_context", "open_deps"]
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +44,22 @@ class GenerationDeps:
     generator: Any
     """`stream(model, messages, *, max_tokens, temperature, timeout_s)` -> async deltas."""
     count_tokens: Callable[[str], int]
-    send_nowait: Callable[[Sequence[Emit]], Awaitable[list[Awaitable[Any]]]]
+    send_nowait: Callable[[Sequence[Event]], Awaitable[list[Awaitable[Any]]]]
+    """Publishes token deltas as they come, without waiting for the broker."""
 
 
-async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Emit]:
+async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Event]:
     """Answer one retrieved query; never raises for a valid event."""
     q = ctx.query
     gen = deps.settings.generation
     latency = dict(ctx.latency_ms)
     latency["queue_generation"] = ms_since(ctx.produced_at)
     if remaining_s(q) <= 0:
-        return [emit(error_response(q, "deadline_exceeded: the deadline passed before generation", latency))]
+        return [error_response(q, "deadline_exceeded: the deadline passed before generation", latency)]
     model = gen.routes.get(q.generation.route)
     if model is None:
         known = ", ".join(sorted(gen.routes))
-        return [emit(error_response(q, f"unknown_route: {q.generation.route!r} (known: {known})", latency))]
+        return [error_response(q, f"unknown_route: {q.generation.route!r} (known: {known})", latency)]
 
     t0 = time.perf_counter()
     prompt = await asyncio.to_thread(
@@ -96,7 +100,7 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Em
                             sequence=len(parts),
                             delta=delta.text,
                         )
-                        sent.extend(await deps.send_nowait([emit(token)]))
+                        sent.extend(await deps.send_nowait([token]))
                     parts.append(delta.text)
                 if delta.final:
                     finish_reason = delta.finish_reason
@@ -117,36 +121,65 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Em
     answer = "".join(parts)
     latency["total"] = ms_since(q.produced_at)
     return [
-        emit(
-            ResponseCompleted(
-                request_id=q.request_id,
-                trace_id=q.request_id,
-                tenant=q.tenant,
-                user=q.user,
-                status=status,  # type: ignore[arg-type]
-                error_reason=reason,
-                question=q.question,
-                answer=answer,
-                citations=citations_for(answer, prompt.sources),
-                usage=usage,
-                model_id=model,
-                route=q.generation.route,
-                finish_reason=finish_reason,
-                prompt_template_version=prompt.template_version,
-                prompt_messages=tuple(PromptMessage.model_validate(m) for m in prompt.messages),
-                retrieved_chunk_ids=tuple(c.chunk_id for c in ctx.chunks),
-                retrieved_scores=tuple(c.score for c in ctx.chunks),
-                latency_ms=latency,
-                streamed=q.stream,
-                delta_count=len(parts) if q.stream else 0,
-            )
+        ResponseCompleted(
+            request_id=q.request_id,
+            trace_id=q.request_id,
+            tenant=q.tenant,
+            user=q.user,
+            status=status,  # type: ignore[arg-type]
+            error_reason=reason,
+            question=q.question,
+            answer=answer,
+            citations=citations_for(answer, prompt.sources),
+            usage=usage,
+            model_id=model,
+            route=q.generation.route,
+            finish_reason=finish_reason,
+            prompt_template_version=prompt.template_version,
+            prompt_messages=tuple(PromptMessage.model_validate(m) for m in prompt.messages),
+            retrieved_chunk_ids=tuple(c.chunk_id for c in ctx.chunks),
+            retrieved_scores=tuple(c.score for c in ctx.chunks),
+            latency_ms=latency,
+            streamed=q.stream,
+            delta_count=len(parts) if q.stream else 0,
         )
     ]
 
 
-async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Emit]:
-    out: list[Emit] = []
+async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Event]:
+    out: list[Event] = []
     for e in events:
         assert isinstance(e, ContextRetrieved)  # the topic's contract guarantees it
         out.extend(await handle_context(e, deps))
     return out
+
+
+@asynccontextmanager
+async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[GenerationDeps]:
+    from ragstream.infra.generator import GeneratorTokenizer, TritonGenerator
+
+    async with AsyncExitStack() as stack:
+        generator = TritonGenerator(settings)
+        await generator.start()
+        stack.push_async_callback(generator.close)
+        tokenizer = GeneratorTokenizer(settings)
+        await asyncio.to_thread(tokenizer.load)  # not on the first request's clock
+        yield GenerationDeps(
+            settings=settings,
+            generator=generator,
+            count_tokens=tokenizer.count,
+            send_nowait=runner.send_nowait,
+        )
+
+
+STAGE = Stage(
+    name="generate",
+    consumes=RETRIEVALS,
+    produces=(TOKENS, RESPONSES),
+    flow=Concurrent(limit=lambda s: s.serving.generation_concurrency),
+    deps=open_deps,
+    handle=handle,
+    on_dead_letter=invalid_request_response,
+    once_per_request=True,
+)
+"""Retrieved context in; streamed token deltas and exactly one final response out."""

@@ -17,7 +17,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,11 @@ from ragstream.schemas.events import (
     DocumentSubmitted,
     Event,
 )
-from ragstream.streams.stage import Emit, emit
+from ragstream.streams.runner import StageRunner
+from ragstream.streams.stage import Batched, Stage
+from ragstream.streams.topics import CHUNKS, DOCUMENTS, INDEXED
 
-__all__ = ["IngestDeps", "document_fingerprint", "handle_document"]
+__all__ = ["STAGE", "IngestDeps", "document_fingerprint", "handle", "handle_document", "open_deps"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def document_fingerprint(doc: DocumentSubmitted, data: bytes) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Emit]:
+async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Event]:
     """Turn one submitted document into chunks (or a retraction, or a no-op verdict).
 
     Raises:
@@ -72,18 +75,16 @@ async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Emit
     state = await deps.store.document_state(doc.tenant, doc.document_id)
     if state is not None and doc.version < state.version:
         newest = max(state.fingerprints.values(), key=lambda f: f.version)
-        return [emit(_verdict(doc, "stale", newest.fingerprint, newest.chunk_count))]
+        return [_verdict(doc, "stale", newest.fingerprint, newest.chunk_count)]
 
     if doc.deleted:
         return [
-            emit(
-                DocumentRetracted(
-                    source_event_id=doc.event_id,
-                    trace_id=doc.trace_id,
-                    tenant=doc.tenant,
-                    document_id=doc.document_id,
-                    version=doc.version,
-                )
+            DocumentRetracted(
+                source_event_id=doc.event_id,
+                trace_id=doc.trace_id,
+                tenant=doc.tenant,
+                document_id=doc.document_id,
+                version=doc.version,
             )
         ]
 
@@ -98,39 +99,37 @@ async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Emit
 
     fingerprint = document_fingerprint(doc, data)
     if state is not None and state.is_complete(fingerprint):
-        return [emit(_verdict(doc, "unchanged", fingerprint, state.fingerprints[fingerprint].chunk_count))]
+        return [_verdict(doc, "unchanged", fingerprint, state.fingerprints[fingerprint].chunk_count)]
 
     # Parsing and tokenising are CPU-bound; keep the event loop free for heartbeats.
     spans, title = await asyncio.to_thread(_parse_and_chunk, doc, data, deps)
     title = doc.title or title or doc.source.rsplit("/", 1)[-1] or doc.document_id
     n = len(spans)
     return [
-        emit(
-            ChunkCreated(
-                source_event_id=doc.event_id,
-                trace_id=doc.trace_id,
+        ChunkCreated(
+            source_event_id=doc.event_id,
+            trace_id=doc.trace_id,
+            tenant=doc.tenant,
+            chunk=Chunk(
+                chunk_id=f"{doc.document_id}:{fingerprint[:16]}:{i}",
+                document_id=doc.document_id,
                 tenant=doc.tenant,
-                chunk=Chunk(
-                    chunk_id=f"{doc.document_id}:{fingerprint[:16]}:{i}",
-                    document_id=doc.document_id,
-                    tenant=doc.tenant,
-                    fingerprint=fingerprint,
-                    version=doc.version,
-                    chunk_index=i,
-                    chunk_count=n,
-                    text=span.text,
-                    headings=tuple(span.headings),
-                    char_start=span.char_start,
-                    char_end=span.char_end,
-                    page=span.page,
-                    token_count=span.token_count,
-                    title=title,
-                    source=doc.source,
-                    media_type=doc.media_type,
-                    metadata=doc.metadata,
-                    access_groups=tuple(sorted(set(doc.access_groups))),
-                ),
-            )
+                fingerprint=fingerprint,
+                version=doc.version,
+                chunk_index=i,
+                chunk_count=n,
+                text=span.text,
+                headings=tuple(span.headings),
+                char_start=span.char_start,
+                char_end=span.char_end,
+                page=span.page,
+                token_count=span.token_count,
+                title=title,
+                source=doc.source,
+                media_type=doc.media_type,
+                metadata=doc.metadata,
+                access_groups=tuple(sorted(set(doc.access_groups))),
+            ),
         )
         for i, span in enumerate(spans)
     ]
@@ -166,9 +165,32 @@ def build_deps(settings: Settings, store: VectorStore) -> IngestDeps:
     )
 
 
-async def handle(events: Sequence[Event], deps: IngestDeps) -> list[Emit]:
-    out: list[Emit] = []
+async def handle(events: Sequence[Event], deps: IngestDeps) -> list[Event]:
+    out: list[Event] = []
     for e in events:
         assert isinstance(e, DocumentSubmitted)  # the topic's contract guarantees it
         out.extend(await handle_document(e, deps))
     return out
+
+
+@asynccontextmanager
+async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[IngestDeps]:
+    from ragstream.infra.vectorstore import open_vector_store
+
+    async with AsyncExitStack() as stack:
+        store = open_vector_store(settings)
+        await store.start()
+        stack.push_async_callback(store.close)
+        yield build_deps(settings, store)
+
+
+STAGE = Stage(
+    name="ingest",
+    consumes=DOCUMENTS,
+    produces=(CHUNKS, INDEXED),
+    flow=Batched(size=lambda s: 8),
+    deps=open_deps,
+    handle=handle,
+    fetch_max_wait_ms=lambda s: s.kafka.document_path_fetch_max_wait_ms,
+)
+"""Documents in; their chunks (or a retraction) out, or a verdict when nothing changes."""

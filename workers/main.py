@@ -1,14 +1,15 @@
-"""Worker processes: `ragstream worker STAGE` runs one stage as a Faust worker.
+"""Worker processes: `ragstream worker STAGE[,STAGE...]` runs stages as one Faust worker.
 
-Each stage is a thin agent: it takes messages off its input topic and hands them to the
-`StageRunner` with the stage's plain handler. A timer writes a heartbeat file (liveness,
-partition assignment, counters) that the supervisor and `ragstream status` read.
+Each stage's declaration (`STAGE` at the end of its module, listed in `workers.stages`)
+becomes a thin agent: it opens the stage's deps, takes messages off its input topic and
+hands them to the `StageRunner` with the stage's `handle`. A timer writes a heartbeat file
+(liveness, partition assignment, counters, crash and stall reasons) that the supervisor and
+`ragstream status` read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -17,14 +18,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ragstream.infra.files import write_json_atomic
 from ragstream.infra.settings import Settings
+from ragstream.schemas.events import Event
 from ragstream.streams.app import RagstreamApp, create_app, faust_topic
 from ragstream.streams.completions import CompletedRequests
 from ragstream.streams.pipeline import BatchPipeline, ConcurrentPipeline
-from ragstream.streams.stage import StageRunner
-from ragstream.workers.stages import STAGES, StageDef, heartbeat_path, parse_stages
+from ragstream.streams.runner import StageRunner
+from ragstream.streams.stage import Concurrent, Stage
+from ragstream.workers.stages import STAGES, heartbeat_path, parse_stages
 
-__all__ = ["STAGES", "StageDef", "build_worker_app", "heartbeat_path", "parse_stages", "run_worker"]
+__all__ = ["STAGES", "build_worker_app", "heartbeat_path", "parse_stages", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ def build_worker_app(
 
     completions = CompletedRequests(settings) if any(d.once_per_request for d in defs) else None
     gate = _Gate(completions)
-    runners = [_register_stage(app, settings, sdef, send, gate) for sdef in defs]
+    runners = [_register_stage(app, settings, stage, send, gate) for stage in defs]
     if completions is not None:
 
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]
@@ -98,20 +102,21 @@ class _Gate:
 def _register_stage(
     app: RagstreamApp,
     settings: Settings,
-    sdef: StageDef,
+    stage: Stage[Any],
     send: Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]],
     gate: _Gate,
 ) -> StageRunner:
     runner = StageRunner(
         settings,
-        sdef.name,
+        stage.name,
         send,
-        on_dead_letter=sdef.on_dead_letter,
-        completions=gate.completions if sdef.once_per_request else None,
+        on_dead_letter=stage.on_dead_letter,
+        completions=gate.completions if stage.once_per_request else None,
+        route=stage.route,
     )
-    source = faust_topic(app, settings, sdef.source)
+    source = faust_topic(app, settings, stage.consumes)
 
-    @app.agent(source, name=f"{settings.kafka.topic_prefix}.{sdef.name}")
+    @app.agent(source, name=f"{settings.kafka.topic_prefix}.{stage.name}")
     async def agent(stream: Any) -> None:
         try:
             await _run_stage(stream)
@@ -121,22 +126,27 @@ def _register_stage(
             _crash(settings, runner, exc)
 
     async def _run_stage(stream: Any) -> None:
-        if sdef.once_per_request:
+        if stage.once_per_request:
             await gate.start()  # every answer already published is known before any input
-        async with sdef.open(settings, runner) as handler:
+        async with stage.deps(settings, runner) as deps:
+
+            async def handler(events: Sequence[Event]) -> Sequence[Event]:
+                return await stage.handle(events, deps)
+
             pipeline: BatchPipeline | ConcurrentPipeline
-            if sdef.concurrency is not None:
+            flow = stage.flow
+            if isinstance(flow, Concurrent):
                 pipeline = ConcurrentPipeline(
-                    runner, sdef.source, handler, concurrency=sdef.concurrency(settings)
+                    runner, stage.consumes, handler, concurrency=flow.limit(settings)
                 )
             else:
                 pipeline = BatchPipeline(
                     runner,
-                    sdef.source,
+                    stage.consumes,
                     handler,
-                    batch_size=sdef.batch_size(settings),
-                    max_wait_s=sdef.max_wait_s(settings),
-                    depth=sdef.depth(settings),
+                    batch_size=flow.size(settings),
+                    max_wait_s=flow.max_wait_s(settings),
+                    depth=flow.depth(settings),
                 )
             runner.ready = True
             await pipeline.run(stream.noack().events())
@@ -164,28 +174,24 @@ def _crash(settings: Settings, runner: StageRunner, exc: BaseException) -> NoRet
 
 
 def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "stage": stage,
-                "pid": os.getpid(),
-                "ts": time.time(),
-                "ready": runner.ready and assigned,
-                "processed": runner.processed,
-                "dead_lettered": runner.dead_lettered,
-                "crashed": runner.crashed,
-                "stalled_since": runner.stalled_since,
-                "stalled_reason": runner.stalled_reason,
-                "publish_retries": runner.publish_retries,
-                "inflight": len(runner.inflight),
-                "oldest_inflight_s": round(runner.inflight.oldest_age_s(), 3),
-                "duplicates_skipped": runner.duplicates_skipped,
-            }
-        )
+    write_json_atomic(
+        path,
+        {
+            "stage": stage,
+            "pid": os.getpid(),
+            "ts": time.time(),
+            "ready": runner.ready and assigned,
+            "processed": runner.processed,
+            "dead_lettered": runner.dead_lettered,
+            "crashed": runner.crashed,
+            "stalled_since": runner.stalled_since,
+            "stalled_reason": runner.stalled_reason,
+            "publish_retries": runner.publish_retries,
+            "inflight": len(runner.inflight),
+            "oldest_inflight_s": round(runner.inflight.oldest_age_s(), 3),
+            "duplicates_skipped": runner.duplicates_skipped,
+        },
     )
-    tmp.replace(path)
 
 
 def run_worker(settings: Settings, stages: str | Sequence[str]) -> None:

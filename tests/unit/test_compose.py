@@ -229,7 +229,7 @@ def _healthcheck_command(service: dict[str, Any]) -> list[str]:
 def test_worker_healthcheck_reads_the_heartbeat_the_worker_writes(
     services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
-    from ragstream.streams.stage import StageRunner
+    from ragstream.streams.runner import StageRunner
     from ragstream.workers.main import heartbeat_path, write_heartbeat
 
     settings = Settings(data_dir=Path(_env(services["worker-embed"])["RAGSTREAM_DATA_DIR"]))

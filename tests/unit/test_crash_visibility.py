@@ -25,7 +25,7 @@ def test_a_crashing_stage_exits_its_worker_with_the_reason_in_its_heartbeat(tmp_
         from pathlib import Path
         from ragstream.infra.settings import Settings
         from ragstream.schemas.errors import StartupError
-        from ragstream.streams.stage import StageRunner
+        from ragstream.streams.runner import StageRunner
         from ragstream.workers.main import _crash
 
         async def send(*a):
@@ -94,7 +94,7 @@ def test_the_supervisor_restarts_a_crashed_worker_counts_it_and_keeps_why(tmp_pa
 
 
 def test_status_says_what_is_wrong_with_a_stage_that_still_beats() -> None:
-    from ragstream.cli import _stage_problem
+    from ragstream.health import stage_problem as _stage_problem
 
     assert _stage_problem({"ready": True}) is None
     assert _stage_problem({"crashed": "RecursionError: x"}) == "CRASHED: RecursionError: x"

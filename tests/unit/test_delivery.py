@@ -18,8 +18,12 @@ from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 from ragstream.streams.codec import decode, encode
 from ragstream.streams.completions import CompletedRequests
 from ragstream.streams.pipeline import ConcurrentPipeline
-from ragstream.streams.stage import Emit, Message, StageRunner, emit
-from ragstream.streams.topics import DEADLETTER, DOCUMENTS, QUERIES, RESPONSES
+from ragstream.streams.runner import Emit, Message, StageRunner
+from ragstream.streams.topics import DEADLETTER, DOCUMENTS, QUERIES, RESPONSES, topic_for
+
+
+def emit(event: Event) -> Emit:
+    return Emit(topic_for(event), event)
 
 
 class Refused(Exception):
@@ -155,8 +159,8 @@ async def test_a_pipeline_whose_delivery_gives_up_fails_instead_of_hanging() -> 
     r = StageRunner(settings(publish_retry_budget_s=0.3), "generate", broker.send)
     q = QuerySubmitted(question="q?")
 
-    async def answer(events: Sequence[Event]) -> Sequence[Emit]:
-        return [emit(ResponseCompleted(request_id=q.request_id, trace_id=q.request_id, status="ok"))]
+    async def answer(events: Sequence[Event]) -> Sequence[Event]:
+        return [ResponseCompleted(request_id=q.request_id, trace_id=q.request_id, status="ok")]
 
     async def stream() -> Any:
         event = FakeEvent(encode(q), 0)
@@ -171,7 +175,7 @@ async def test_a_pipeline_whose_delivery_gives_up_fails_instead_of_hanging() -> 
 async def test_a_poison_message_is_retried_then_dead_lettered_as_internal_error() -> None:
     calls = 0
 
-    async def buggy(events: Sequence[Event]) -> Sequence[Emit]:
+    async def buggy(events: Sequence[Event]) -> Sequence[Event]:
         nonlocal calls
         calls += 1
         raise RecursionError("maximum recursion depth exceeded")
@@ -194,9 +198,9 @@ async def test_the_gate_skips_a_request_already_answered_or_in_flight() -> None:
     q = QuerySubmitted(question="q?")
     seen: list[str] = []
 
-    async def answer(events: Sequence[Event]) -> Sequence[Emit]:
+    async def answer(events: Sequence[Event]) -> Sequence[Event]:
         seen.extend(e.request_id for e in events if isinstance(e, QuerySubmitted))
-        return [emit(ResponseCompleted(request_id=q.request_id, trace_id=q.request_id, status="ok"))]
+        return [ResponseCompleted(request_id=q.request_id, trace_id=q.request_id, status="ok")]
 
     first = Message("ragstream.queries", 0, 0, b"k", encode(q))
     again = Message("ragstream.queries", 0, 1, b"k", encode(q))

@@ -24,12 +24,11 @@ from ragstream.schemas.events import (
 )
 from ragstream.schemas.queries import ResponseCompleted, RetrievedChunk
 from ragstream.streams.codec import decode, encode, sniff_ids
-from ragstream.streams.stage import Emit, Message, StageRunner, emit
+from ragstream.streams.runner import Message, StageRunner
 from ragstream.streams.topics import CHUNKS, DEADLETTER, DOCUMENTS, EMBEDDED, QUERIES
-from ragstream.workers.embed import handle_chunks
-from ragstream.workers.index import handle_embedded
+from ragstream.workers import embed, index
 from ragstream.workers.prompt import build_prompt, citations_for
-from ragstream.workers.retrieve import invalid_request_response
+from ragstream.workers.responses import invalid_request_response
 
 
 def chunk(doc: str, i: int, n: int, fp: str = "f" * 16) -> Chunk:
@@ -84,17 +83,13 @@ def msg(value: bytes, offset: int = 0) -> Message:
 async def test_a_bad_message_in_a_batch_is_dead_lettered_alone() -> None:
     seen: list[list[str]] = []
 
-    async def handler(events: Sequence[Event]) -> Sequence[Emit]:
+    async def handler(events: Sequence[Event]) -> Sequence[Event]:
         ids = [e.document_id for e in events if isinstance(e, DocumentSubmitted)]
         seen.append(ids)
         if "bad" in ids:
             raise UnreadableDocument("cannot parse bad")
         return [
-            emit(
-                DocumentIndexed(
-                    source_event_id="x", document_id=i, version=1, outcome="indexed", chunk_count=1
-                )
-            )
+            DocumentIndexed(source_event_id="x", document_id=i, version=1, outcome="indexed", chunk_count=1)
             for i in ids
         ]
 
@@ -120,7 +115,7 @@ async def test_a_bad_message_in_a_batch_is_dead_lettered_alone() -> None:
 async def test_transient_failures_are_retried_then_dead_lettered_as_exhausted() -> None:
     calls = 0
 
-    async def flaky(events: Sequence[Event]) -> Sequence[Emit]:
+    async def flaky(events: Sequence[Event]) -> Sequence[Event]:
         nonlocal calls
         calls += 1
         if calls < 3:
@@ -131,7 +126,7 @@ async def test_transient_failures_are_retried_then_dead_lettered_as_exhausted() 
     assert await r.process_batch(DOCUMENTS, [msg(encode(DocumentSubmitted(document_id="a")))], flaky) == []
     assert calls == 3
 
-    async def down(events: Sequence[Event]) -> Sequence[Emit]:
+    async def down(events: Sequence[Event]) -> Sequence[Event]:
         raise DependencyUnavailable("triton down", retry_after_s=0.05)
 
     (dl,) = await r.process_batch(DOCUMENTS, [msg(encode(DocumentSubmitted(document_id="a")))], down)
@@ -139,7 +134,7 @@ async def test_transient_failures_are_retried_then_dead_lettered_as_exhausted() 
 
 
 async def test_a_bug_in_a_handler_is_dead_lettered_not_raised() -> None:
-    async def buggy(events: Sequence[Event]) -> Sequence[Emit]:
+    async def buggy(events: Sequence[Event]) -> Sequence[Event]:
         raise ZeroDivisionError("oops")
 
     (dl,) = await runner().process_batch(DOCUMENTS, [msg(encode(DocumentSubmitted(document_id="a")))], buggy)
@@ -148,7 +143,7 @@ async def test_a_bug_in_a_handler_is_dead_lettered_not_raised() -> None:
 
 
 async def test_an_invalid_query_with_a_readable_request_id_gets_an_error_response() -> None:
-    async def never(events: Sequence[Event]) -> Sequence[Emit]:
+    async def never(events: Sequence[Event]) -> Sequence[Event]:
         raise AssertionError("invalid queries never reach the handler")
 
     r = runner(on_dead_letter=invalid_request_response)
@@ -179,9 +174,9 @@ async def test_embed_keeps_order_and_passes_retractions_through() -> None:
         DocumentRetracted(source_event_id="s2", document_id="e", version=1),
         ChunkCreated(source_event_id="s", chunk=chunk("d", 1, 2)),
     ]
-    out = await handle_chunks(events, FakeEmbedder())  # type: ignore[arg-type]
-    assert [type(o.event).__name__ for o in out] == ["ChunkEmbedded", "DocumentRetracted", "ChunkEmbedded"]
-    assert out[1].topic == EMBEDDED
+    out = await embed.handle(events, FakeEmbedder())  # type: ignore[arg-type]
+    assert [type(o).__name__ for o in out] == ["ChunkEmbedded", "DocumentRetracted", "ChunkEmbedded"]
+    assert {embed.STAGE.route(o) for o in out} == {EMBEDDED}  # retractions pass through in order
 
 
 class FakeStore:
@@ -222,15 +217,13 @@ async def test_index_swaps_a_version_in_only_when_its_last_chunk_lands_and_appli
     def embedded(c: Chunk) -> ChunkEmbedded:
         return ChunkEmbedded(source_event_id="s", chunk=c, vector=(1.0, 0.0), embedding_model="fake")
 
-    out = await handle_embedded([embedded(chunk("d", 0, 2))], store)  # type: ignore[arg-type]
+    out = await index.handle([embedded(chunk("d", 0, 2))], store)  # type: ignore[arg-type]
     assert out == [] and old.chunk_id in store.rows  # half a new version: old one stays
-    out = await handle_embedded(  # type: ignore[arg-type]
+    out = await index.handle(  # type: ignore[arg-type]
         [embedded(chunk("d", 1, 2)), DocumentRetracted(source_event_id="r", document_id="d", version=2)],
         store,
     )
-    outcomes = [
-        (o.event.outcome, o.event.chunks_removed) for o in out if isinstance(o.event, DocumentIndexed)
-    ]
+    outcomes = [(o.outcome, o.chunks_removed) for o in out if isinstance(o, DocumentIndexed)]
     assert outcomes == [("indexed", 1), ("deleted", 2)]
     assert store.calls[-2:] == ["delete:d:" + "f" * 16, "delete:d:None"]
     assert store.rows == {}
@@ -265,3 +258,63 @@ def test_citations_number_every_source_and_mark_the_cited_ones_first() -> None:
     sources = [retrieved(i, 3) for i in range(3)]
     cites = citations_for("Staff get 27 days [2], see also [9].", sources)
     assert [(c.number, c.cited) for c in cites] == [(2, True), (1, False), (3, False)]
+
+
+# -- declarations -------------------------------------------------------------------------
+def test_every_stage_declares_where_each_of_its_outputs_goes() -> None:
+    from ragstream.schemas.events import ChunkCreated, DocumentRetracted
+    from ragstream.streams.stage import Batched, Stage
+    from ragstream.streams.topics import INDEXED, RETRIEVALS
+    from ragstream.workers import ingest
+    from ragstream.workers.stages import STAGES
+
+    assert list(STAGES) == ["ingest", "embed", "index", "retrieve", "generate"]
+    # A retraction goes to chunks from ingest, to chunks.embedded from embed: declared, not guessed.
+    retracted = DocumentRetracted(source_event_id="e", document_id="a", version=1)
+    assert ingest.STAGE.route(retracted) == CHUNKS and embed.STAGE.route(retracted) == EMBEDDED
+    assert index.STAGE.route(DeadLettered(stage="s", error_kind="k", message="m", original=b"")) == DEADLETTER
+    with pytest.raises(TypeError, match="none of its topics"):
+        index.STAGE.route(ChunkCreated(source_event_id="e", chunk=chunk("a", 0, 1)))
+    with pytest.raises(TypeError, match="could go to"):
+        Stage(
+            name="confused",
+            consumes=DOCUMENTS,
+            produces=(CHUNKS, EMBEDDED),  # both carry DocumentRetracted
+            flow=Batched(size=lambda s: 1),
+            deps=ingest.open_deps,
+            handle=ingest.handle,
+        )
+    assert {s.name: s.consumes for s in STAGES.values()}["generate"] == RETRIEVALS
+    assert INDEXED in ingest.STAGE.produces
+
+
+async def test_retrieval_retries_a_flaky_embedder_within_the_deadline_then_answers() -> None:
+    from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted
+    from ragstream.workers import retrieve
+
+    class Flaky:
+        model_id = "fake"
+        calls = 0
+
+        async def embed(self, texts: Sequence[str]) -> Any:
+            Flaky.calls += 1
+            if Flaky.calls < 3:
+                raise DependencyUnavailable("triton restarting")
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    class Empty:
+        async def search(self, query: Any) -> list[Any]:
+            return []
+
+    deps = retrieve.RetrievalDeps(embedder=Flaky(), store=Empty())  # type: ignore[arg-type]
+    (out,) = await retrieve.handle([QuerySubmitted(question="q?", deadline_ms=5_000)], deps)
+    assert isinstance(out, ContextRetrieved) and Flaky.calls == 3
+
+    class Down(Flaky):
+        async def embed(self, texts: Sequence[str]) -> Any:
+            raise DependencyUnavailable("triton down")
+
+    deps = retrieve.RetrievalDeps(embedder=Down(), store=Empty())  # type: ignore[arg-type]
+    (out,) = await retrieve.handle([QuerySubmitted(question="q?", deadline_ms=700)], deps)
+    assert isinstance(out, ResponseCompleted) and out.status == "error"
+    assert (out.error_reason or "").startswith("retrieval_failed: triton down")

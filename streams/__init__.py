@@ -1,0 +1,1 @@
+"""Stream plumbing: the Faust app, topics, codecs, the stage runner and declarations."""
