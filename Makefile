@@ -39,6 +39,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
+	$(BIN)/python scripts/typecheck_tree.py
 	$(BIN)/mypy
 
 clean:
