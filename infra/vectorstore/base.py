@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from ragstream.schemas.errors import BadInputError, ConfigError
 from ragstream.schemas.events import Chunk, MetadataValue
 
@@ -22,6 +21,8 @@ if TYPE_CHECKING:
     from ragstream.infra.settings import Settings
 
 __all__ = [
+    "chunk_fields",
+    "hit_from_fields",
     "DocumentState",
     "FingerprintState",
     "SearchHit",
@@ -331,3 +332,69 @@ def open_vector_store(settings: Settings) -> VectorStore:
     except KeyError:
         raise ConfigError(f"vector_store.kind={kind!r} is not one of {sorted(_LOADERS)}") from None
     return loader(settings)
+
+
+def chunk_fields(chunk: Chunk) -> dict[str, object]:
+    """What every backend stores of a chunk, besides its vector and backend-specific fields:
+    one mapping, so the backends cannot drift apart."""
+    return {
+        "chunk_id": chunk.chunk_id,
+        "tenant": chunk.tenant,
+        "document_id": chunk.document_id,
+        "fingerprint": chunk.fingerprint,
+        "version": chunk.version,
+        "chunk_index": chunk.chunk_index,
+        "chunk_count": chunk.chunk_count,
+        "text": chunk.text,
+        "headings": list(chunk.headings),
+        "title": chunk.title,
+        "source": chunk.source,
+        "media_type": chunk.media_type,
+        "page": chunk.page,
+        "char_start": chunk.char_start,
+        "char_end": chunk.char_end,
+        "token_count": chunk.token_count,
+        "metadata_json": json.dumps(chunk.metadata, ensure_ascii=False),
+        "metadata_kv": metadata_terms(chunk.metadata),
+        "access_groups": list(chunk.access_groups),
+    }
+
+
+def hit_from_fields(
+    fields: Mapping[str, Any],
+    *,
+    score: float = 0.0,
+    vector_score: float | None = None,
+    keyword_score: float | None = None,
+) -> SearchHit:
+    """A `SearchHit` from what `chunk_fields` stored (missing optional fields take defaults;
+    numbers may come back as floats from some backends)."""
+
+    def number(name: str, default: int) -> int:
+        value = fields.get(name)
+        return default if value is None else int(value)
+
+    page = fields.get("page")
+    return SearchHit(
+        chunk_id=str(fields["chunk_id"]),
+        document_id=str(fields["document_id"]),
+        tenant=str(fields["tenant"]),
+        fingerprint=str(fields["fingerprint"]),
+        version=number("version", 1),
+        chunk_index=number("chunk_index", 0),
+        chunk_count=number("chunk_count", 1),
+        title=str(fields.get("title") or ""),
+        text=str(fields["text"]),
+        headings=tuple(fields.get("headings") or ()),
+        source=str(fields.get("source") or ""),
+        media_type=str(fields.get("media_type") or "text/plain"),
+        page=None if page is None else int(page),
+        char_start=number("char_start", 0) or 0,
+        char_end=number("char_end", 0) or 0,
+        token_count=number("token_count", 1) or 1,
+        metadata=json.loads(str(fields.get("metadata_json") or "{}")),
+        access_groups=tuple(fields.get("access_groups") or ()),
+        score=score,
+        vector_score=vector_score,
+        keyword_score=keyword_score,
+    )

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -42,18 +41,19 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, Bitmap, BTree, IvfHnswSq
 from lancedb.query import FullTextOperator, MatchQuery
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
-
 from ragstream.infra.vectorstore.base import (
     DocumentState,
     FingerprintState,
     SearchHit,
     SearchQuery,
+    chunk_fields,
+    hit_from_fields,
     metadata_terms,
     weighted_rrf,
 )
 from ragstream.schemas.errors import BadInputError, ConfigError, DependencyUnavailable, StartupError
 from ragstream.schemas.events import Chunk
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 if TYPE_CHECKING:
     from ragstream.infra.settings import Settings
@@ -144,30 +144,6 @@ def _match(text: str) -> MatchQuery:
         operator=FullTextOperator.OR,
         prefix_length=0,
         document_granularity=None,
-    )
-
-
-def _hit(row: dict[str, Any], **scores: float | None) -> SearchHit:
-    return SearchHit(
-        chunk_id=row["chunk_id"],
-        document_id=row["document_id"],
-        tenant=row["tenant"],
-        fingerprint=row["fingerprint"],
-        version=row["version"],
-        chunk_index=row["chunk_index"],
-        chunk_count=row["chunk_count"],
-        title=row["title"] or "",
-        text=row["text"],
-        headings=tuple(row["headings"] or ()),
-        source=row["source"] or "",
-        media_type=row["media_type"] or "text/plain",
-        page=row["page"],
-        char_start=row["char_start"] or 0,
-        char_end=row["char_end"] or 0,
-        token_count=row["token_count"] or 1,
-        metadata=json.loads(row["metadata_json"] or "{}"),
-        access_groups=tuple(row["access_groups"] or ()),
-        **scores,  # type: ignore[arg-type]
     )
 
 
@@ -325,29 +301,7 @@ class LanceDBVectorStore:
         return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), self._dimension)
 
     def _record(self, chunk: Chunk) -> dict[str, Any]:
-        return {
-            "chunk_id": chunk.chunk_id,
-            "tenant": chunk.tenant,
-            "document_id": chunk.document_id,
-            "fingerprint": chunk.fingerprint,
-            "version": chunk.version,
-            "chunk_index": chunk.chunk_index,
-            "chunk_count": chunk.chunk_count,
-            "text": chunk.text,
-            _FTS_COLUMN: chunk.embedding_text(),
-            "headings": list(chunk.headings),
-            "title": chunk.title,
-            "source": chunk.source,
-            "media_type": chunk.media_type,
-            "page": chunk.page,
-            "char_start": chunk.char_start,
-            "char_end": chunk.char_end,
-            "token_count": chunk.token_count,
-            "metadata_json": json.dumps(chunk.metadata, ensure_ascii=False),
-            "metadata_kv": metadata_terms(chunk.metadata),
-            "access_groups": list(chunk.access_groups),
-            "public": not chunk.access_groups,
-        }
+        return {**chunk_fields(chunk), _FTS_COLUMN: chunk.embedding_text(), "public": not chunk.access_groups}
 
     async def delete_document(
         self, tenant: str, document_id: str, *, keep_fingerprint: str | None = None
@@ -468,12 +422,14 @@ class LanceDBVectorStore:
             if query.mode == "vector" or (query.mode == "hybrid" and query.alpha == 1.0):
                 vector_rows = await self._vector(query, where, query.top_k)
                 return [
-                    _hit(r, score=1.0 - r["_distance"], vector_score=1.0 - r["_distance"])
+                    hit_from_fields(r, score=1.0 - r["_distance"], vector_score=1.0 - r["_distance"])
                     for r in vector_rows
                 ]
             if query.mode == "keyword" or (query.mode == "hybrid" and query.alpha == 0.0):
                 keyword_rows = await self._keyword(query, where, query.top_k)
-                return [_hit(r, score=r["_score"], keyword_score=r["_score"]) for r in keyword_rows]
+                return [
+                    hit_from_fields(r, score=r["_score"], keyword_score=r["_score"]) for r in keyword_rows
+                ]
             candidates = query.top_k * self._candidates_factor
             vector_rows, keyword_rows = await asyncio.gather(
                 self._vector(query, where, candidates), self._keyword(query, where, candidates)
@@ -492,7 +448,7 @@ class LanceDBVectorStore:
             row = v if v is not None else kw
             assert row is not None  # fused ids come from the two lists
             hits.append(
-                _hit(
+                hit_from_fields(
                     row,
                     score=score,
                     vector_score=None if v is None else 1.0 - v["_distance"],
@@ -569,7 +525,7 @@ class LanceDBVectorStore:
         async with self._io("read"):
             rows = await self.table.query().where(where).select(_HIT_COLUMNS).to_list()
         rows.sort(key=lambda r: (r["chunk_index"], -r["version"], r["chunk_id"]))
-        return [_hit(r) for r in rows]
+        return [hit_from_fields(r) for r in rows]
 
 
 _INDEX_RACE_ATTEMPTS = 8

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import re
 import uuid
@@ -25,6 +24,18 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import weaviate
+from ragstream.infra.vectorstore.base import (
+    DocumentState,
+    FingerprintState,
+    SearchHit,
+    SearchQuery,
+    check_vector,
+    chunk_fields,
+    hit_from_fields,
+    metadata_terms,
+)
+from ragstream.schemas.errors import ConfigError, DependencyUnavailable, StartupError
+from ragstream.schemas.events import Chunk
 from weaviate.classes.aggregate import GroupByAggregate, Metrics
 from weaviate.classes.config import Configure, DataType, Property, Tokenization, VectorDistances
 from weaviate.classes.data import DataObject
@@ -33,21 +44,9 @@ from weaviate.classes.query import Filter, HybridFusion, MetadataQuery
 from weaviate.classes.tenants import Tenant
 from weaviate.exceptions import UnexpectedStatusCodeError, WeaviateBaseError
 
-from ragstream.infra.vectorstore.base import (
-    DocumentState,
-    FingerprintState,
-    SearchHit,
-    SearchQuery,
-    check_vector,
-    metadata_terms,
-)
-from ragstream.schemas.errors import ConfigError, DependencyUnavailable, StartupError
-from ragstream.schemas.events import Chunk
-
 if TYPE_CHECKING:
-    from weaviate.collections.classes.filters import _Filters
-
     from ragstream.infra.settings import Settings
+    from weaviate.collections.classes.filters import _Filters
 
 __all__ = ["WeaviateVectorStore", "chunk_uuid", "weaviate_tenant"]
 
@@ -161,30 +160,6 @@ def _visible_to(tenant: str, access_groups: Sequence[str]) -> _Filters:
 
 def _document(document_id: str) -> _Filters:
     return Filter.by_property("document_id").equal(document_id)
-
-
-def _hit(props: dict[str, Any], **scores: float | None) -> SearchHit:
-    return SearchHit(
-        chunk_id=props["chunk_id"],
-        document_id=props["document_id"],
-        tenant=props["tenant"],
-        fingerprint=props["fingerprint"],
-        version=int(props["version"]),
-        chunk_index=int(props["chunk_index"]),
-        chunk_count=int(props["chunk_count"]),
-        title=props.get("title") or "",
-        text=props["text"],
-        headings=tuple(props.get("headings") or ()),
-        source=props.get("source") or "",
-        media_type=props.get("media_type") or "text/plain",
-        page=None if props.get("page") is None else int(props["page"]),
-        char_start=int(props.get("char_start") or 0),
-        char_end=int(props.get("char_end") or 0),
-        token_count=int(props.get("token_count") or 1),
-        metadata=json.loads(props.get("metadata_json") or "{}"),
-        access_groups=tuple(props.get("access_groups") or ()),
-        **scores,  # type: ignore[arg-type]
-    )
 
 
 class WeaviateVectorStore:
@@ -354,29 +329,12 @@ class WeaviateVectorStore:
     @staticmethod
     def _properties(chunk: Chunk) -> dict[str, Any]:
         props: dict[str, Any] = {
-            "chunk_id": chunk.chunk_id,
-            "tenant": chunk.tenant,
-            "document_id": chunk.document_id,
-            "fingerprint": chunk.fingerprint,
-            "version": chunk.version,
-            "chunk_index": chunk.chunk_index,
-            "chunk_count": chunk.chunk_count,
+            **chunk_fields(chunk),
             "search_text": chunk.embedding_text(),
-            "text": chunk.text,
-            "headings": list(chunk.headings),
-            "title": chunk.title,
-            "source": chunk.source,
-            "media_type": chunk.media_type,
-            "char_start": chunk.char_start,
-            "char_end": chunk.char_end,
-            "token_count": chunk.token_count,
-            "metadata_json": json.dumps(chunk.metadata, ensure_ascii=False),
-            "metadata_kv": metadata_terms(chunk.metadata),
-            "access_groups": list(chunk.access_groups),
             "readers": list(chunk.access_groups) or [_PUBLIC],
         }
-        if chunk.page is not None:
-            props["page"] = chunk.page
+        if chunk.page is None:  # Weaviate has no null for an int property
+            del props["page"]
         return props
 
     async def delete_document(
@@ -478,7 +436,7 @@ class WeaviateVectorStore:
                     return_metadata=MetadataQuery(distance=True),
                 )
                 return [
-                    _hit(
+                    hit_from_fields(
                         o.properties, score=1.0 - o.metadata.distance, vector_score=1.0 - o.metadata.distance
                     )
                     for o in result.objects
@@ -493,7 +451,7 @@ class WeaviateVectorStore:
                     return_metadata=MetadataQuery(score=True),
                 )
                 return [
-                    _hit(o.properties, score=o.metadata.score, keyword_score=o.metadata.score)
+                    hit_from_fields(o.properties, score=o.metadata.score, keyword_score=o.metadata.score)
                     for o in result.objects
                 ]
             result = await q.hybrid(
@@ -508,7 +466,7 @@ class WeaviateVectorStore:
                 return_properties=_RETURN_PROPERTIES,
                 return_metadata=MetadataQuery(score=True),
             )
-            return [_hit(o.properties, score=o.metadata.score or 0.0) for o in result.objects]
+            return [hit_from_fields(o.properties, score=o.metadata.score or 0.0) for o in result.objects]
 
     @staticmethod
     def _filters(query: SearchQuery) -> _Filters:
@@ -550,6 +508,6 @@ class WeaviateVectorStore:
             result = await self._collection(tenant).query.fetch_objects(
                 filters=where, limit=(hi - lo + 1) * 8, return_properties=_RETURN_PROPERTIES
             )
-        hits = [_hit(o.properties) for o in result.objects]
+        hits = [hit_from_fields(o.properties) for o in result.objects]
         hits.sort(key=lambda h: (h.chunk_index, -h.version, h.chunk_id))
         return hits
