@@ -3,12 +3,12 @@ status` read the Faust workers' (`run/worker-<name>.json`, via `heartbeat_path`)
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ragstream.infra.files import write_json_atomic
 from ragstream.streams.audit import AuditWriter
 
 __all__ = ["SinkHeartbeat"]
@@ -37,29 +37,25 @@ class SinkHeartbeat:
 
     def _write(self, writer: AuditWriter) -> None:
         c = writer.counters
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "stage": self._name,
-                    "tables": self._tables,
-                    "pid": os.getpid(),
-                    "ts": time.time(),
-                    # Beats come from the consume loop, which runs once start() is done.
-                    "ready": True,
-                    "live": writer.live,
-                    "processed": c.records,
-                    "dead_lettered": 0,
-                    "rows": c.rows,
-                    "commits": c.commits,
-                    "pending_queries": writer.pending_count,
-                    "late_responses": c.late_responses,
-                    "duplicate_responses": c.duplicate_responses,
-                    "no_response": c.no_response,
-                    "undecodable": c.undecodable,
-                    "buffered": writer.buffered(),
-                }
-            )
+        write_json_atomic(
+            self.path,
+            {
+                "stage": self._name,
+                "tables": self._tables,
+                "pid": os.getpid(),
+                "ts": time.time(),
+                # Beats come from the consume loop, which runs once start() is done.
+                "ready": True,
+                "live": writer.live,
+                "processed": c.records,
+                "dead_lettered": 0,
+                "rows": c.rows,
+                "commits": c.commits,
+                "pending_queries": writer.pending_count,
+                "late_responses": c.late_responses,
+                "duplicate_responses": c.duplicate_responses,
+                "no_response": c.no_response,
+                "undecodable": c.undecodable,
+                "buffered": writer.buffered(),
+            },
         )
-        tmp.replace(self.path)
