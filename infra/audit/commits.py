@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from typing import Any
 
 from ragstream.infra.audit.buffer import RowBuffer
 from ragstream.schemas.errors import FencedError
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 __all__ = [
     "JOIN_SINCE_KEY",
@@ -119,17 +119,22 @@ def commit_batch(table: Any, batch: Batch, *, attempts: int = 5) -> None:
     from pyiceberg.exceptions import CommitFailedException
 
     arrow = batch.rows.to_arrow(table.schema().as_arrow())
-    for attempt in range(attempts):
+
+    def append() -> None:
         _check_single_writer(table, batch)
-        try:
-            table.append(arrow, snapshot_properties=batch.properties)
-            return
-        except CommitFailedException:
-            if attempt == attempts - 1:
-                raise
-            log.info("commit to %s conflicted; retrying on the refreshed table", batch.table)
-            time.sleep(0.05 * (attempt + 1))
-            table.refresh()
+        table.append(arrow, snapshot_properties=batch.properties)
+
+    def refresh(state: RetryCallState) -> None:
+        log.info("commit to %s conflicted; retrying on the refreshed table", batch.table)
+        table.refresh()
+
+    Retrying(
+        retry=retry_if_exception_type(CommitFailedException),
+        stop=stop_after_attempt(attempts),
+        wait=wait_incrementing(start=0.05, increment=0.05),
+        before_sleep=refresh,
+        reraise=True,
+    )(append)
 
 
 def _check_single_writer(table: Any, batch: Batch) -> None:
