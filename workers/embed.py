@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from ragstream.infra.embedder import Embedder
+from ragstream.infra.lifecycle import started
 from ragstream.infra.settings import Settings
 from ragstream.schemas.events import ChunkCreated, ChunkEmbedded, DocumentRetracted, Event
 from ragstream.streams.runner import StageRunner
@@ -54,12 +55,8 @@ async def handle(events: Sequence[Event], embedder: Embedder) -> list[Event]:
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Embedder]:
     from ragstream.infra.embedder import TritonEmbedder
 
-    embedder = TritonEmbedder(settings)
-    await embedder.start()
-    try:
+    async with started(TritonEmbedder(settings)) as embedder:
         yield embedder
-    finally:
-        await embedder.close()
 
 
 STAGE = Stage(

@@ -13,10 +13,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from ragstream.infra.lifecycle import started
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import BadInputError, DeadlineExceeded, TransientError
 from ragstream.schemas.events import Event
@@ -158,10 +159,7 @@ async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Event]:
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[GenerationDeps]:
     from ragstream.infra.generator import GeneratorTokenizer, TritonGenerator
 
-    async with AsyncExitStack() as stack:
-        generator = TritonGenerator(settings)
-        await generator.start()
-        stack.push_async_callback(generator.close)
+    async with started(TritonGenerator(settings)) as generator:
         tokenizer = GeneratorTokenizer(settings)
         await asyncio.to_thread(tokenizer.load)  # not on the first request's clock
         yield GenerationDeps(

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+from ragstream.infra.lifecycle import started
 from ragstream.infra.settings import Settings
 from ragstream.infra.vectorstore.base import VectorStore
 from ragstream.schemas.events import ChunkEmbedded, DocumentIndexed, DocumentRetracted, Event
@@ -97,12 +98,8 @@ async def _flush(pending: list[ChunkEmbedded], store: VectorStore) -> list[Event
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[VectorStore]:
     from ragstream.infra.vectorstore import open_vector_store
 
-    store = open_vector_store(settings)
-    await store.start()
-    try:
+    async with started(open_vector_store(settings)) as store:
         yield store
-    finally:
-        await store.close()
 
 
 STAGE = Stage(

@@ -18,11 +18,12 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from ragstream.infra.chunking import Chunker
+from ragstream.infra.lifecycle import started
 from ragstream.infra.parsing import parse_document
 from ragstream.infra.settings import ChunkingSettings, Settings
 from ragstream.infra.vectorstore.base import VectorStore
@@ -177,10 +178,7 @@ async def handle(events: Sequence[Event], deps: IngestDeps) -> list[Event]:
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[IngestDeps]:
     from ragstream.infra.vectorstore import open_vector_store
 
-    async with AsyncExitStack() as stack:
-        store = open_vector_store(settings)
-        await store.start()
-        stack.push_async_callback(store.close)
+    async with started(open_vector_store(settings)) as store:
         yield build_deps(settings, store)
 
 

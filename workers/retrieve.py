@@ -12,12 +12,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
-
 from ragstream.infra.embedder import Embedder
+from ragstream.infra.lifecycle import started
 from ragstream.infra.settings import Settings
 from ragstream.infra.vectorstore.base import SearchHit, SearchQuery, VectorStore
 from ragstream.schemas.errors import TransientError
@@ -27,6 +26,7 @@ from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Concurrent, Stage
 from ragstream.streams.topics import QUERIES, RESPONSES, RETRIEVALS
 from ragstream.workers.responses import error_response, invalid_request_response, ms_since, remaining_s
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
 __all__ = ["STAGE", "RetrievalDeps", "handle", "handle_query", "open_deps"]
 
@@ -161,13 +161,7 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Re
     from ragstream.infra.embedder import TritonEmbedder
     from ragstream.infra.vectorstore import open_vector_store
 
-    async with AsyncExitStack() as stack:
-        store = open_vector_store(settings)
-        await store.start()
-        stack.push_async_callback(store.close)
-        embedder = TritonEmbedder(settings)
-        await embedder.start()
-        stack.push_async_callback(embedder.close)
+    async with started(open_vector_store(settings)) as store, started(TritonEmbedder(settings)) as embedder:
         yield RetrievalDeps(embedder=embedder, store=store)
 
 
