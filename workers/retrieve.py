@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
+
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.lifecycle import started
 from ragstream.infra.settings import Settings
@@ -26,7 +28,6 @@ from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Concurrent, Stage
 from ragstream.streams.topics import QUERIES, RESPONSES, RETRIEVALS
 from ragstream.workers.responses import error_response, invalid_request_response, ms_since, remaining_s
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
 __all__ = ["STAGE", "RetrievalDeps", "handle", "handle_query", "open_deps"]
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
+
 from ragstream.infra.audit.buffer import RowBuffer
 from ragstream.schemas.errors import FencedError
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 __all__ = [
     "JOIN_SINCE_KEY",

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from ragstream.schemas.errors import BadInputError, ConfigError
 from ragstream.schemas.events import Chunk, MetadataValue
 

@@ -41,6 +41,8 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, Bitmap, BTree, IvfHnswSq
 from lancedb.query import FullTextOperator, MatchQuery
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
+
 from ragstream.infra.vectorstore.base import (
     DocumentState,
     FingerprintState,
@@ -53,7 +55,6 @@ from ragstream.infra.vectorstore.base import (
 )
 from ragstream.schemas.errors import BadInputError, ConfigError, DependencyUnavailable, StartupError
 from ragstream.schemas.events import Chunk
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 if TYPE_CHECKING:
     from ragstream.infra.settings import Settings

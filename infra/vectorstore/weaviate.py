@@ -24,6 +24,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import weaviate
+from weaviate.classes.aggregate import GroupByAggregate, Metrics
+from weaviate.classes.config import Configure, DataType, Property, Tokenization, VectorDistances
+from weaviate.classes.data import DataObject
+from weaviate.classes.init import AdditionalConfig, Auth, Timeout
+from weaviate.classes.query import Filter, HybridFusion, MetadataQuery
+from weaviate.classes.tenants import Tenant
+from weaviate.exceptions import UnexpectedStatusCodeError, WeaviateBaseError
+
 from ragstream.infra.vectorstore.base import (
     DocumentState,
     FingerprintState,
@@ -36,17 +44,11 @@ from ragstream.infra.vectorstore.base import (
 )
 from ragstream.schemas.errors import ConfigError, DependencyUnavailable, StartupError
 from ragstream.schemas.events import Chunk
-from weaviate.classes.aggregate import GroupByAggregate, Metrics
-from weaviate.classes.config import Configure, DataType, Property, Tokenization, VectorDistances
-from weaviate.classes.data import DataObject
-from weaviate.classes.init import AdditionalConfig, Auth, Timeout
-from weaviate.classes.query import Filter, HybridFusion, MetadataQuery
-from weaviate.classes.tenants import Tenant
-from weaviate.exceptions import UnexpectedStatusCodeError, WeaviateBaseError
 
 if TYPE_CHECKING:
-    from ragstream.infra.settings import Settings
     from weaviate.collections.classes.filters import _Filters
+
+    from ragstream.infra.settings import Settings
 
 __all__ = ["WeaviateVectorStore", "chunk_uuid", "weaviate_tenant"]
 

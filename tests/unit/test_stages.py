@@ -318,3 +318,18 @@ async def test_retrieval_retries_a_flaky_embedder_within_the_deadline_then_answe
     (out,) = await retrieve.handle([QuerySubmitted(question="q?", deadline_ms=700)], deps)
     assert isinstance(out, ResponseCompleted) and out.status == "error"
     assert (out.error_reason or "").startswith("retrieval_failed: triton down")
+
+
+def test_an_over_long_array_is_rejected_before_validation_and_a_big_valid_document_is_not() -> None:
+    """pydantic validates every item of an over-long array before its length check: 8 million
+    wrong items cost 84 s and 8.9 GB in one worker, which stalled ingestion. They are now
+    rejected by size first; a large document full of commas still decodes."""
+    from ragstream.streams.codec import MAX_ITEMS
+
+    items = b"0," * (4 * MAX_ITEMS) + b"0"
+    with pytest.raises(SchemaViolation, match=r"an array of 80001 items is over the limit"):
+        decode(DOCUMENTS, b'{"document_id": "x", "access_groups": [' + items + b"]}")
+    with pytest.raises(SchemaViolation, match="not a JSON object"):
+        decode(DOCUMENTS, b"[" + b"{}," * MAX_ITEMS + b"{}]")
+    csv = DocumentSubmitted(document_id="csv", content="a,b,c\n" * (2 * MAX_ITEMS))
+    assert decode(DOCUMENTS, encode(csv)) == csv
