@@ -51,8 +51,10 @@ def chunk(doc: str, i: int, n: int, fp: str = "f" * 16) -> Chunk:
 def test_codec_round_trips_and_rejects_bad_bytes_with_a_reason() -> None:
     doc = DocumentSubmitted(document_id="a", content="hello")
     assert decode(DOCUMENTS, encode(doc)) == doc
-    with pytest.raises(SchemaViolation, match="Invalid JSON"):
+    with pytest.raises(SchemaViolation, match="not a JSON object"):
         decode(DOCUMENTS, b"\xff\x00")
+    with pytest.raises(SchemaViolation, match="Invalid JSON"):
+        decode(DOCUMENTS, b'{"document_id": "a",')
     with pytest.raises(SchemaViolation, match="document_id"):
         decode(DOCUMENTS, b'{"document_id": 5}')
     with pytest.raises(SchemaViolation, match="event_type"):
