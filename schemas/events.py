@@ -81,13 +81,18 @@ class Event(BaseModel):
     # cache_strings="keys": pydantic's default also interns short string *values* while
     # parsing JSON; ids and timestamps are unique per event, so that only costs (~15% of
     # decoding a response, measured in the audit sink).
-    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_timedelta="float", cache_strings="keys")
+    # allow_inf_nan=False: JSON has no NaN or Infinity; accepting them (as pydantic does by
+    # default) would re-encode them as null, which the next stage rejects.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_timedelta="float", cache_strings="keys", allow_inf_nan=False
+    )
 
     # Subclasses pin `event_type` and `schema_version` with Literal defaults.
     event_type: str
     schema_version: int
     event_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
-    trace_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    trace_id: str = Field(default_factory=new_id, min_length=1, max_length=IDENTIFIER_MAX_CHARS)
+    """As long as any id: a query's trace id is its request id."""
     tenant: Identifier = "default"
     produced_at: datetime = Field(default_factory=utcnow)
 
@@ -136,7 +141,7 @@ class DocumentSubmitted(Event):
 class Chunk(BaseModel):
     """A span of a parsed document, with enough context to cite it and to filter on it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     chunk_id: str = Field(min_length=1, max_length=400)
     document_id: Identifier

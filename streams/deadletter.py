@@ -79,7 +79,7 @@ def _dead_letter_record(stage: str, message: Message, kind: str, reason: str) ->
         source_event_id=_ident(ids.get("source_event_id") or ids.get("event_id"), 64),
         request_id=request_id,
         document_id=_ident(ids.get("document_id")) or (_clean(key)[:256] if key else None),
-        trace_id=_ident(ids.get("trace_id"), 128) or _ident(request_id, 128) or new_id(),
+        trace_id=_ident(ids.get("trace_id")) or request_id or new_id(),
         tenant=_ident(ids.get("tenant")) or "unknown",
     )
 
