@@ -453,11 +453,28 @@ class StageRunner:
         return Emit(DEADLETTER, record)
 
 
+_REFUSED_FOR_GOOD = frozenset(
+    {
+        "MessageSizeTooLargeError",
+        "RecordTooLargeError",
+        "RecordListTooLargeError",
+        "InvalidRecordError",
+        "CorruptRecordException",
+        "InvalidTopicError",
+        "TopicAuthorizationFailedError",
+    }
+)
+"""Broker answers that no retry can change (aiokafka and kafka-python share these names)."""
+
+
 def _retriable(exc: BaseException) -> bool:
-    """Kafka clients say so (`retriable`); otherwise only data errors are final."""
-    flag = getattr(exc, "retriable", None)
-    if isinstance(flag, bool):
-        return flag
+    """Only a record the broker refuses for what it is (too large, not allowed) or data that
+    cannot be sent is final. Everything else is retried within the budget, even where the
+    client calls it non-retriable: aiokafka marks `KafkaTimeoutError` and `UnknownError` so,
+    and the embedded broker answers `UnknownError` while it restarts. Dead-lettering a good
+    request over a broker hiccup would be worse than waiting; the budget bounds the wait."""
+    if type(exc).__name__ in _REFUSED_FOR_GOOD:
+        return False
     return not isinstance(exc, ValueError | TypeError | UnicodeError | OverflowError)
 
 

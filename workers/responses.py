@@ -39,16 +39,21 @@ def error_response(query: QuerySubmitted, reason: str, latency_ms: dict[str, flo
 
 
 def invalid_request_response(record: DeadLettered) -> list[Event]:
-    """For a dead-lettered query whose request id could be read: tell the caller why."""
+    """For a dead-lettered query whose request id could be read: tell the caller why.
+
+    The reason starts with `invalid_request` when the query itself was malformed, and with
+    the dead letter's kind otherwise (`internal_error`, `retries_exhausted`, `output_rejected`).
+    """
     if not record.request_id:
         return []
+    kind = "invalid_request" if record.error_kind == "schema_violation" else record.error_kind
     try:
         response = ResponseCompleted(
             request_id=record.request_id,
             trace_id=record.request_id,
             tenant=record.tenant,
             status="error",
-            error_reason=f"invalid_request: {record.message}"[:2000],
+            error_reason=f"{kind}: {record.message}"[:2000],
             finish_reason="error",
         )
     except ValueError:  # the id itself is not a valid identifier: nobody to answer

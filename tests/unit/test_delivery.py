@@ -26,8 +26,14 @@ def emit(event: Event) -> Emit:
     return Emit(topic_for(event), event)
 
 
-class Refused(Exception):
-    """Like aiokafka's MessageSizeTooLargeError: the broker will never take it."""
+class MessageSizeTooLargeError(Exception):
+    """Named like aiokafka's and kafka-python's: the broker will never take this record."""
+
+    retriable = False
+
+
+class KafkaTimeoutError(Exception):
+    """Named like aiokafka's, which calls it non-retriable; it is retried anyway."""
 
     retriable = False
 
@@ -104,7 +110,7 @@ async def test_an_output_over_the_size_limit_dead_letters_its_input_and_only_it(
 
 
 async def test_a_record_the_broker_refuses_for_good_dead_letters_its_input() -> None:
-    broker = Broker({"ragstream.documents.indexed": [Refused("MessageSizeTooLargeError")]})
+    broker = Broker({"ragstream.documents.indexed": [MessageSizeTooLargeError("over the broker's limit")]})
     r = StageRunner(settings(), "index", broker.send)
     doc = DocumentSubmitted(document_id="a")
     await r.deliver([message(doc)], [indexed(doc)])
@@ -112,6 +118,27 @@ async def test_a_record_the_broker_refuses_for_good_dead_letters_its_input() -> 
     assert isinstance(dl, DeadLettered) and dl.error_kind == "output_rejected"
     assert "MessageSizeTooLargeError" in dl.message
     assert r.stalled_since is None
+
+
+async def test_a_timeout_or_unknown_broker_error_is_retried_not_dead_lettered() -> None:
+    """aiokafka marks KafkaTimeoutError and UnknownError non-retriable, and the embedded
+    broker answers UnknownError while it restarts: a good request must wait, not be dropped."""
+    broker = Broker({"ragstream.documents.indexed": [KafkaTimeoutError("timed out")]})
+    calls = 0
+    inner = broker.send
+
+    async def send(topic: str, key: bytes, value: bytes) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            broker.fail.clear()
+        return await inner(topic, key, value)
+
+    r = StageRunner(settings(), "index", send)
+    doc = DocumentSubmitted(document_id="a")
+    await r.deliver([message(doc)], [indexed(doc)])
+    assert [t for t, _, _ in broker.sent] == ["ragstream.documents.indexed"]
+    assert r.publish_retries == 1
 
 
 async def test_retriable_failures_back_off_then_succeed_and_clear_the_stall() -> None:
