@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench import audit, ingestion, qa
+from bench import audit, ingestion, qa, reliability
 
-BENCHES = {"ingestion": ingestion.main, "qa": qa.main, "audit": audit.main}
+BENCHES = {"ingestion": ingestion.main, "qa": qa.main, "audit": audit.main, "reliability": reliability.main}
 
 
 def main() -> None:
