@@ -76,6 +76,11 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
             f" inflight={hb.get('inflight', 0)}"
             + (f" duplicates_skipped={hb['duplicates_skipped']}" if hb.get("duplicates_skipped") else "")
             + (f" {problem}" if problem else "")
+            + (
+                f" exactly-once gate behind: {hb['responses_gate_behind']}"
+                if hb.get("responses_gate_behind")
+                else ""
+            )
             if hb
             else "no recent heartbeat"
         )

@@ -52,6 +52,8 @@ class CompletedRequests:
         self._positions: dict[Any, int] = {}
         self.learned = 0
         """Answers learned from the topic (not from this process's own deliveries)."""
+        self.behind: str | None = None
+        """Why the start could not catch up with the topic (None when it did)."""
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,7 +93,14 @@ class CompletedRequests:
             await self.close()
             raise DependencyUnavailable(f"cannot read {topic}: {exc}") from exc
         self._tail = asyncio.create_task(self._run(), name="completed-requests")
-        await self.caught_up()
+        try:
+            await self.caught_up()
+        except DependencyUnavailable as exc:
+            # Availability first: answering with the answers known so far beats a worker that
+            # restarts forever. Seen only right after the embedded broker lost its data (so
+            # there is nothing to know); the heartbeat and status say so.
+            self.behind = str(exc)
+            log.error("serving without being caught up with the responses topic: %s", exc)
         log.info(
             "completed requests: %d known from the last %.0fs of %s", len(self._done), self._window_s, topic
         )
@@ -101,7 +110,7 @@ class CompletedRequests:
             parts = self._consumer.partitions_for_topic(topic)
             if parts:
                 return set(parts)
-            await self._consumer.force_metadata_update()
+            await self._consumer.topics()  # refreshes the cluster metadata
             await asyncio.sleep(0.1)
         raise DependencyUnavailable(f"topic {topic} has no partitions")
 
@@ -116,7 +125,7 @@ class CompletedRequests:
                 await self._consumer.stop()
             self._consumer = None
 
-    async def caught_up(self, timeout_s: float = 60.0) -> None:
+    async def caught_up(self, timeout_s: float = 30.0) -> None:
         """Wait until every answer on the topic when this was called is known.
 
         Raises:

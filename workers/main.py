@@ -190,6 +190,7 @@ def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool)
             "inflight": len(runner.inflight),
             "oldest_inflight_s": round(runner.inflight.oldest_age_s(), 3),
             "duplicates_skipped": runner.duplicates_skipped,
+            "responses_gate_behind": runner.completions.behind if runner.completions else None,
         },
     )
 
