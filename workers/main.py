@@ -123,6 +123,9 @@ def _register_stage(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported, then the whole worker exits
+            if app.should_stop:  # the worker is stopping (SIGTERM, `down`): its input ended
+                log.info("stage %s stopped with its worker (%s)", stage.name, exc)
+                return
             _crash(settings, runner, exc)
 
     async def _run_stage(stream: Any) -> None:
