@@ -1,4 +1,5 @@
-"""Imports flow one way: schemas <- infra <- streams <- workers (STYLE.md).
+"""Imports flow one way: schemas <- infra <- streams <- workers <- ragstream (the CLI, SDK
+and stack assembly on top) (STYLE.md).
 
 A violation here is a design defect, not a style nit: it is how stage logic ends up needing
 Kafka, or contracts end up needing a model server.
@@ -27,9 +28,10 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def _layer_of(module: str) -> str | None:
+    """The layer a module belongs to; `ragstream` for the CLI, SDK and stack on top."""
     parts = module.split(".")
     if parts[0] == "ragstream" and len(parts) > 1:
-        parts = parts[1:]
+        return parts[1] if parts[1] in LAYERS else "ragstream"
     return parts[0] if parts[0] in LAYERS else None
 
 
@@ -49,6 +51,8 @@ def test_imports_flow_one_way(layer: str) -> None:
 
 def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
-    src.write_text("from ragstream.streams.topics import QUERIES\nimport ragstream.workers.sink\n")
+    src.write_text(
+        "from ragstream.streams.topics import QUERIES\nimport ragstream.workers.sink\nfrom ragstream.client import Client\n"
+    )
     layers = [_layer_of(module) for _, module in _imports(src)]
-    assert layers == ["streams", "workers"]
+    assert layers == ["streams", "workers", "ragstream"]
