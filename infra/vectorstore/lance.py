@@ -265,6 +265,9 @@ class LanceDBVectorStore:
         """
         if not rows:
             return
+        # One row per key: merge_insert inserts every unmatched source row, so a chunk that
+        # arrives twice in one batch (redelivered after a crash upstream) would be stored twice.
+        rows = list({(chunk.tenant, chunk.chunk_id): (chunk, vector) for chunk, vector in rows}.values())
         vectors = self._vector_column([vector for _, vector in rows], [chunk for chunk, _ in rows])
         records = [self._record(chunk) for chunk, _ in rows]
         data = pa.Table.from_pylist(

@@ -414,3 +414,12 @@ def test_stages_opening_a_new_store_together_all_start(tmp_path: Path) -> None:
             data_dir.mkdir()
             results = pool.map(_open_and_close, [str(data_dir)] * 4)
             assert all(r == ["document_id", "public", "search_text", "tenant"] for r in results), results
+
+
+async def test_a_chunk_twice_in_one_upsert_is_stored_once(store: VectorStore) -> None:
+    """After a crash upstream, a redelivered chunk can arrive in the same batch as its first
+    copy; merge_insert would insert both unmatched source rows."""
+    rows = embedded(chunks("twice", ["first chunk text", "second chunk text"]))
+    await store.upsert([*rows, *rows])
+    await store.upsert(rows)
+    assert await store.count_chunks("acme", "twice", rows[0][0].fingerprint) == 2
