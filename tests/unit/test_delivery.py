@@ -61,6 +61,19 @@ class Broker:
             fut.set_result(None)
         return fut
 
+    def recovering_after(self, failures: int) -> Any:
+        """A sender that fails as told for the first `failures` sends, then works."""
+        calls = 0
+
+        async def send(topic: str, key: bytes, value: bytes) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > failures:
+                self.fail.clear()
+            return await self.send(topic, key, value)
+
+        return send
+
     def events(self, topic: str) -> list[Event]:
         spec = {"ragstream.deadletter": DEADLETTER, "ragstream.responses": RESPONSES}[topic]
         return [decode(spec, v) for t, _, v in self.sent if t == topic]
@@ -124,17 +137,7 @@ async def test_a_timeout_or_unknown_broker_error_is_retried_not_dead_lettered() 
     """aiokafka marks KafkaTimeoutError and UnknownError non-retriable, and the embedded
     broker answers UnknownError while it restarts: a good request must wait, not be dropped."""
     broker = Broker({"ragstream.documents.indexed": [KafkaTimeoutError("timed out")]})
-    calls = 0
-    inner = broker.send
-
-    async def send(topic: str, key: bytes, value: bytes) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            broker.fail.clear()
-        return await inner(topic, key, value)
-
-    r = StageRunner(settings(), "index", send)
+    r = StageRunner(settings(), "index", broker.recovering_after(1))
     doc = DocumentSubmitted(document_id="a")
     await r.deliver([message(doc)], [indexed(doc)])
     assert [t for t, _, _ in broker.sent] == ["ragstream.documents.indexed"]
@@ -143,17 +146,7 @@ async def test_a_timeout_or_unknown_broker_error_is_retried_not_dead_lettered() 
 
 async def test_retriable_failures_back_off_then_succeed_and_clear_the_stall() -> None:
     broker = Broker({"ragstream.documents.indexed": [Hiccup("timeout")]})
-    calls = 0
-    inner = broker.send
-
-    async def send(topic: str, key: bytes, value: bytes) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls > 2:
-            broker.fail.clear()
-        return await inner(topic, key, value)
-
-    r = StageRunner(settings(), "index", send)
+    r = StageRunner(settings(), "index", broker.recovering_after(2))
     doc = DocumentSubmitted(document_id="a")
     await r.deliver([message(doc)], [indexed(doc)])
     assert [t for t, _, _ in broker.sent] == ["ragstream.documents.indexed"]
