@@ -7,6 +7,7 @@ client, whatever its library, connects as one `KafkaConnection` says.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from ragstream.infra.settings import KafkaSettings, Settings
 from ragstream.schemas.errors import ConfigError, DependencyUnavailable, StartupError
 
 __all__ = [
+    "ReplyStreams",
     "SASL_MECHANISMS",
     "KafkaConnection",
     "NewTopicSpec",
@@ -340,6 +342,44 @@ def create_topics(settings: Settings, topics: Iterable[NewTopicSpec]) -> list[st
         raise DependencyUnavailable(f"creating topics failed: {exc}") from exc
     finally:
         admin.close()
+
+
+class ReplyStreams:
+    """Creates callers' reply streams on first use, once per process.
+
+    In production the stage principals that publish replies hold CREATE on the
+    `{prefix}.responses.` prefix (see `ragstream acls`); a stream that still cannot be created
+    is reported, and only the caller's copy is lost (the internal record is published).
+    """
+
+    def __init__(self, settings: Settings, *, attempts: int = 3) -> None:
+        self._settings = settings
+        self._attempts = attempts
+        self._known: set[str] = set()
+        self._lock: asyncio.Lock | None = None
+
+    async def ensure(self, names: set[str]) -> set[str]:
+        """Create the streams that do not exist yet; returns those that cannot be used."""
+        if names <= self._known:
+            return set()
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            missing = names - self._known
+            if not missing:
+                return set()
+            specs = [NewTopicSpec(n, self._settings.kafka.reply_stream_partitions) for n in sorted(missing)]
+            for attempt in range(self._attempts):
+                try:
+                    await asyncio.to_thread(create_topics, self._settings, specs)
+                    self._known |= missing
+                    return set()
+                except DependencyUnavailable as exc:
+                    log.warning(
+                        "creating reply streams %s failed (try %d): %s", sorted(missing), attempt + 1, exc
+                    )
+                    await asyncio.sleep(0.5 * 2**attempt)
+            return missing
 
 
 def broker_is_up(settings: Settings, timeout_s: float = 2.0) -> bool:

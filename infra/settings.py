@@ -29,6 +29,8 @@ from ragstream.schemas.errors import ConfigError
 
 __all__ = [
     "AuditSettings",
+    "AuthSettings",
+    "HmacKey",
     "ModelPrice",
     "ChunkingSettings",
     "EmbedSettings",
@@ -57,6 +59,8 @@ class KafkaSettings(_Section):
     embedded_port: int = 19092
     topic_prefix: str = "ragstream"
     partitions: int = Field(default=4, ge=1)
+    reply_stream_partitions: int = Field(default=1, ge=1)
+    """Partitions of each caller's reply stream (`{prefix}.responses.<tenant>.<client>`)."""
     replication_factor: int = Field(default=1, ge=1)
     # Tansu does not wake a parked fetch when data arrives, so every hop waits out the fetch
     # wait. Small on the embedded broker; raise it (e.g. 500) against Apache Kafka to save CPU.
@@ -285,6 +289,66 @@ class ServingSettings(_Section):
     crash is skipped, not answered (and paid for) twice, if its first answer is this recent."""
 
 
+class HmacKey(_Section):
+    """An HS256 shared secret, given to one client. A client holding it can sign any claims,
+    so `tenants` bounds what its tokens may assert."""
+
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    """A file holding the secret (preferred: keeps it out of config files and the env)."""
+    tenants: tuple[str, ...] = ()
+    """Tenants this key may sign for; `("*",)` for any. Empty means none: the key is unusable."""
+    scopes: tuple[str, ...] = ("query", "ingest")
+    """The most a token signed with this key may grant."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HmacKey:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret and secret_file")
+        return self
+
+
+class AuthSettings(_Section):
+    """Verified identity on every command (see `ragstream.infra.auth`).
+
+    `mode="required"` (the default, the embedded stack included): every query, document
+    submission and deletion carries a signed token (JWT), and its claims give the tenant,
+    user, groups and reply stream. `mode="off"` trusts the event body: only for closed
+    networks, and the workers say so loudly at start.
+    """
+
+    mode: Literal["required", "off"] = "required"
+    audience: str = "ragstream"
+    """Required `aud` claim."""
+    issuers: tuple[str, ...] = ()
+    """Accepted `iss` values; empty accepts any (the key already says who signed)."""
+    leeway_s: float = Field(default=30.0, ge=0)
+    """Clock skew tolerated on `exp`, `nbf` and `iat`."""
+    max_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """Tokens valid for longer than this (`exp - iat`) are refused."""
+    max_token_bytes: int = Field(default=8192, ge=256)
+    """A longer token is refused before it is parsed."""
+    hmac_keys: dict[str, HmacKey] = Field(default_factory=dict)
+    """HS256 shared secrets by key id (`kid`), one per client."""
+    jwks_file: Path | None = None
+    """RS256/ES256 public keys (a JWKS document)."""
+    jwks_url: str | None = None
+    """RS256/ES256 public keys fetched from an identity provider, refreshed in the background."""
+    jwks_refresh_s: float = Field(default=300.0, gt=0)
+    jwks_tenants: tuple[str, ...] = ("*",)
+    """Tenants the JWKS keys may sign for (an identity provider is usually trusted for all)."""
+    local_key: bool = True
+    """`ragstream up` creates a local HS256 signing key in `data_dir/auth/`; the workers trust
+    it and the CLI and SDK sign with it. Turn off where only issued tokens may be used."""
+    token: SecretStr | None = None
+    """A token the CLI and SDK send instead of signing their own (env `RAGSTREAM_AUTH__TOKEN`)."""
+    client: str = "local"
+    """The client name the CLI and SDK put in tokens they sign: replies go to
+    `{prefix}.responses.<tenant>.<client>`."""
+    token_ttl_s: float = Field(default=3600.0, gt=0)
+    """Lifetime of the tokens the CLI and SDK sign."""
+
+
 class Settings(BaseSettings):
     """All of ragstream's configuration."""
 
@@ -308,6 +372,7 @@ class Settings(BaseSettings):
     iceberg: IcebergSettings = IcebergSettings()
     serving: ServingSettings = ServingSettings()
     audit: AuditSettings = AuditSettings()
+    auth: AuthSettings = AuthSettings()
     workers: tuple[str, ...] = ("ingest,embed,index", "retrieve,generate")
     audit_sink: bool = True
     """Run the audit sink (Kafka -> Iceberg) in the embedded stack."""
@@ -353,6 +418,11 @@ class Settings(BaseSettings):
     @cached_property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @cached_property
+    def local_key_file(self) -> Path:
+        """The embedded stack's HS256 signing key (a JWK), created by `ragstream up`."""
+        return self.data_dir / "auth" / "local-key.json"
 
     @cached_property
     def log_dir(self) -> Path:

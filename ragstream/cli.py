@@ -23,6 +23,7 @@ from ragstream.health import stack_health
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import RagstreamError
+from ragstream.token_cli import token_app
 
 if TYPE_CHECKING:
     from ragstream.client import AskOptions
@@ -41,6 +42,7 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(audit_app, name="audit")
 app.command("sql")(audit_sql_command)
 app.add_typer(topics_app, name="topics")
+app.add_typer(token_app, name="token")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -351,8 +353,9 @@ def ask(
     tenant: TenantOpt = None,
     group: GroupOpt = None,
     user: Annotated[
-        str, typer.Option("--user", "-u", help="Who asks (recorded in the audit trail).")
-    ] = "anonymous",
+        str | None,
+        typer.Option("--user", "-u", help="Who asks (with the local key; a given token says who asks)."),
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Chunks to retrieve.")] = 5,
     alpha: Annotated[float, typer.Option(help="Hybrid weighting: 1 = vector only, 0 = keyword only.")] = 0.5,
     mode: Annotated[str, typer.Option(help="Retrieval: hybrid, vector or keyword.")] = "hybrid",
@@ -376,9 +379,6 @@ def ask(
 
     settings = _settings(config)
     options: AskOptions = {
-        "tenant": tenant,
-        "user": user,
-        "groups": group or [],
         "top_k": top_k,
         "alpha": alpha,
         "mode": mode,  # type: ignore[typeddict-item]  # validated by the contract
@@ -389,6 +389,13 @@ def ask(
         "temperature": temperature,
         "deadline_ms": deadline_ms,
     }
+    # Identity options only when given: a token (RAGSTREAM_AUTH__TOKEN) says who asks.
+    if tenant:
+        options["tenant"] = tenant
+    if user:
+        options["user"] = user
+    if group:
+        options["groups"] = group
     try:
         response, printed = asyncio.run(_ask(settings, question, options, stream=not as_json))
     except ValueError as exc:  # pydantic's ValidationError: an option out of range

@@ -1,11 +1,14 @@
 """Client SDK: ask the pipeline a question over Kafka and get the answer, whole or streamed.
 
-A client publishes `QuerySubmitted` to `{prefix}.queries` and reads `{prefix}.responses.tokens`
-and `{prefix}.responses` with ONE consumer shared by all its requests. That consumer has no
-group (no join, no rebalance): it is assigned every partition and positioned at the end when
-the client starts, and a background task hands each record to the waiting request whose id is
-the record's key. Records of other requests (other clients, or old records re-read because the
-embedded broker misreports end offsets) are dropped without being decoded.
+A client publishes `QuerySubmitted` to `{prefix}.queries`, each with a signed token (see
+`ragstream.credentials`), and reads ONLY its own reply stream,
+`{prefix}.responses.<tenant>.<client>`, where the pipeline puts the answer's deltas and final
+response. One consumer per reply stream is shared by all the client's requests. It has no group
+(no join, no rebalance): it is assigned the stream's partitions and positioned at the end
+before the first request is published, and a background task hands each record to the waiting
+request whose id is the record's key. Records of other requests (the same principal's other
+processes, or old records re-read because the embedded broker misreports end offsets) are
+dropped without being decoded.
 
 `AsyncClient` is the asyncio client; `Client` runs one on a private event loop in a background
 thread, so plain (and multi-threaded) code can use it.
@@ -20,7 +23,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, 
 from types import TracebackType
 from typing import Any, Literal, TypedDict, TypeVar, Unpack, cast
 
-from ragstream.infra.kafka import KafkaConnection
+from ragstream.credentials import Credentials, Identity
+from ragstream.infra.kafka import KafkaConnection, NewTopicSpec, create_topics
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.errors import DependencyUnavailable, SchemaViolation
 from ragstream.schemas.events import MetadataValue
@@ -33,7 +37,7 @@ from ragstream.schemas.queries import (
     TokenGenerated,
 )
 from ragstream.streams.codec import decode, encode
-from ragstream.streams.topics import QUERIES, RESPONSES, TOKENS
+from ragstream.streams.topics import QUERIES, REPLIES, reply_topic
 
 __all__ = ["AskOptions", "AsyncClient", "Client", "DeltaAssembler", "Response", "build_query"]
 
@@ -46,6 +50,8 @@ _T = TypeVar("_T")
 _Item = TokenGenerated | ResponseCompleted | BaseException
 _LATE_DELTAS_WAIT_S = 1.0
 """How long a final response waits for deltas it says were published before it."""
+_REPLY_STREAM_WAIT_S = 15.0
+"""How long a new reply stream may take to appear in the broker's metadata."""
 
 
 class DeltaAssembler:
@@ -96,8 +102,9 @@ class DeltaAssembler:
 class AskOptions(TypedDict, total=False):
     """Everything a question can say besides its text, for `ask`, `stream` and `build_query`.
 
-    Omitted options take the contract's defaults (`QuerySubmitted`); `tenant` defaults to
-    `default_tenant` and `route` to `generation.default_route` from the settings.
+    Omitted options take the contract's defaults (`QuerySubmitted`), and `route` defaults to
+    `generation.default_route`. `tenant`, `user` and `groups` default to the token's claims
+    (with the local key: `default_tenant`, `anonymous` and no groups).
     """
 
     tenant: str | None
@@ -137,9 +144,12 @@ def build_query(
     generation: dict[str, Any] = {k: o[k] for k in _GENERATION if k in o}
     generation["route"] = o.get("route") or settings.generation.default_route
     extra: dict[str, Any] = {k: o[k] for k in ("user", "deadline_ms", "conversation_id") if k in o}
+    # Identity fields are set only when given, so a token's claims fill them in otherwise.
+    if o.get("tenant"):
+        extra["tenant"] = o["tenant"]
+    if o.get("groups") is not None:
+        extra["access_groups"] = tuple(o["groups"])
     return QuerySubmitted(
-        tenant=o.get("tenant") or settings.default_tenant,
-        access_groups=tuple(o.get("groups", ())),
         question=question,
         history=tuple(ConversationTurn.model_validate(t) for t in o.get("history", ())),
         retrieval=RetrievalOptions.model_validate(retrieval),
@@ -156,21 +166,26 @@ class _Closed(Exception):
 class AsyncClient:
     """Ask questions over Kafka from asyncio code.
 
-    Many concurrent requests share one producer and one consumer. `ask()`/`stream()` start
-    the client on first use; `async with AsyncClient() as client:` closes it.
+    Many concurrent requests share one producer, and one consumer per reply stream.
+    `ask()`/`stream()` start the client on first use; `async with AsyncClient() as client:`
+    closes it.
 
     Args:
         settings: Defaults to `load_settings()` (environment and config file).
+        token: A signed token to send (default: `auth.token`, else tokens signed with the
+            embedded stack's local key). Its claims say who asks and where replies go.
         deadline_grace_s: How long past a request's deadline to wait for the pipeline's own
             deadline error before building one locally.
     """
 
-    def __init__(self, settings: Settings | None = None, *, deadline_grace_s: float = 2.0) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, token: str | None = None, deadline_grace_s: float = 2.0
+    ) -> None:
         self._settings = settings if settings is not None else load_settings()
+        self._credentials = Credentials(self._settings, token)
         self._grace_s = deadline_grace_s
         self._producer: Any = None
-        self._consumer: Any = None
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._readers: dict[str, tuple[Any, asyncio.Task[None]]] = {}
         self._pending: dict[bytes, asyncio.Queue[_Item]] = {}
         self._start_lock = asyncio.Lock()
         self._failure: BaseException | None = None
@@ -190,37 +205,71 @@ class AsyncClient:
         await self.close()
 
     async def start(self) -> None:
-        """Connect, and position the response reader at the end of the response topics.
+        """Connect, and position the reader of the default identity's reply stream at its end.
 
-        Idempotent. Requests sent before `start()` returns could be answered unseen, which is
-        why `ask()` and `stream()` call it first.
+        Idempotent. Requests sent before their stream's reader is positioned could be answered
+        unseen, which is why `ask()` and `stream()` open it first.
 
         Raises:
-            DependencyUnavailable: Kafka cannot be reached or the topics do not exist.
+            DependencyUnavailable: Kafka cannot be reached, or the topics do not exist.
+            ConfigError: auth is required and there is neither a token nor a local key.
             RuntimeError: the client was closed.
         """
+        identity = self._credentials.identity()
         async with self._start_lock:
             if self._closed:
                 raise RuntimeError("this ragstream client is closed")
-            if self._dispatcher is not None:
+            if self._producer is None:
+                self._producer = await self._start_producer()
+        await self._reader_for(identity.reply_to)
+
+    async def _start_producer(self) -> Any:
+        from aiokafka import AIOKafkaProducer
+        from aiokafka.errors import KafkaError
+
+        kafka = self._settings.kafka
+        producer = AIOKafkaProducer(
+            **KafkaConnection.from_settings(kafka).aiokafka_kwargs(),
+            acks="all",
+            linger_ms=1,
+            max_request_size=kafka.max_message_bytes,
+        )
+        try:
+            await producer.start()
+            topics = await producer.client.fetch_all_metadata()
+            queries = QUERIES.full_name(kafka.topic_prefix)
+            if queries not in topics.topics():
+                raise DependencyUnavailable(
+                    f"topic {queries} does not exist on {kafka.servers}; "
+                    "start the stack (`ragstream up`) or create it (`ragstream init`)"
+                )
+        except KafkaError as exc:
+            await _stop_all(producer)
+            raise DependencyUnavailable(f"cannot reach Kafka at {kafka.servers}: {exc}") from exc
+        except BaseException:
+            await _stop_all(producer)
+            raise
+        return producer
+
+    async def _reader_for(self, reply_to: str) -> None:
+        """Read `reply_to`'s stream from its current end (idempotent)."""
+        if reply_to in self._readers:
+            return
+        async with self._start_lock:
+            if self._closed:
+                raise RuntimeError("this ragstream client is closed")
+            if reply_to in self._readers:
                 return
-            from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+            from aiokafka import AIOKafkaConsumer, TopicPartition
             from aiokafka.errors import KafkaError
 
             kafka = self._settings.kafka
-            prefix = kafka.topic_prefix
-            conn = KafkaConnection.from_settings(kafka).aiokafka_kwargs()
-            producer = AIOKafkaProducer(
-                **conn,
-                acks="all",
-                linger_ms=1,
-                max_request_size=kafka.max_message_bytes,
-            )
-            # No group: nothing to join (half a session timeout on the embedded broker), and
-            # every client instance sees every response. The embedded broker does not wake a
-            # parked fetch when data arrives, so the fetch wait is a floor on latency per hop.
+            topic = reply_topic(kafka.topic_prefix, reply_to)
+            # No group: nothing to join (half a session timeout on the embedded broker). The
+            # embedded broker does not wake a parked fetch when data arrives, so the fetch
+            # wait is a floor on latency per hop.
             consumer = AIOKafkaConsumer(
-                **conn,
+                **KafkaConnection.from_settings(kafka).aiokafka_kwargs(),
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
@@ -228,50 +277,65 @@ class AsyncClient:
                 max_partition_fetch_bytes=kafka.max_message_bytes,
             )
             try:
-                await producer.start()
                 await consumer.start()
-                names = [TOKENS.full_name(prefix), RESPONSES.full_name(prefix)]
-                existing = await consumer.topics()
-                missing = [n for n in [QUERIES.full_name(prefix), *names] if n not in existing]
-                if missing:
-                    raise DependencyUnavailable(
-                        f"topics {', '.join(missing)} do not exist on {kafka.servers}; "
-                        "start the stack (`ragstream up`) or create them (`ragstream init`)"
-                    )
-                tps = [
-                    TopicPartition(n, p)
-                    for n in names
-                    for p in sorted(consumer.partitions_for_topic(n) or ())
-                ]
+                partitions = await self._reply_partitions(consumer, topic)
+                tps = [TopicPartition(topic, p) for p in sorted(partitions)]
                 consumer.assign(tps)
                 await consumer.seek_to_end()
                 for tp in tps:  # resolve the lazy reset now, before any request is published
                     await consumer.position(tp)
             except KafkaError as exc:
-                await _stop_all(producer, consumer)
+                await _stop_all(consumer)
                 raise DependencyUnavailable(f"cannot reach Kafka at {kafka.servers}: {exc}") from exc
             except BaseException:
-                await _stop_all(producer, consumer)
+                await _stop_all(consumer)
                 raise
-            self._producer, self._consumer = producer, consumer
-            self._dispatcher = asyncio.create_task(self._dispatch(), name="ragstream-client-dispatch")
-            log.debug("client started on %s (%d response partitions)", kafka.servers, len(tps))
+            task = asyncio.create_task(self._dispatch(consumer), name=f"ragstream-client-{reply_to}")
+            self._readers[reply_to] = (consumer, task)
+            log.debug("client reads %s (%d partitions)", topic, len(tps))
+
+    async def _reply_partitions(self, consumer: Any, topic: str) -> set[int]:
+        """The stream's partitions, creating the stream where this client may (the embedded
+        stack); in production an operator creates it with the client's ACLs."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + _REPLY_STREAM_WAIT_S
+        created = False
+        while True:
+            if topic in await consumer.topics():
+                partitions = consumer.partitions_for_topic(topic)
+                if partitions:
+                    return set(partitions)
+            elif not created:
+                created = True
+                spec = NewTopicSpec(topic, self._settings.kafka.reply_stream_partitions)
+                try:
+                    await asyncio.to_thread(create_topics, self._settings, [spec])
+                except DependencyUnavailable as exc:
+                    raise DependencyUnavailable(
+                        f"your reply stream {topic} does not exist and cannot be created ({exc}); "
+                        "ask the operator to provision it (`ragstream acls client`)"
+                    ) from exc
+            if loop.time() > give_up_at:
+                raise DependencyUnavailable(
+                    f"reply stream {topic} did not appear within {_REPLY_STREAM_WAIT_S:.0f}s"
+                )
+            await asyncio.sleep(0.2)
 
     async def close(self) -> None:
-        """Stop the reader and the Kafka clients. Requests still waiting raise `RuntimeError`."""
+        """Stop the readers and the Kafka clients. Requests still waiting raise `RuntimeError`."""
         async with self._start_lock:
             if self._closed:
                 return
             self._closed = True
             for queue in self._pending.values():
                 queue.put_nowait(_Closed())
-            if self._dispatcher is not None:
-                self._dispatcher.cancel()
+            for _, task in self._readers.values():
+                task.cancel()
                 try:
-                    await self._dispatcher
+                    await task
                 except asyncio.CancelledError:
                     pass
-            await _stop_all(self._producer, self._consumer)
+            await _stop_all(self._producer, *(consumer for consumer, _ in self._readers.values()))
 
     async def ask(self, question: str, *, stream: bool = False, **options: Unpack[AskOptions]) -> Response:
         """Ask a question and wait for its final response.
@@ -285,13 +349,13 @@ class AsyncClient:
             pydantic.ValidationError: an option is out of range (it is a `ValueError`).
             RuntimeError: the client was closed.
         """
-        query = build_query(self._settings, question, stream=stream, **options)
+        sent = self._query(question, stream, options)
         final: Response | None = None
-        async for item in self._exchange(query):
+        async for item in self._exchange(sent):
             if isinstance(item, ResponseCompleted):
                 final = item
         if final is None:  # _exchange always ends with a response or raises
-            raise RuntimeError(f"no response for request {query.request_id}")
+            raise RuntimeError(f"no response for request {sent[0].request_id}")
         return final
 
     async def stream(self, question: str, **options: Unpack[AskOptions]) -> AsyncIterator[str | Response]:
@@ -305,14 +369,27 @@ class AsyncClient:
             pydantic.ValidationError: an option is out of range (it is a `ValueError`).
             RuntimeError: the client was closed.
         """
-        query = build_query(self._settings, question, stream=True, **options)
-        async for item in self._exchange(query):
+        sent = self._query(question, True, options)
+        async for item in self._exchange(sent):
             yield item
 
     # -- internals -----------------------------------------------------------------------
-    async def _exchange(self, query: QuerySubmitted) -> AsyncIterator[str | Response]:
-        """Publish `query`; yield its ordered deltas, then exactly one final response."""
+    def _query(self, question: str, stream: bool, options: AskOptions) -> tuple[QuerySubmitted, Identity]:
+        """The query with its token, and the identity it is sent as."""
+        identity = self._credentials.identity(
+            tenant=options.get("tenant"), user=options.get("user"), groups=options.get("groups")
+        )
+        opts: dict[str, Any] = dict(options)
+        if not identity.fixed:  # a signed-here token says exactly this tenant
+            opts["tenant"] = identity.tenant
+        query = build_query(self._settings, question, stream=stream, **opts)
+        return query.model_copy(update={"token": identity.token}), identity
+
+    async def _exchange(self, sent: tuple[QuerySubmitted, Identity]) -> AsyncIterator[str | Response]:
+        """Publish the query; yield its ordered deltas, then exactly one final response."""
+        query, identity = sent
         await self.start()
+        await self._reader_for(identity.reply_to)
         if self._failure is not None:
             raise DependencyUnavailable(f"the response reader failed: {self._failure}") from self._failure
         loop = asyncio.get_running_loop()
@@ -326,8 +403,8 @@ class AsyncClient:
             deltas = DeltaAssembler()
             final: Response | None = None
             settle_at = give_up_at
-            # Deltas and the final response travel on different topics, so the final one can
-            # overtake the last deltas; `delta_count` says how many to wait for.
+            # A re-published delta can still land after the final response; `delta_count`
+            # says how many to wait for.
             while final is None or (final.status == "ok" and deltas.released < final.delta_count):
                 item = await _next_from(queue, (give_up_at if final is None else settle_at) - loop.time())
                 if item is None:
@@ -389,28 +466,26 @@ class AsyncClient:
             streamed=query.stream,
         )
 
-    async def _dispatch(self) -> None:
-        """Hand each response record to the request waiting for it; drop the rest unread."""
+    async def _dispatch(self, consumer: Any) -> None:
+        """Hand each reply-stream record to the request waiting for it; drop the rest unread."""
         from aiokafka.errors import KafkaError
 
-        responses = RESPONSES.full_name(self._settings.kafka.topic_prefix)
         try:
             while True:
                 try:
-                    batches = await self._consumer.getmany(timeout_ms=1000)
+                    batches = await consumer.getmany(timeout_ms=1000)
                 except KafkaError as exc:
                     # The fetcher reconnects by itself; waiting requests hit their deadline.
                     log.warning("reading responses failed (will retry): %s", exc)
                     await asyncio.sleep(0.5)
                     continue
                 for tp, records in batches.items():
-                    spec = RESPONSES if tp.topic == responses else TOKENS
                     for record in records:
                         queue = self._pending.get(record.key) if record.key is not None else None
                         if queue is None:
                             continue
                         try:
-                            event = decode(spec, record.value)
+                            event = decode(REPLIES, record.value)
                         except SchemaViolation as exc:
                             log.warning(
                                 "dropping a malformed record at %s:%d@%d: %s",
@@ -443,8 +518,8 @@ async def _next_from(queue: asyncio.Queue[_Item], timeout_s: float) -> _Item | N
         return None
 
 
-async def _stop_all(producer: Any, consumer: Any) -> None:
-    for part in (consumer, producer):
+async def _stop_all(*parts: Any) -> None:
+    for part in parts:
         if part is not None:
             await part.stop()
 
@@ -466,8 +541,10 @@ class Client:
     producer and one consumer. Use it as a context manager, or call `close()`.
     """
 
-    def __init__(self, settings: Settings | None = None, *, deadline_grace_s: float = 2.0) -> None:
-        self._client = AsyncClient(settings, deadline_grace_s=deadline_grace_s)
+    def __init__(
+        self, settings: Settings | None = None, *, token: str | None = None, deadline_grace_s: float = 2.0
+    ) -> None:
+        self._client = AsyncClient(settings, token=token, deadline_grace_s=deadline_grace_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()

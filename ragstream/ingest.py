@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragstream.credentials import Credentials
 from ragstream.infra import kafka
 from ragstream.infra.parsing import media_type_for_path
 from ragstream.infra.settings import Settings
@@ -94,6 +95,7 @@ def _submission(
     tenant: str,
     groups: Sequence[str],
     metadata: dict[str, MetadataValue],
+    token: str | None = None,
 ) -> DocumentSubmitted | DeadLettered:
     limit = settings.chunking.max_document_bytes
     media_type = media_type_for_path(path) or "application/octet-stream"
@@ -132,6 +134,7 @@ def _submission(
         media_type=media_type,
         metadata=metadata,
         access_groups=tuple(groups),
+        token=token,
     )
 
 
@@ -167,23 +170,37 @@ def ingest(
     timeout_s: float = 600.0,
     on_published: Callable[[int, int], None] | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
+    token: str | None = None,
 ) -> IngestReport:
     """Publish documents (and deletions) and, if `wait`, collect each one's outcome.
 
+    Each submission carries a token granting `ingest` (`token`, `auth.token`, or one signed
+    with the embedded stack's local key; see `ragstream.credentials`).
+
     Raises:
         DependencyUnavailable: Kafka cannot be reached.
+        ConfigError: auth is required and there is neither a token nor a local key.
     """
-    tenant = tenant or settings.default_tenant
+    identity = Credentials(settings, token).identity(tenant=tenant, scopes=("ingest",))
+    tenant = tenant or identity.tenant
     started = time.monotonic()
     prefix = settings.kafka.topic_prefix
     events: list[tuple[Event, str, str]] = []  # (event, document id, path)
     for path, doc_id in collect_files(paths):
         events.append(
-            (_submission(settings, path, doc_id, tenant, groups, metadata or {}), doc_id, str(path))
+            (
+                _submission(settings, path, doc_id, tenant, groups, metadata or {}, identity.token),
+                doc_id,
+                str(path),
+            )
         )
     for doc_id in delete_ids:
         events.append(
-            (DocumentSubmitted(tenant=tenant, document_id=doc_id, deleted=True), doc_id, "(delete)")
+            (
+                DocumentSubmitted(tenant=tenant, document_id=doc_id, deleted=True, token=identity.token),
+                doc_id,
+                "(delete)",
+            )
         )
 
     consumer = _outcome_consumer(settings) if wait else None

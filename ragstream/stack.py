@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ragstream.infra import kafka
 from ragstream.infra.audit.tables import sink_groups, sink_name
+from ragstream.infra.auth import ensure_local_key
 from ragstream.infra.iceberg import ensure_namespace
 from ragstream.infra.settings import Settings, write_settings_file
 from ragstream.infra.supervisor import Component, Supervisor
@@ -141,6 +142,10 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
     from ragstream.infra.triton import is_ready as triton_ready
 
     settings.run_dir.mkdir(parents=True, exist_ok=True)
+    if settings.auth.mode == "required" and settings.auth.local_key:
+        # The workers trust it; the CLI and SDK sign with it (`ragstream.credentials`).
+        key = ensure_local_key(settings.local_key_file)
+        log.info("local signing key %s (%s)", key.kid, settings.local_key_file)
     settings_file = write_settings_file(settings, settings.run_dir / "settings.json")
     child_env = {
         "RAGSTREAM_CONFIG_FILE": str(settings_file),

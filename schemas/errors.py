@@ -9,6 +9,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ragstream.schemas.identity import Principal
+
 __all__ = [
     "AuditQueryError",
     "BadInputError",
@@ -21,11 +26,13 @@ __all__ = [
     "RetriesExhausted",
     "EmptyDocument",
     "FencedError",
+    "Forbidden",
     "GenerationTimeout",
     "RagstreamError",
     "SchemaViolation",
     "StartupError",
     "TransientError",
+    "Unauthenticated",
     "UnknownRoute",
     "UnreadableDocument",
     "UnsupportedMediaType",
@@ -87,6 +94,30 @@ class RetriesExhausted(BadInputError):
     last error, so it never blocks its partition."""
 
     kind = "retries_exhausted"
+
+
+class Unauthenticated(BadInputError):
+    """The command's token is missing, malformed, expired, wrongly signed, unsigned
+    (`alg=none`) or signed by an unknown key. Nobody is answered unless the token's signature
+    itself verified (an expired token): an unverified token names no caller."""
+
+    kind = "unauthenticated"
+
+    def __init__(self, message: str, *, principal: Principal | None = None) -> None:
+        super().__init__(message)
+        self.principal = principal
+        """Set when the signature verified (e.g. the token only expired): who to tell."""
+
+
+class Forbidden(BadInputError):
+    """The token is valid but does not allow the command: another tenant, a group or user
+    the token does not hold, or a missing scope. The caller (the token's principal) is told."""
+
+    kind = "forbidden"
+
+    def __init__(self, message: str, *, principal: Principal | None = None) -> None:
+        super().__init__(message)
+        self.principal = principal
 
 
 class AuditQueryError(BadInputError):

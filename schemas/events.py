@@ -9,9 +9,7 @@ clients can produce and consume them; `ragstream schemas export` writes the JSON
 from __future__ import annotations
 
 import base64
-import re
-import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -19,14 +17,24 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
-    StringConstraints,
     field_validator,
+)
+
+from ragstream.schemas.identity import Principal
+from ragstream.schemas.ids import (
+    IDENTIFIER_CHARS,
+    IDENTIFIER_MAX_CHARS,
+    IDENTIFIER_RE,
+    Identifier,
+    new_id,
+    utcnow,
 )
 
 __all__ = [
     "IDENTIFIER_CHARS",
     "IDENTIFIER_MAX_CHARS",
     "IDENTIFIER_RE",
+    "MAX_TOKEN_FIELD_CHARS",
     "Chunk",
     "ChunkCreated",
     "ChunkEmbedded",
@@ -35,34 +43,17 @@ __all__ = [
     "DocumentRetracted",
     "DocumentSubmitted",
     "Event",
+    "Identifier",
     "MetadataValue",
+    "Principal",
     "new_id",
     "utcnow",
 ]
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-IDENTIFIER_CHARS = "A-Za-z0-9._:/@+=-"
-"""What an id may contain (it starts with a letter or digit): the one definition, for the
-contracts, the dead-letter builder and file-name-derived document ids."""
-IDENTIFIER_MAX_CHARS = 256
-IDENTIFIER_RE = re.compile(f"[A-Za-z0-9][{IDENTIFIER_CHARS}]{{0,{IDENTIFIER_MAX_CHARS - 1}}}")
-"""Use with `fullmatch`."""
-
-Identifier = Annotated[
-    str,
-    StringConstraints(
-        min_length=1, max_length=IDENTIFIER_MAX_CHARS, pattern=f"^[A-Za-z0-9][{IDENTIFIER_CHARS}]*$"
-    ),
-]
-"""Ids and tenant names: printable, no spaces, safe in filters and file names."""
+MAX_TOKEN_FIELD_CHARS = 16 * 1024 * 1024
+"""The contract's bound on a `token` field; `auth.max_token_bytes` (8 KB) is the real limit,
+checked by the verifier so that an oversized token is refused as `unauthenticated`."""
 
 MetadataValue = str | int | float | bool
 """Flat metadata values, so they can be filtered on in every vector store."""
@@ -124,6 +115,10 @@ class DocumentSubmitted(Event):
     """Groups allowed to read the document. Empty means everyone in the tenant."""
     version: int = Field(default=1, ge=1)
     deleted: bool = False
+    token: str | None = Field(default=None, max_length=MAX_TOKEN_FIELD_CHARS, repr=False)
+    """The submitter's signed token (JWT): its claims must allow `ingest` into `tenant`."""
+    principal: Principal | None = None
+    """Set by ragstream once the token is verified; a submitter never sets it."""
 
     key_field: ClassVar[str] = "document_id"
 
@@ -176,6 +171,8 @@ class ChunkCreated(Event):
     source_event_id: str
     """`event_id` of the DocumentSubmitted this chunk came from."""
     chunk: Chunk
+    principal: Principal | None = None
+    """Who submitted the document (verified), for the audit trail."""
 
     @property
     def document_id(self) -> str:
@@ -192,6 +189,7 @@ class ChunkEmbedded(Event):
     chunk: Chunk
     vector: tuple[float, ...] = Field(min_length=1)
     embedding_model: str
+    principal: Principal | None = None
 
     def kafka_key(self) -> bytes:
         return self.chunk.document_id.encode()
@@ -207,6 +205,7 @@ class DocumentRetracted(Event):
     source_event_id: str
     document_id: Identifier
     version: int = Field(ge=1)
+    principal: Principal | None = None
 
     key_field: ClassVar[str] = "document_id"
 
@@ -227,6 +226,8 @@ class DocumentIndexed(Event):
     outcome: Literal["indexed", "unchanged", "deleted", "stale"]
     chunk_count: int = Field(ge=0)
     chunks_removed: int = Field(default=0, ge=0)
+    principal: Principal | None = None
+    """Who submitted the document (verified)."""
 
     key_field: ClassVar[str] = "document_id"
 
@@ -252,6 +253,8 @@ class DeadLettered(Event):
     source_event_id: str | None = None
     request_id: str | None = None
     document_id: str | None = None
+    principal: Principal | None = None
+    """The sender's verified identity, when it could be established (audit, and who to tell)."""
 
     @field_validator("original", mode="before")
     @classmethod

@@ -13,7 +13,14 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ragstream.schemas.events import Event, Identifier, MetadataValue, new_id
+from ragstream.schemas.events import (
+    MAX_TOKEN_FIELD_CHARS,
+    Event,
+    Identifier,
+    MetadataValue,
+    Principal,
+    new_id,
+)
 
 __all__ = [
     "Citation",
@@ -75,6 +82,12 @@ class QuerySubmitted(Event):
     """Time budget from `produced_at`; past it, the caller gets an error response."""
     stream: bool = True
     """Publish `TokenGenerated` deltas as they are generated."""
+    token: str | None = Field(default=None, max_length=MAX_TOKEN_FIELD_CHARS, repr=False)
+    """The caller's signed token (JWT). Its claims give the tenant, user, groups and reply
+    stream; `tenant`, `user` and `access_groups` above may be left out, and must agree with
+    the claims when given. Removed once verified: no token travels past the first stage."""
+    principal: Principal | None = None
+    """Set by ragstream once the token is verified; a caller never sets it."""
 
     key_field: ClassVar[str] = "request_id"
 
@@ -127,6 +140,9 @@ class TokenGenerated(Event):
     request_id: Identifier
     sequence: int = Field(ge=0)
     delta: str
+
+    reply_to: str | None = None
+    """The reply stream (`<tenant>.<client>`) it is published to."""
 
     key_field: ClassVar[str] = "request_id"
 
@@ -188,5 +204,20 @@ class ResponseCompleted(Event):
     delta_count: int = Field(default=0, ge=0)
     """How many `TokenGenerated` events were published before this one (sequences
     0..delta_count-1), so a consumer knows when it has them all."""
+    principal: Principal | None = None
+    """Who asked (verified): on the internal record only."""
+    reply_to: str | None = None
+    """Set on the caller's copy: the reply stream it is published to. The caller's copy has
+    no `prompt_messages` and no `principal` (see `for_caller`)."""
 
     key_field: ClassVar[str] = "request_id"
+
+    def for_caller(self) -> ResponseCompleted | None:
+        """The copy for the caller's own reply stream: the answer, status, usage, latencies
+        and citation metadata, without the prompt (which holds the passages). None when the
+        caller is not known."""
+        if self.principal is None:
+            return None
+        return self.model_copy(
+            update={"prompt_messages": (), "principal": None, "reply_to": self.principal.reply_to}
+        )

@@ -19,7 +19,7 @@ from ragstream.schemas.errors import SchemaViolation
 from ragstream.schemas.events import Event
 from ragstream.streams.topics import TopicSpec
 
-__all__ = ["decode", "encode", "sniff_ids"]
+__all__ = ["decode", "encode", "sniff", "sniff_ids"]
 
 _MAX_ERROR_CHARS = 600
 _MAX_ID_CHARS = 256
@@ -116,6 +116,25 @@ def sniff_ids(raw: bytes | None) -> dict[str, str]:
         return out
     except Exception:  # noqa: BLE001 - documented: never raises
         return {}
+
+
+def sniff(raw: bytes | None, *path: str) -> Any:
+    """Best effort: the value at `path` (nested object keys) of a JSON message, else None.
+
+    Never raises; bounded like `sniff_ids`. Used on messages that failed validation, to find
+    who sent them (their token, or the principal an earlier stage verified).
+    """
+    if not raw:
+        return None
+    try:
+        value: Any = from_json(raw, cache_strings=False)
+        for key in path:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(key)
+        return value
+    except Exception:  # noqa: BLE001 - documented: never raises
+        return None
 
 
 def _is_id(value: str) -> bool:

@@ -35,13 +35,16 @@ from typing import Any, NamedTuple, TypeVar
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import (
     BadInputError,
+    Forbidden,
     OutputRejected,
     PublishStalled,
     RetriesExhausted,
     SchemaViolation,
     TransientError,
+    Unauthenticated,
 )
 from ragstream.schemas.events import DeadLettered, Event
+from ragstream.schemas.identity import Principal
 from ragstream.schemas.queries import ResponseCompleted
 from ragstream.streams.codec import decode, encode, sniff_ids
 from ragstream.streams.completions import CompletedRequests
@@ -146,6 +149,15 @@ class StageRunner:
         """The exactly-once gate for request stages (see `streams.completions`)."""
         self._claims: dict[tuple[str, int | None, int | None], str] = {}
         """What the stage's pipeline holds and since when (a stuck partition shows here)."""
+        self.admit: Callable[[Event], Event] | None = None
+        """Command stages: verify each input's sender before `handle` (`streams.admission`);
+        raises `Unauthenticated`/`Forbidden`, which dead-letters the input."""
+        self.caller: Callable[[bytes | None], Principal | None] | None = None
+        """Who sent an input that is dead-lettered, so the error response reaches them."""
+        self.ensure_reply_streams: Callable[[set[str]], Awaitable[set[str]]] | None = None
+        """Creates reply streams on first use; returns the names that cannot be used."""
+        self.rejected = 0
+        """Inputs refused as `unauthenticated` or `forbidden`."""
 
     # -- processing (no publishing) ------------------------------------------------------
     async def process_batch(
@@ -177,11 +189,20 @@ class StageRunner:
         out: list[Emit] = []
         good: list[tuple[Message, Event]] = []
         limit = self.settings.kafka.max_message_bytes
+        admit = self.admit
         for m in messages:
             try:
-                good.append((m, decode(spec, m.value, max_bytes=limit)))
+                event = decode(spec, m.value, max_bytes=limit)
             except SchemaViolation as exc:
                 out.extend(self._dead_letter_all(m, exc))
+                continue
+            if admit is not None:
+                try:
+                    event = admit(event)
+                except Exception as exc:  # noqa: BLE001 - refused (or a bug): this input only
+                    out.extend(self._dead_letter_all(m, exc))
+                    continue
+            good.append((m, event))
         if self.completions is not None:
             good = [(m, e) for m, e in good if self._claim(m, e)]
         if not good:
@@ -276,9 +297,27 @@ class StageRunner:
 
     async def send_nowait(self, events: Sequence[Event]) -> list[Awaitable[Any]]:
         """Send without waiting for the broker (streamed tokens); await the returned futures
-        before relying on delivery. Records to one partition keep their order."""
+        before relying on delivery. Records to one partition keep their order. A record for
+        a reply stream that cannot be created is dropped (logged)."""
         prefix = self.settings.kafka.topic_prefix
-        return [await self._send(self.route(e).full_name(prefix), e.kafka_key(), encode(e)) for e in events]
+        named = [(self.route(e), e) for e in events]
+        unusable = await self._reply_streams({t.topic_name(prefix, e) for t, e in named if t.per_principal})
+        out: list[Awaitable[Any]] = []
+        for t, e in named:
+            name = t.topic_name(prefix, e)
+            if name not in unusable:
+                out.append(await self._send(name, e.kafka_key(), encode(e)))
+        return out
+
+    async def _reply_streams(self, names: set[str]) -> set[str]:
+        if not names or self.ensure_reply_streams is None:
+            return set()
+        unusable = await self.ensure_reply_streams(names)
+        for name in unusable:
+            log.warning(
+                "%s: reply stream %s cannot be created; the caller's copy is dropped", self.stage, name
+            )
+        return unusable
 
     # -- publishing ---------------------------------------------------------------------
     async def deliver(self, messages: Sequence[Message], outputs: Sequence[Emit]) -> None:
@@ -301,6 +340,9 @@ class StageRunner:
         records, rejected = self._encode_all(outputs)
         if rejected:
             records = self._reject(messages, records, rejected)
+        unusable = await self._reply_streams({r.topic for r in records if r.emit.topic.per_principal})
+        if unusable:  # the internal record of the response still goes out
+            records = [r for r in records if r.topic not in unusable]
         budget_s = self.settings.kafka.publish_retry_budget_s
         deadline = time.monotonic() + budget_s
         delay = 0.1
@@ -394,7 +436,9 @@ class StageRunner:
                 )
                 continue
             records.append(
-                _Record(o, o.topic.full_name(prefix), key, value, is_dead_letter=o.topic is DEADLETTER)
+                _Record(
+                    o, o.topic.topic_name(prefix, o.event), key, value, is_dead_letter=o.topic is DEADLETTER
+                )
             )
         return records, rejected
 
@@ -446,7 +490,14 @@ class StageRunner:
                 message.offset,
                 "".join(traceback.format_exception(exc)),
             )
-        record = dead_letter_record(self.stage, message, kind, str(exc) or type(exc).__name__)
+        principal = getattr(exc, "principal", None)
+        if principal is None and self.caller is not None:
+            principal = self.caller(message.value)
+        if isinstance(exc, Unauthenticated | Forbidden):
+            self.rejected += 1
+        record = dead_letter_record(
+            self.stage, message, kind, str(exc) or type(exc).__name__, principal=principal
+        )
         if kind != "internal_error":
             log.info("%s: dead-lettered %s: %s", self.stage, kind, record.message[:300])
         self.dead_lettered += 1

@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 from ragstream.infra.settings import Settings
 from ragstream.schemas.events import DeadLettered, Event
+from ragstream.schemas.identity import Principal
 from ragstream.streams.runner import StageRunner
 from ragstream.streams.topics import DEADLETTER, TopicSpec
 
@@ -60,11 +61,21 @@ class Stage(Generic[D]):
     once_per_request: bool = False
     """Skip inputs whose request already has its final response (`streams.completions`):
     after a crash, nothing is generated or answered twice."""
+    admit: Callable[[Event, D], Event] | None = None
+    """Command stages: verify each input's sender first (`streams.admission`). What it
+    returns is what `handle` sees; `Unauthenticated`/`Forbidden` dead-letter the input."""
+    caller: Callable[[bytes | None, D], Principal | None] | None = None
+    """Who sent an input that is dead-lettered, so `on_dead_letter` can answer them."""
     _routes: dict[type[Event], TopicSpec] = field(init=False, repr=False, compare=False)
+    _replies: TopicSpec | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         routes: dict[type[Event], TopicSpec] = {}
+        replies = [spec for spec in self.produces if spec.per_principal]
+        object.__setattr__(self, "_replies", replies[0] if replies else None)
         for spec in (*self.produces, DEADLETTER):
+            if spec.per_principal:
+                continue
             for t in spec.value_types:
                 if t in routes and routes[t] is not spec:
                     raise TypeError(
@@ -74,11 +85,16 @@ class Stage(Generic[D]):
         object.__setattr__(self, "_routes", routes)
 
     def route(self, event: Event) -> TopicSpec:
-        """The declared output topic for `event`.
+        """The declared output topic for `event`: a reply stream for an event with a
+        `reply_to`, else the one declared topic that carries its type.
 
         Raises:
             TypeError: the stage does not declare a topic for this event type (a bug).
         """
+        if getattr(event, "reply_to", None) is not None:
+            if self._replies is None:
+                raise TypeError(f"stage {self.name} produced a reply but declares no reply stream topic")
+            return self._replies
         try:
             return self._routes[type(event)]
         except KeyError:

@@ -1,5 +1,11 @@
 """Every topic, declared once: its name (under the configurable prefix) and its value types.
 
+Callers write to `queries` and `documents` and read only their own reply stream,
+`responses.<tenant>.<client>` (`REPLIES`, one per principal, named by the verified token).
+Every other topic is internal: only ragstream's own principals read it. The full record of a
+response (prompt and passages included) travels on the internal `responses` topic, for the
+audit trail; the caller's copy carries the answer, usage and citation metadata only.
+
 Keys are chosen for ordering: all events of one document are keyed by its `document_id`,
 so they stay in one partition and in order. A topic may carry more than one event type; the
 `event_type` field tells them apart.
@@ -30,8 +36,9 @@ __all__ = [
     "QUERIES",
     "RESPONSES",
     "RETRIEVALS",
-    "TOKENS",
+    "REPLIES",
     "TopicSpec",
+    "reply_topic",
     "topic_for",
 ]
 
@@ -43,16 +50,37 @@ class TopicSpec:
     value_types: tuple[type[Event], ...]
     key_doc: str
     description: str
+    caller_facing: bool = False
+    """Callers publish or consume it (everything else is internal to ragstream)."""
+    per_principal: bool = False
+    """One topic per principal: `{prefix}.responses.{reply_to}`, named by each event."""
 
     def full_name(self, prefix: str) -> str:
+        if self.per_principal:
+            raise TypeError(f"{self.name} is one topic per principal: use topic_name(prefix, event)")
         return f"{prefix}.{self.name}"
+
+    def topic_name(self, prefix: str, event: Event) -> str:
+        """The topic `event` is published to."""
+        if not self.per_principal:
+            return f"{prefix}.{self.name}"
+        reply_to = getattr(event, "reply_to", None)
+        if not reply_to:
+            raise TypeError(f"{type(event).__name__} has no reply_to: it cannot go to a reply stream")
+        return reply_topic(prefix, reply_to)
+
+
+def reply_topic(prefix: str, reply_to: str) -> str:
+    """The reply stream of the principal whose `reply_to` is `<tenant>.<client>`."""
+    return f"{prefix}.responses.{reply_to}"
 
 
 DOCUMENTS = TopicSpec(
     "documents",
     (DocumentSubmitted,),
     key_doc="document_id",
-    description="Documents to index, update or delete. Publish here.",
+    description="Documents to index, update or delete, each with a token. Publish here.",
+    caller_facing=True,
 )
 CHUNKS = TopicSpec(
     "chunks",
@@ -83,7 +111,8 @@ QUERIES = TopicSpec(
     "queries",
     (QuerySubmitted,),
     key_doc="request_id",
-    description="Questions. Publish here.",
+    description="Questions, each with a token. Publish here.",
+    caller_facing=True,
 )
 RETRIEVALS = TopicSpec(
     "retrievals",
@@ -91,17 +120,25 @@ RETRIEVALS = TopicSpec(
     key_doc="request_id",
     description="A query with the chunks retrieval chose for it, on its way to generation.",
 )
-TOKENS = TopicSpec(
-    "responses.tokens",
-    (TokenGenerated,),
+REPLIES = TopicSpec(
+    "responses.{reply_to}",
+    (TokenGenerated, ResponseCompleted),
     key_doc="request_id",
-    description="Answer tokens as they are generated (streaming requests), ordered by sequence.",
+    description=(
+        "A caller's own stream: its answer deltas in sequence order, then exactly one final "
+        "response per request (no prompt, no passages). Consume here."
+    ),
+    caller_facing=True,
+    per_principal=True,
 )
 RESPONSES = TopicSpec(
     "responses",
     (ResponseCompleted,),
     key_doc="request_id",
-    description="Exactly one final response per request: ok, error or blocked. Consume here.",
+    description=(
+        "Internal: the full record of exactly one final response per request (ok, error or "
+        "blocked), prompt and passages included, for the audit trail."
+    ),
 )
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
@@ -111,10 +148,10 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     INDEXED,
     QUERIES,
     RETRIEVALS,
-    TOKENS,
     RESPONSES,
     DEADLETTER,
 )
+"""The topics `ragstream init` creates. Reply streams are created per principal on first use."""
 
 _BY_EVENT: dict[type[Event], TopicSpec] = {}
 for _spec in ALL_TOPICS:

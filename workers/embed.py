@@ -43,6 +43,7 @@ async def handle(events: Sequence[Event], embedder: Embedder) -> list[Event]:
                     chunk=e.chunk,
                     vector=tuple(float(x) for x in vectors[i]),
                     embedding_model=embedder.model_id,
+                    principal=e.principal,
                 )
             )
             i += 1

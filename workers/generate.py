@@ -1,5 +1,6 @@
 """Generation stage: assemble the grounded prompt, stream the answer from the generator on
-Triton, publish each token delta as it arrives, then the final response.
+Triton, publish each token delta as it arrives (to the caller's own reply stream), then the
+final response (its full record internally, the caller's copy without the prompt).
 
 The route in the query (`generation.route`) names a Triton model through
 `generation.routes`, so several models can be served and routed between. The caller's
@@ -28,11 +29,18 @@ from ragstream.schemas.queries import (
     TokenGenerated,
     Usage,
 )
+from ragstream.streams.admission import principal_in
 from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Concurrent, Stage
-from ragstream.streams.topics import RESPONSES, RETRIEVALS, TOKENS
+from ragstream.streams.topics import REPLIES, RESPONSES, RETRIEVALS
 from ragstream.workers.prompt import build_prompt, citations_for
-from ragstream.workers.responses import error_response, invalid_request_response, ms_since, remaining_s
+from ragstream.workers.responses import (
+    error_response,
+    finals,
+    invalid_request_response,
+    ms_since,
+    remaining_s,
+)
 
 __all__ = ["STAGE", "GenerationDeps", "handle", "handle_context", "open_deps"]
 
@@ -56,11 +64,11 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
     latency = dict(ctx.latency_ms)
     latency["queue_generation"] = ms_since(ctx.produced_at)
     if remaining_s(q) <= 0:
-        return [error_response(q, "deadline_exceeded: the deadline passed before generation", latency)]
+        return error_response(q, "deadline_exceeded: the deadline passed before generation", latency)
     model = gen.routes.get(q.generation.route)
     if model is None:
         known = ", ".join(sorted(gen.routes))
-        return [error_response(q, f"unknown_route: {q.generation.route!r} (known: {known})", latency)]
+        return error_response(q, f"unknown_route: {q.generation.route!r} (known: {known})", latency)
 
     t0 = time.perf_counter()
     prompt = await asyncio.to_thread(
@@ -93,13 +101,14 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
                 if delta.text:
                     if not parts:
                         latency["time_to_first_token"] = (time.perf_counter() - t_gen) * 1000.0
-                    if q.stream:
+                    if q.stream and q.principal is not None:
                         token = TokenGenerated(
                             request_id=q.request_id,
                             trace_id=q.request_id,
                             tenant=q.tenant,
                             sequence=len(parts),
                             delta=delta.text,
+                            reply_to=q.principal.reply_to,
                         )
                         sent.extend(await deps.send_nowait([token]))
                     parts.append(delta.text)
@@ -121,7 +130,7 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
         await fut
     answer = "".join(parts)
     latency["total"] = ms_since(q.produced_at)
-    return [
+    return finals(
         ResponseCompleted(
             request_id=q.request_id,
             trace_id=q.request_id,
@@ -142,9 +151,10 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
             retrieved_scores=tuple(c.score for c in ctx.chunks),
             latency_ms=latency,
             streamed=q.stream,
-            delta_count=len(parts) if q.stream else 0,
+            delta_count=len(parts) if q.stream and q.principal is not None else 0,
+            principal=q.principal,
         )
-    ]
+    )
 
 
 async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Event]:
@@ -173,11 +183,13 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Ge
 STAGE = Stage(
     name="generate",
     consumes=RETRIEVALS,
-    produces=(TOKENS, RESPONSES),
+    produces=(REPLIES, RESPONSES),
     flow=Concurrent(limit=lambda s: s.serving.generation_concurrency),
     deps=open_deps,
     handle=handle,
     on_dead_letter=invalid_request_response,
     once_per_request=True,
+    caller=lambda raw, deps: principal_in(raw, "query", "principal"),
 )
-"""Retrieved context in; streamed token deltas and exactly one final response out."""
+"""Retrieved context in; token deltas to the caller's own stream, and exactly one final
+response: its full record (prompt included) to `responses`, the caller's copy to the caller."""

@@ -51,6 +51,7 @@ async def handle(events: Sequence[Event], store: VectorStore) -> list[Event]:
                     outcome="deleted",
                     chunk_count=0,
                     chunks_removed=removed,
+                    principal=e.principal,
                 )
             )
     out.extend(await _flush(pending, store))
@@ -89,6 +90,7 @@ async def _flush(pending: list[ChunkEmbedded], store: VectorStore) -> list[Event
                 outcome="indexed",
                 chunk_count=c.chunk_count,
                 chunks_removed=removed,
+                principal=e.principal,
             )
         )
     return out

@@ -36,6 +36,7 @@ from ragstream.schemas.events import (
     DocumentSubmitted,
     Event,
 )
+from ragstream.streams.admission import Admission, opened_admission
 from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Batched, Stage
 from ragstream.streams.topics import CHUNKS, DOCUMENTS, INDEXED
@@ -50,6 +51,8 @@ class IngestDeps:
     chunking: ChunkingSettings
     chunker: Chunker
     store: VectorStore
+    admission: Admission | None = None
+    """Verifies each submission's sender (`STAGE.admit`); None in unit tests of `handle`."""
 
 
 def document_fingerprint(doc: DocumentSubmitted, data: bytes) -> str:
@@ -86,6 +89,7 @@ async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Even
                 tenant=doc.tenant,
                 document_id=doc.document_id,
                 version=doc.version,
+                principal=doc.principal,
             )
         ]
 
@@ -131,6 +135,7 @@ async def handle_document(doc: DocumentSubmitted, deps: IngestDeps) -> list[Even
                 metadata=doc.metadata,
                 access_groups=tuple(sorted(set(doc.access_groups))),
             ),
+            principal=doc.principal,
         )
         for i, span in enumerate(spans)
     ]
@@ -151,6 +156,7 @@ def _verdict(doc: DocumentSubmitted, outcome: Any, fingerprint: str, chunk_count
         fingerprint=fingerprint,
         outcome=outcome,
         chunk_count=chunk_count,
+        principal=doc.principal,
     )
 
 
@@ -158,12 +164,19 @@ def _too_large(size: int, limit: int) -> str:
     return f"document is {size} bytes; the limit is {limit} (chunking.max_document_bytes)"
 
 
-def build_deps(settings: Settings, store: VectorStore) -> IngestDeps:
+def build_deps(settings: Settings, store: VectorStore, admission: Admission | None = None) -> IngestDeps:
     return IngestDeps(
         chunking=settings.chunking,
         chunker=Chunker(settings.chunking.max_tokens, settings.chunking.overlap_tokens),
         store=store,
+        admission=admission,
     )
+
+
+def _admit(event: Event, deps: IngestDeps) -> Event:
+    if deps.admission is None:
+        raise RuntimeError("the ingest stage was opened without admission")
+    return deps.admission.admit(event)
 
 
 async def handle(events: Sequence[Event], deps: IngestDeps) -> list[Event]:
@@ -178,8 +191,8 @@ async def handle(events: Sequence[Event], deps: IngestDeps) -> list[Event]:
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[IngestDeps]:
     from ragstream.infra.vectorstore import open_vector_store
 
-    async with started(open_vector_store(settings)) as store:
-        yield build_deps(settings, store)
+    async with opened_admission(settings) as admission, started(open_vector_store(settings)) as store:
+        yield build_deps(settings, store, admission)
 
 
 STAGE = Stage(
@@ -190,5 +203,7 @@ STAGE = Stage(
     deps=open_deps,
     handle=handle,
     fetch_max_wait_ms=lambda s: s.kafka.document_path_fetch_max_wait_ms,
+    admit=_admit,
 )
-"""Documents in; their chunks (or a retraction) out, or a verdict when nothing changes."""
+"""Documents in (each submitter verified first: the token must grant `ingest` in the
+document's tenant); their chunks (or a retraction) out, or a verdict when nothing changes."""

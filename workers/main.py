@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ragstream.infra.files import write_json_atomic
+from ragstream.infra.kafka import ReplyStreams
 from ragstream.infra.settings import Settings
 from ragstream.schemas.events import Event
+from ragstream.schemas.identity import Principal
 from ragstream.streams.app import RagstreamApp, create_app, faust_topic
 from ragstream.streams.completions import CompletedRequests
 from ragstream.streams.pipeline import BatchPipeline, ConcurrentPipeline
@@ -63,7 +65,8 @@ def build_worker_app(
 
     completions = CompletedRequests(settings) if any(d.once_per_request for d in defs) else None
     gate = _Gate(completions)
-    runners = [_register_stage(app, settings, stage, send, gate) for stage in defs]
+    replies = ReplyStreams(settings)
+    runners = [_register_stage(app, settings, stage, send, gate, replies) for stage in defs]
     if completions is not None:
 
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]
@@ -105,6 +108,7 @@ def _register_stage(
     stage: Stage[Any],
     send: Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]],
     gate: _Gate,
+    replies: ReplyStreams,
 ) -> StageRunner:
     runner = StageRunner(
         settings,
@@ -114,6 +118,7 @@ def _register_stage(
         completions=gate.completions if stage.once_per_request else None,
         route=stage.route,
     )
+    runner.ensure_reply_streams = replies.ensure
     source = faust_topic(app, settings, stage.consumes)
 
     @app.agent(source, name=f"{settings.kafka.topic_prefix}.{stage.name}")
@@ -132,6 +137,7 @@ def _register_stage(
         if stage.once_per_request:
             await gate.start()  # every answer already published is known before any input
         async with stage.deps(settings, runner) as deps:
+            runner.admit, runner.caller = _bound(stage, deps)
 
             async def handler(events: Sequence[Event]) -> Sequence[Event]:
                 return await stage.handle(events, deps)
@@ -155,6 +161,23 @@ def _register_stage(
             await pipeline.run(stream.noack().events())
 
     return runner
+
+
+def _bound(
+    stage: Stage[Any], deps: Any
+) -> tuple[Callable[[Event], Event] | None, Callable[[bytes | None], Principal | None] | None]:
+    """The stage's admission and caller hooks with its deps bound."""
+    admit, caller = stage.admit, stage.caller
+
+    def admit_bound(event: Event) -> Event:
+        assert admit is not None
+        return admit(event, deps)
+
+    def caller_bound(raw: bytes | None) -> Principal | None:
+        assert caller is not None
+        return caller(raw, deps)
+
+    return (admit_bound if admit else None, caller_bound if caller else None)
 
 
 def _crash(settings: Settings, runner: StageRunner, exc: BaseException) -> NoReturn:
@@ -193,6 +216,7 @@ def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool)
             "inflight": len(runner.inflight),
             "oldest_inflight_s": round(runner.inflight.oldest_age_s(), 3),
             "duplicates_skipped": runner.duplicates_skipped,
+            "rejected": runner.rejected,
             "responses_gate_behind": runner.completions.behind if runner.completions else None,
         },
     )

@@ -1,5 +1,13 @@
-"""What a caller is told when its request cannot be answered: every caller-facing error
-response is built here, so their wording and fields stay the same across stages."""
+"""What a caller is told: every final response goes out twice, built here.
+
+- The internal record (`responses` topic) has everything, prompt and principal included,
+  for the audit trail and the exactly-once gate.
+- The caller's copy goes to the caller's own reply stream, without the prompt (see
+  `ResponseCompleted.for_caller`). A request whose sender is unknown (an unverifiable token)
+  gets no copy: nobody can be told.
+
+Every error response is built here too, so its wording and fields stay the same across
+stages."""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from datetime import datetime
 from ragstream.schemas.events import DeadLettered, Event, utcnow
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 
-__all__ = ["error_response", "invalid_request_response", "ms_since", "remaining_s"]
+__all__ = ["error_response", "finals", "invalid_request_response", "ms_since", "remaining_s"]
 
 
 def ms_since(t: datetime) -> float:
@@ -20,9 +28,19 @@ def remaining_s(query: QuerySubmitted) -> float:
     return (query.deadline_at() - utcnow()).total_seconds()
 
 
-def error_response(query: QuerySubmitted, reason: str, latency_ms: dict[str, float]) -> ResponseCompleted:
-    """The final response of a query that failed: `status="error"`, `reason` says why, as
-    `<kind>: <detail>` (`deadline_exceeded`, `retrieval_failed`, `unknown_route`, ...)."""
+def finals(response: ResponseCompleted) -> list[Event]:
+    """The internal record of a final response, and the caller's copy when there is a caller."""
+    copy = response.for_caller()
+    return [response] if copy is None else [response, copy]
+
+
+def error_response(query: QuerySubmitted, reason: str, latency_ms: dict[str, float]) -> list[Event]:
+    """The final responses of a query that failed (see `finals`): `status="error"`, `reason`
+    says why, as `<kind>: <detail>` (`deadline_exceeded`, `retrieval_failed`, ...)."""
+    return finals(_error(query, reason, latency_ms))
+
+
+def _error(query: QuerySubmitted, reason: str, latency_ms: dict[str, float]) -> ResponseCompleted:
     return ResponseCompleted(
         request_id=query.request_id,
         trace_id=query.request_id,
@@ -35,14 +53,17 @@ def error_response(query: QuerySubmitted, reason: str, latency_ms: dict[str, flo
         finish_reason="error",
         latency_ms={**latency_ms, "total": ms_since(query.produced_at)},
         streamed=query.stream,
+        principal=query.principal,
     )
 
 
 def invalid_request_response(record: DeadLettered) -> list[Event]:
-    """For a dead-lettered query whose request id could be read: tell the caller why.
+    """For a dead-lettered query whose request id could be read: record why, and tell the
+    caller when it is known (`record.principal`).
 
     The reason starts with `invalid_request` when the query itself was malformed, and with
-    the dead letter's kind otherwise (`internal_error`, `retries_exhausted`, `output_rejected`).
+    the dead letter's kind otherwise (`unauthenticated`, `forbidden`, `internal_error`,
+    `retries_exhausted`, `output_rejected`). It says nothing beyond the dead letter's reason.
     """
     if not record.request_id:
         return []
@@ -55,7 +76,9 @@ def invalid_request_response(record: DeadLettered) -> list[Event]:
             status="error",
             error_reason=f"{kind}: {record.message}"[:2000],
             finish_reason="error",
+            principal=record.principal,
+            user=record.principal.user if record.principal is not None else "anonymous",
         )
     except ValueError:  # the id itself is not a valid identifier: nobody to answer
         return []
-    return [response]
+    return finals(response)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -22,11 +22,12 @@ from ragstream.infra.lifecycle import started
 from ragstream.infra.settings import Settings
 from ragstream.infra.vectorstore.base import SearchHit, SearchQuery, VectorStore
 from ragstream.schemas.errors import TransientError
-from ragstream.schemas.events import Event, utcnow
+from ragstream.schemas.events import Event, Principal, utcnow
 from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, RetrievedChunk
+from ragstream.streams.admission import Admission, opened_admission
 from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Concurrent, Stage
-from ragstream.streams.topics import QUERIES, RESPONSES, RETRIEVALS
+from ragstream.streams.topics import QUERIES, REPLIES, RESPONSES, RETRIEVALS, reply_topic
 from ragstream.workers.responses import error_response, invalid_request_response, ms_since, remaining_s
 
 __all__ = ["STAGE", "RetrievalDeps", "handle", "handle_query", "open_deps"]
@@ -40,6 +41,11 @@ _RETRY_DELAY_S = 0.2
 class RetrievalDeps:
     embedder: Embedder
     store: VectorStore
+    admission: Admission | None = None
+    """Verifies each query's sender (`STAGE.admit`); None in unit tests of `handle`."""
+    reply_streams: Callable[[set[str]], Awaitable[set[str]]] | None = None
+    """Creates callers' reply streams on first use."""
+    topic_prefix: str = "ragstream"
 
 
 async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Event]:
@@ -47,13 +53,16 @@ async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Event
     started = utcnow()
     latency: dict[str, float] = {"queue_retrieval": ms_since(query.produced_at)}
     if remaining_s(query) <= 0:
-        return [error_response(query, "deadline_exceeded: the deadline passed before retrieval", latency)]
+        return error_response(query, "deadline_exceeded: the deadline passed before retrieval", latency)
+    if query.principal is not None and deps.reply_streams is not None:
+        # The caller's stream exists before anything is sent to it.
+        await deps.reply_streams({reply_topic(deps.topic_prefix, query.principal.reply_to)})
     try:
         hits = await asyncio.wait_for(_retrieve(query, deps, latency), timeout=remaining_s(query))
     except TimeoutError:
-        return [error_response(query, "deadline_exceeded: retrieval did not finish in time", latency)]
+        return error_response(query, "deadline_exceeded: retrieval did not finish in time", latency)
     except TransientError as exc:
-        return [error_response(query, f"retrieval_failed: {exc}", latency)]
+        return error_response(query, f"retrieval_failed: {exc}", latency)
     latency["retrieval"] = ms_since(started)
     return [
         ContextRetrieved(
@@ -162,18 +171,41 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Re
     from ragstream.infra.embedder import TritonEmbedder
     from ragstream.infra.vectorstore import open_vector_store
 
-    async with started(open_vector_store(settings)) as store, started(TritonEmbedder(settings)) as embedder:
-        yield RetrievalDeps(embedder=embedder, store=store)
+    async with (
+        opened_admission(settings) as admission,
+        started(open_vector_store(settings)) as store,
+        started(TritonEmbedder(settings)) as embedder,
+    ):
+        yield RetrievalDeps(
+            embedder=embedder,
+            store=store,
+            admission=admission,
+            reply_streams=runner.ensure_reply_streams,
+            topic_prefix=settings.kafka.topic_prefix,
+        )
+
+
+def _admit(event: Event, deps: RetrievalDeps) -> Event:
+    if deps.admission is None:
+        raise RuntimeError("the retrieve stage was opened without admission")
+    return deps.admission.admit(event)
+
+
+def _caller(raw: bytes | None, deps: RetrievalDeps) -> Principal | None:
+    return deps.admission.caller(raw) if deps.admission is not None else None
 
 
 STAGE = Stage(
     name="retrieve",
     consumes=QUERIES,
-    produces=(RETRIEVALS, RESPONSES),
+    produces=(RETRIEVALS, RESPONSES, REPLIES),
     flow=Concurrent(limit=lambda s: s.serving.retrieval_concurrency),
     deps=open_deps,
     handle=handle,
     on_dead_letter=invalid_request_response,
     once_per_request=True,
+    admit=_admit,
+    caller=_caller,
 )
-"""Questions in; their context out to generation, or an error response to the caller."""
+"""Questions in (each sender verified first); their context out to generation, or an error
+response to the caller."""

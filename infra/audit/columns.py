@@ -42,6 +42,33 @@ def _fields() -> Any:
     return f, counter
 
 
+def _identity(f: Any, ids: Any) -> list[Any]:
+    """Who sent the command, from its verified token (see `ragstream.infra.auth`); `tenant`
+    and `user` are the token's too. Null where no identity was established (a token that did
+    not verify, or a query whose response never came)."""
+    from pyiceberg.types import BooleanType, ListType, StringType
+
+    return [
+        f(
+            "principal_groups",
+            ListType(next(ids), StringType(), element_required=False),
+            "Groups the verified token holds.",
+        ),
+        f(
+            "principal_client",
+            StringType(),
+            "Client the token names (its reply stream is <tenant>.<client>).",
+        ),
+        f("principal_key_id", StringType(), "kid of the key that verified the token."),
+        f("principal_token_id", StringType(), "The token's jti, when it has one."),
+        f(
+            "principal_verified",
+            BooleanType(),
+            "True: the identity came from a verified token. False: auth.mode=off (the body's claim).",
+        ),
+    ]
+
+
 def _lineage(f: Any, event_time: str) -> list[Any]:
     from pyiceberg.types import DateType, IntegerType, LongType, StringType, TimestamptzType
 
@@ -189,6 +216,7 @@ def inference_schema() -> Any:
         f("query_partition", IntegerType(), "Its partition."),
         f("query_offset", LongType(), "Its offset."),
         *_lineage(f, "submitted_at"),
+        *_identity(f, ids),
     ]
     return Schema(*fields)
 
@@ -224,7 +252,7 @@ def ingestion_schema() -> Any:
     from pyiceberg.schema import Schema
     from pyiceberg.types import IntegerType, LongType, StringType, TimestamptzType
 
-    f, _ = _fields()
+    f, ids = _fields()
     return Schema(
         f("event_time", TimestamptzType(), "When the outcome was produced; event_date is its UTC day.", True),
         f("tenant", StringType(), "Tenant of the document."),
@@ -239,6 +267,7 @@ def ingestion_schema() -> Any:
         f("stage", StringType(), "Stage that dead-lettered the document."),
         f("error", StringType(), "error_kind: message, for dead letters."),
         *_lineage(f, "event_time"),
+        *_identity(f, ids),
     )
 
 
@@ -246,7 +275,7 @@ def dead_letter_schema() -> Any:
     from pyiceberg.schema import Schema
     from pyiceberg.types import BinaryType, BooleanType, IntegerType, LongType, StringType, TimestamptzType
 
-    f, _ = _fields()
+    f, ids = _fields()
     return Schema(
         f(
             "event_time",
@@ -260,7 +289,7 @@ def dead_letter_schema() -> Any:
         f("stage", StringType(), "Stage that gave up on the message.", True),
         f("error_kind", StringType(), "Error class kind (schema_violation, ...).", True),
         f("message", StringType(), "Human-readable reason."),
-        f("original", BinaryType(), "The original message bytes (possibly truncated)."),
+        f("original", BinaryType(), "The original message bytes (possibly truncated; tokens redacted)."),
         f("original_truncated", BooleanType(), "True when original was cut short."),
         f("original_topic", StringType(), "Where the original message was read."),
         f("original_partition", IntegerType(), "Its partition."),
@@ -270,4 +299,5 @@ def dead_letter_schema() -> Any:
         f("request_id", StringType(), "Request it stems from, if known."),
         f("document_id", StringType(), "Document it stems from, if known."),
         *_lineage(f, "event_time"),
+        *_identity(f, ids),
     )

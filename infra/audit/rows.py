@@ -17,7 +17,7 @@ from typing import Any
 
 from ragstream.infra.audit.columns import LATENCY_STAGES
 from ragstream.infra.settings import ModelPrice
-from ragstream.schemas.events import DeadLettered, DocumentIndexed
+from ragstream.schemas.events import DeadLettered, DocumentIndexed, Principal
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 
 __all__ = [
@@ -57,6 +57,27 @@ def _lineage_cols(src: Source | None, logged_at: datetime, event_time: datetime)
     }
 
 
+def _principal_cols(p: Principal | None) -> dict[str, Any]:
+    if p is None:
+        return dict.fromkeys(_PRINCIPAL_COLS)
+    return {
+        "principal_groups": list(p.groups),
+        "principal_client": p.client,
+        "principal_key_id": p.key_id,
+        "principal_token_id": p.token_id,
+        "principal_verified": p.verified,
+    }
+
+
+_PRINCIPAL_COLS = (
+    "principal_groups",
+    "principal_client",
+    "principal_key_id",
+    "principal_token_id",
+    "principal_verified",
+)
+
+
 def _latency_cols(latency_ms: Mapping[str, float]) -> dict[str, Any]:
     cols: dict[str, Any] = {f"latency_{s}_ms": latency_ms.get(s) for s in LATENCY_STAGES}
     cols["latency_ms"] = dict(latency_ms)
@@ -92,7 +113,7 @@ def inference_row(
     return {
         "request_id": response.request_id,
         "tenant": response.tenant,
-        "user": response.user if response.user != "anonymous" or query is None else query.user,
+        "user": _user(response, query),
         "submitted_at": submitted_at,
         "completed_at": response.produced_at,
         "deadline_at": deadline_at,
@@ -122,7 +143,14 @@ def inference_row(
         "query_partition": query_source.partition if query_source else None,
         "query_offset": query_source.offset if query_source else None,
         **_lineage_cols(source, logged_at, submitted_at),
+        **_principal_cols(response.principal),
     }
+
+
+def _user(response: ResponseCompleted, query: QuerySubmitted | None) -> str:
+    if response.principal is not None:
+        return response.principal.user
+    return response.user if response.user != "anonymous" or query is None else query.user
 
 
 def no_response_row(
@@ -162,6 +190,7 @@ def no_response_row(
         "query_partition": query_source.partition if query_source else None,
         "query_offset": query_source.offset if query_source else None,
         **_lineage_cols(query_source, logged_at, query.produced_at),
+        **_principal_cols(None),
     }
 
 
@@ -214,6 +243,7 @@ def ingestion_row(event: DocumentIndexed, *, source: Source | None, logged_at: d
         "stage": None,
         "error": None,
         **_lineage_cols(source, logged_at, event.produced_at),
+        **_principal_cols(event.principal),
     }
 
 
@@ -241,6 +271,7 @@ def ingestion_dead_letter_row(
         "stage": event.stage,
         "error": f"{event.error_kind}: {event.message}",
         **_lineage_cols(source, logged_at, event.produced_at),
+        **_principal_cols(event.principal),
     }
 
 
@@ -263,4 +294,5 @@ def dead_letter_row(event: DeadLettered, *, source: Source | None, logged_at: da
         "request_id": event.request_id,
         "document_id": event.document_id,
         **_lineage_cols(source, logged_at, event.produced_at),
+        **_principal_cols(event.principal),
     }

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from ragstream import AsyncClient, Client, Response
 from ragstream.client import DeltaAssembler, build_query
-from ragstream.infra.settings import KafkaSettings, Settings
-from ragstream.schemas.errors import DependencyUnavailable
+from ragstream.infra.settings import AuthSettings, KafkaSettings, Settings
+from ragstream.schemas.errors import ConfigError, DependencyUnavailable
 from ragstream.schemas.queries import ResponseCompleted
 
 
@@ -42,7 +43,7 @@ def test_remainder_completes_the_answer_when_the_final_response_overtakes_deltas
     assert DeltaAssembler().remainder("whole answer") == "whole answer"
 
 
-def test_query_carries_the_callers_options_and_the_default_tenant() -> None:
+def test_query_carries_the_callers_options_and_leaves_identity_to_the_token() -> None:
     settings = Settings(default_tenant="acme")
     q = build_query(
         settings,
@@ -58,7 +59,8 @@ def test_query_carries_the_callers_options_and_the_default_tenant() -> None:
         history=[{"role": "user", "content": "hi"}],
         stream=True,
     )
-    assert q.tenant == "acme"
+    # No tenant given: the token's claim decides it (the client's local key signs default_tenant).
+    assert "tenant" not in q.model_fields_set and "user" not in q.model_fields_set
     assert q.access_groups == ("hr",)
     assert (q.retrieval.top_k, q.retrieval.alpha, q.retrieval.mode) == (3, 0.2, "keyword")
     assert q.retrieval.metadata_filters == {"lang": "en"}
@@ -82,7 +84,7 @@ def _closed_port() -> int:
 
 
 async def test_unreachable_kafka_raises_dependency_unavailable_quickly() -> None:
-    settings = Settings(kafka=KafkaSettings(embedded_port=_closed_port()))
+    settings = Settings(kafka=KafkaSettings(embedded_port=_closed_port()), auth=AuthSettings(mode="off"))
     client = AsyncClient(settings)  # no I/O yet
     started = time.monotonic()
     with pytest.raises(DependencyUnavailable):
@@ -92,9 +94,17 @@ async def test_unreachable_kafka_raises_dependency_unavailable_quickly() -> None
 
 
 def test_sync_client_raises_dependency_unavailable_and_closes_cleanly() -> None:
-    settings = Settings(kafka=KafkaSettings(embedded_port=_closed_port()))
+    settings = Settings(kafka=KafkaSettings(embedded_port=_closed_port()), auth=AuthSettings(mode="off"))
     with pytest.raises(DependencyUnavailable), Client(settings) as client:
         client.ask("anyone there?")
+
+
+async def test_without_a_token_or_a_local_key_the_client_says_how_to_get_one(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, kafka=KafkaSettings(embedded_port=_closed_port()))
+    client = AsyncClient(settings)
+    with pytest.raises(ConfigError, match="ragstream token issue"):
+        await client.ask("anyone there?")
+    await client.close()
 
 
 def test_build_query_takes_every_option_once_and_the_settings_default_route() -> None:
@@ -108,7 +118,8 @@ def test_build_query_takes_every_option_once_and_the_settings_default_route() ->
         ),
     )
     q = build_query(settings, "What?", neighbours=1, document_ids=["d1"], mode="keyword", top_k=3)
-    assert (q.tenant, q.generation.route, q.retrieval.neighbours) == ("acme", "fast", 1)
+    assert (q.generation.route, q.retrieval.neighbours) == ("fast", 1)
+    assert "access_groups" not in q.model_fields_set  # the token's groups apply
     assert (q.retrieval.document_ids, q.retrieval.mode, q.retrieval.top_k) == (("d1",), "keyword", 3)
     assert q.stream is False and q.deadline_ms == 30_000  # the contract's defaults
     q = build_query(settings, "What?", route="default", tenant="t", groups=["hr"], stream=True)

@@ -37,6 +37,7 @@ MODEL_SERVER = ROOT / "infra" / "model_server.py"
 
 REQUIRED_SERVICES = {
     "kafka",
+    "kafka-acls",
     "ragstream-init",
     "weaviate",
     "triton",
@@ -58,7 +59,7 @@ HEALTHCHECKED = {
     "minio": None,
     "iceberg-rest": "127.0.0.1:8181/v1/config",
 }
-ONE_SHOT = {"ragstream-init", "minio-init"}
+ONE_SHOT = {"ragstream-init", "minio-init", "kafka-acls"}
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -281,14 +282,19 @@ def test_every_audit_table_has_exactly_one_sink_service(services: dict[str, dict
     )
 
 
+# Each service logs in to Kafka as its own principal; everything else is shared.
+_OWN_KAFKA_LOGIN = ("RAGSTREAM_KAFKA__SASL_USERNAME", "RAGSTREAM_KAFKA__SASL_PASSWORD")
+
+
 def test_worker_env_builds_settings_that_point_at_compose_services(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ragstream = _ragstream_services(services)
     assert set(_workers(services)) | {"ragstream-init"} | set(_sinks(services)) <= set(ragstream)
     envs = [_env(service) for service in ragstream.values()]
-    assert all(env == envs[0] for env in envs), "workers and init must share x-ragstream-env"
-    env = envs[0]
+    shared = [{k: v for k, v in env.items() if k not in _OWN_KAFKA_LOGIN} for env in envs]
+    assert all(env == shared[0] for env in shared), "workers and init must share x-ragstream-env"
+    env = _env(services["worker-embed"])
 
     for key in [k for k in os.environ if k.startswith("RAGSTREAM_")]:
         monkeypatch.delenv(key)
@@ -298,6 +304,11 @@ def test_worker_env_builds_settings_that_point_at_compose_services(
 
     assert settings.kafka.servers == "kafka:9092"
     assert settings.kafka.fetch_max_wait_ms == 100
+    # SASL/SCRAM as the stage's own principal (tests/unit/test_acls.py checks its ACLs).
+    assert settings.kafka.security_protocol == "SASL_PLAINTEXT"
+    assert settings.kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert settings.kafka.sasl_username == "ragstream-embed"
+    assert settings.kafka.sasl_password is not None
     assert settings.triton.grpc_url == "triton:8001"
     # One Triton for every model: the generator is reached through triton.url too.
     assert settings.generation_grpc_url == "triton:8001"
@@ -337,13 +348,15 @@ def test_kafka_is_single_node_kraft_with_internal_and_host_listeners(
     env = _env(kafka)
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
-    advertised = env["KAFKA_ADVERTISED_LISTENERS"].split(",")
-    assert "PLAINTEXT://kafka:9092" in advertised
-    assert "PLAINTEXT_HOST://localhost:9094" in advertised
+    advertised = dict(item.split("://") for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    assert advertised["BROKER"] == "kafka:9092"
+    assert advertised["HOST"] == "localhost:9094"
     protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
     listeners = [item.split("://")[0] for item in env["KAFKA_LISTENERS"].split(",")]
     assert set(listeners) <= protocols.keys()
     assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in listeners
+    # No listener lets anyone in unauthenticated (tests/unit/test_acls.py checks the rest).
+    assert {protocols[name] for name in listeners} == {"SASL_PLAINTEXT"}
     assert "127.0.0.1:9094:9094" in kafka["ports"]
     # Brokers must accept what our producers are allowed to send.
     assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= Settings().kafka.max_message_bytes
