@@ -128,8 +128,26 @@ def _with_raw_field(obj: dict[str, Any], name: str, raw: bytes) -> bytes:
     return head[:-1] + b", " + _j(name) + b": " + raw + b"}"
 
 
+_TOKEN: dict[str, str] = {}
+"""The token every bench message carries, signed with the stack's local key once it is up."""
+
+
+def _sign_for(settings: Settings) -> str:
+    """A token for the bench tenant (query and ingest), kept for the messages built after."""
+    from ragstream.infra.auth import issue_token, load_signing_key
+
+    key = load_signing_key(settings.local_key_file)
+    _TOKEN["token"] = issue_token(key, tenant=TENANT, user="bench", scopes=("query", "ingest"), ttl_s=6 * 3600)
+    return _TOKEN["token"]
+
+
+def _token() -> str | None:
+    return _TOKEN.get("token")
+
+
 def _doc(uid: str, **fields: Any) -> dict[str, Any]:
     return {
+        "token": _token(),
         "document_id": f"fuzz/{uid}",
         "tenant": TENANT,
         "title": f"Fuzz {uid}",
@@ -141,6 +159,7 @@ def _doc(uid: str, **fields: Any) -> dict[str, Any]:
 
 def _query(uid: str, **fields: Any) -> dict[str, Any]:
     return {
+        "token": _token(),
         "request_id": f"fuzz-{uid}",
         "tenant": TENANT,
         "question": "When are forklifts inspected?",
@@ -580,6 +599,7 @@ def running_stack(data_dir: Path, **extra_env: str) -> Iterator[BenchStack]:
     stack = BenchStack.create(data_dir, **env)
     try:
         stack.up()
+        _sign_for(stack.settings)
     except BaseException:
         _down_quietly(stack)
         sys.stderr.write(_log_tails(stack.settings))
@@ -901,6 +921,7 @@ def _publish_canaries(
             title="Forklift inspections",
             content=f"# Forklift inspections\n\nForklift {p} is inspected every morning at 07:00 by the shift lead.",
             media_type="text/markdown",
+            token=_token(),
         )
         producer.send(DOCUMENTS.full_name(prefix), key=doc.kafka_key(), value=encode(doc), partition=p)
         docs.append((p, doc.event_id))
@@ -913,6 +934,7 @@ def _publish_canaries(
             generation=GenerationOptions(max_tokens=8),
             deadline_ms=120_000,
             stream=False,
+            token=_token(),
         )
         producer.send(QUERIES.full_name(prefix), key=q.kafka_key(), value=encode(q), partition=p)
         questions.append((p, q.request_id))
@@ -1081,6 +1103,7 @@ class DocumentLoad:
                     title=f"Procedure {i}",
                     content=content,
                     media_type="text/markdown",
+                    token=_token(),
                 )
                 parsed = parse_document(content.encode(), "text/markdown", settings=chunking)
                 expected = len(chunker.chunk(parsed))

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ragstream.acls_cli import acls_app
 from ragstream.audit_cli import audit_app
 from ragstream.audit_cli import sql as audit_sql_command
 from ragstream.health import stack_health
@@ -43,6 +44,7 @@ app.add_typer(audit_app, name="audit")
 app.command("sql")(audit_sql_command)
 app.add_typer(topics_app, name="topics")
 app.add_typer(token_app, name="token")
+app.add_typer(acls_app, name="acls")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)

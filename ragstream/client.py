@@ -297,29 +297,24 @@ class AsyncClient:
     async def _reply_partitions(self, consumer: Any, topic: str) -> set[int]:
         """The stream's partitions, creating the stream where this client may (the embedded
         stack); in production an operator creates it with the client's ACLs."""
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + _REPLY_STREAM_WAIT_S
-        created = False
-        while True:
-            if topic in await consumer.topics():
-                partitions = consumer.partitions_for_topic(topic)
-                if partitions:
-                    return set(partitions)
-            elif not created:
-                created = True
-                spec = NewTopicSpec(topic, self._settings.kafka.reply_stream_partitions)
-                try:
-                    await asyncio.to_thread(create_topics, self._settings, [spec])
-                except DependencyUnavailable as exc:
-                    raise DependencyUnavailable(
-                        f"your reply stream {topic} does not exist and cannot be created ({exc}); "
-                        "ask the operator to provision it (`ragstream acls client`)"
-                    ) from exc
-            if loop.time() > give_up_at:
+        from aiokafka.errors import KafkaTimeoutError
+
+        if topic not in await consumer.topics():
+            spec = NewTopicSpec(topic, self._settings.kafka.reply_stream_partitions)
+            try:
+                await asyncio.to_thread(create_topics, self._settings, [spec])
+            except DependencyUnavailable as exc:
                 raise DependencyUnavailable(
-                    f"reply stream {topic} did not appear within {_REPLY_STREAM_WAIT_S:.0f}s"
-                )
-            await asyncio.sleep(0.2)
+                    f"your reply stream {topic} does not exist and cannot be created ({exc}); "
+                    "ask the operator to provision it (`ragstream acls client`)"
+                ) from exc
+        try:
+            partitions = await asyncio.wait_for(self._producer.partitions_for(topic), _REPLY_STREAM_WAIT_S)
+        except (TimeoutError, KafkaTimeoutError) as exc:
+            raise DependencyUnavailable(
+                f"reply stream {topic} did not appear within {_REPLY_STREAM_WAIT_S:.0f}s"
+            ) from exc
+        return set(partitions)
 
     async def close(self) -> None:
         """Stop the readers and the Kafka clients. Requests still waiting raise `RuntimeError`."""

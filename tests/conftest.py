@@ -56,6 +56,26 @@ class Stack:
         return proc
 
 
+    def token(
+        self,
+        tenant: str,
+        user: str,
+        *,
+        groups: tuple[str, ...] = (),
+        client: str | None = None,
+        scopes: tuple[str, ...] = ("query",),
+        ttl_s: float = 3600.0,
+        now: float | None = None,
+    ) -> str:
+        """A token signed with the stack's local key, as `ragstream token issue` prints."""
+        from ragstream.infra.auth import issue_token, load_signing_key
+
+        key = load_signing_key(self.settings.local_key_file)
+        return issue_token(
+            key, tenant=tenant, user=user, groups=groups, client=client, scopes=scopes, ttl_s=ttl_s, now=now
+        )
+
+
 def stack_env(data_dir: Path) -> dict[str, str]:
     from ragstream.stack import isolated_env
 

@@ -1,10 +1,10 @@
 """The client SDK and `ragstream ask` against a real Tansu broker.
 
 The pipeline's answering stages are not involved: a small responder in a thread plays the
-server side. It answers every `QuerySubmitted` with token deltas, published deliberately out of
-order and with a duplicate, and then at once one `ResponseCompleted`, all keyed by request id.
-Deltas and the final response travel on different topics, so the final one often arrives
-first: the client must still stream every delta.
+server side. It answers every `QuerySubmitted` on the reply stream its token names, with token
+deltas published deliberately out of order and with a duplicate, and then at once one
+`ResponseCompleted`, all keyed by request id: the client must still stream every delta in
+order.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import jwt
 import pytest
 from kafka import TopicPartition
 
 from ragstream import AsyncClient, Client, Response
 from ragstream.infra import kafka
+from ragstream.infra.auth import ensure_local_key
 from ragstream.infra.settings import KafkaSettings, Settings
 from ragstream.schemas.queries import Citation, QuerySubmitted, ResponseCompleted, TokenGenerated, Usage
 from ragstream.streams.codec import decode, encode
-from ragstream.streams.topics import ALL_TOPICS, QUERIES, RESPONSES, TOKENS
+from ragstream.streams.topics import ALL_TOPICS, QUERIES, reply_topic
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration
@@ -50,6 +52,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         )
     try:
         kafka.wait_broker(s, timeout_s=15)
+        ensure_local_key(s.local_key_file)  # what `ragstream up` does: the client signs with it
         kafka.create_topics(
             s, [kafka.NewTopicSpec(t.full_name(PREFIX), s.kafka.partitions) for t in ALL_TOPICS]
         )
@@ -126,6 +129,10 @@ class Responder:
     def _answer(self, producer: object, query: QuerySubmitted) -> None:
         send = producer.send  # type: ignore[attr-defined]
         key = query.kafka_key()
+        assert query.token, "the client sent no token"
+        claims = jwt.decode(query.token, options={"verify_signature": False})
+        reply_to = f"{claims['tenant']}.{claims['client']}"
+        stream = reply_topic(PREFIX, reply_to)
         answer = answer_for(query.question)
         status = "blocked" if "forbidden" in query.question else "ok"
         if query.stream and status == "ok":
@@ -137,9 +144,13 @@ class Responder:
                 if "lossy" in query.question and seq == 2:
                     continue  # a delta that never arrives
                 ev = TokenGenerated(
-                    request_id=query.request_id, tenant=query.tenant, sequence=seq, delta=pieces[seq]
+                    request_id=query.request_id,
+                    tenant=query.tenant,
+                    sequence=seq,
+                    delta=pieces[seq],
+                    reply_to=reply_to,
                 )
-                send(TOKENS.full_name(PREFIX), key=key, value=encode(ev))
+                send(stream, key=key, value=encode(ev))
         final = ResponseCompleted(
             request_id=query.request_id,
             trace_id=query.request_id,
@@ -165,8 +176,9 @@ class Responder:
             latency_ms={"total": 1.0},
             streamed=query.stream,
             delta_count=len(deltas_for(answer)) if query.stream and status == "ok" else 0,
+            reply_to=reply_to,
         )
-        send(RESPONSES.full_name(PREFIX), key=key, value=encode(final))
+        send(stream, key=key, value=encode(final))
         producer.flush()  # type: ignore[attr-defined]
         self.answered += 1
 

@@ -25,12 +25,15 @@ def test_a_confluent_kafka_client_gets_an_answer(stack: Stack, corpus_reports: l
     from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
     config = KafkaConnection.from_settings(stack.settings.kafka).librdkafka_config()
-    queries, responses = stack.settings.topic("queries"), stack.settings.topic("responses")
+    token = stack.cli(
+        "token", "issue", "--tenant", "larkspur", "--user", "alice", "--client", "rdkafka"
+    ).stdout.strip()
+    queries, responses = stack.settings.topic("queries"), stack.settings.topic("responses.larkspur.rdkafka")
     request_id = uuid.uuid4().hex
 
-    # No group join (half a session timeout on the embedded broker): assign every partition
-    # from its current end. The embedded broker can report an end slightly short, so a few
-    # older responses may come first; they are skipped by key.
+    # Its own reply stream only. No group join (half a session timeout on the embedded broker):
+    # assign every partition from its current end. The embedded broker can report an end
+    # slightly short, so a few older responses may come first; they are skipped by key.
     consumer = Consumer(
         config
         | {
@@ -52,8 +55,7 @@ def test_a_confluent_kafka_client_gets_an_answer(stack: Stack, corpus_reports: l
         delivered: list[Any] = []
         query = {
             "request_id": request_id,
-            "tenant": "larkspur",
-            "user": "alice",
+            "token": token,
             "question": "Where can I leave my bicycle at headquarters?",
             "generation": {"max_tokens": 32},
             "stream": False,
@@ -85,5 +87,6 @@ def test_a_confluent_kafka_client_gets_an_answer(stack: Stack, corpus_reports: l
 
     assert answer is not None, f"no response for {request_id} within 90 s"
     assert answer.status == "ok", answer.error_reason
+    assert (answer.tenant, answer.user, answer.prompt_messages) == ("larkspur", "alice", ())
     assert answer.answer.strip()
     assert "public/office-tillbury-guide.html" in [c.document_id for c in answer.citations]

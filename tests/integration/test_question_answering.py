@@ -195,22 +195,24 @@ def test_a_malformed_query_is_dead_lettered_and_its_caller_gets_an_error(stack: 
 
 
 def test_a_plain_kafka_python_client_gets_an_answer(stack: Stack, corpus_reports: list[Any]) -> None:
-    """The round trip the README documents, with nothing from ragstream on the client side."""
+    """The round trip the README documents: a token from `ragstream token issue`, and nothing
+    from ragstream on the client side."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+    token = stack.cli(
+        "token", "issue", "--tenant", "larkspur", "--user", "alice", "--client", "plain"
+    ).stdout.strip()
     servers = stack.settings.kafka.servers
     request_id = uuid.uuid4().hex
+    stream = "ragstream.responses.larkspur.plain"
     consumer = KafkaConsumer(bootstrap_servers=servers, fetch_max_wait_ms=10, enable_auto_commit=False)
-    tps = [
-        TopicPartition("ragstream.responses", p) for p in consumer.partitions_for_topic("ragstream.responses")
-    ]
+    tps = [TopicPartition(stream, p) for p in consumer.partitions_for_topic(stream)]
     consumer.assign(tps)
     consumer.seek_to_end()
     producer = KafkaProducer(bootstrap_servers=servers)
     query = {
         "request_id": request_id,
-        "tenant": "larkspur",
-        "user": "alice",
+        "token": token,
         "question": "Where can I leave my bicycle at headquarters?",
         "generation": {"max_tokens": 32},
         "stream": False,
@@ -227,8 +229,10 @@ def test_a_plain_kafka_python_client_gets_an_answer(stack: Stack, corpus_reports
     consumer.close()
     producer.close()
     assert answer is not None and answer["status"] == "ok", answer
+    assert (answer["tenant"], answer["user"]) == ("larkspur", "alice")  # from the token
     assert "public/office-tillbury-guide.html" in [c["document_id"] for c in answer["citations"]]
     assert answer["delta_count"] == 0 and answer["streamed"] is False
+    assert answer["prompt_messages"] == [] and answer["principal"] is None
 
 
 async def test_concurrent_questions_are_answered_independently(client: AsyncClient) -> None:

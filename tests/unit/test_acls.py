@@ -43,6 +43,7 @@ from ragstream.acls import (
 from ragstream.acls_cli import acls_app
 from ragstream.infra.audit.tables import TABLES
 from ragstream.infra.settings import Settings
+from ragstream.schemas.identity import Scope
 from ragstream.streams.topics import ALL_TOPICS, DEADLETTER, DOCUMENTS, QUERIES, RESPONSES, reply_topic
 from ragstream.workers.stages import STAGES
 
@@ -113,7 +114,8 @@ def test_clients_cannot_touch_internal_topics(bindings: list[AclBinding]) -> Non
 
 
 def test_no_client_gets_a_prefixed_topic_acl_or_any_cluster_right() -> None:
-    for scopes in ([], ["query"], ["ingest"], ["query", "ingest", "admin"]):
+    scope_sets: list[list[Scope]] = [[], ["query"], ["ingest"], ["query", "ingest", "admin"]]
+    for scopes in scope_sets:
         for b in client_acls(P, "acme", "alice", scopes):
             assert b.resource_type is not ResourceType.CLUSTER
             if b.resource_type is ResourceType.TOPIC:
@@ -228,7 +230,8 @@ def test_workers_use_no_faust_internal_topics_and_the_group_acls_name(tmp_path: 
         assert not app.conf.topic_allow_declare
         assert not app.tables, "a table's changelog topic would need ACLs"
         # Exactly-once would need TransactionalId ACLs.
-        assert app.conf.processing_guarantee is ProcessingGuarantee.AT_LEAST_ONCE
+        guarantee: Any = app.conf.processing_guarantee
+        assert guarantee is ProcessingGuarantee.AT_LEAST_ONCE
         subscribed = {t for agent in app.agents.values() for t in agent.channel.topics}
         assert subscribed == {stage.consumes.full_name(P)}
 
