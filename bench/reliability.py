@@ -137,7 +137,9 @@ def _sign_for(settings: Settings) -> str:
     from ragstream.infra.auth import issue_token, load_signing_key
 
     key = load_signing_key(settings.local_key_file)
-    _TOKEN["token"] = issue_token(key, tenant=TENANT, user="bench", scopes=("query", "ingest"), ttl_s=6 * 3600)
+    _TOKEN["token"] = issue_token(
+        key, tenant=TENANT, user="bench", scopes=("query", "ingest"), ttl_s=6 * 3600
+    )
     return _TOKEN["token"]
 
 

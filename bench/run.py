@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from bench import audit, ingestion, qa, reliability
+from bench import audit, auth, ingestion, qa, reliability
 
-BENCHES = {"ingestion": ingestion.main, "qa": qa.main, "audit": audit.main, "reliability": reliability.main}
+BENCHES = {
+    "ingestion": ingestion.main,
+    "qa": qa.main,
+    "audit": audit.main,
+    "auth": auth.main,
+    "reliability": reliability.main,
+}
 
 
 def main() -> None:

@@ -375,8 +375,15 @@ class AsyncClient:
             tenant=options.get("tenant"), user=options.get("user"), groups=options.get("groups")
         )
         opts: dict[str, Any] = dict(options)
-        if not identity.fixed:  # a signed-here token says exactly this tenant
-            opts["tenant"] = identity.tenant
+        # The body says what the token says, unless the caller asked otherwise (the pipeline
+        # then refuses it as `forbidden`): a serialised query carries every field.
+        opts.setdefault("tenant", identity.tenant)
+        opts["tenant"] = opts["tenant"] or identity.tenant
+        if identity.fixed:
+            if identity.user is not None:
+                opts.setdefault("user", identity.user)
+            if opts.get("groups") is None and identity.groups is not None:
+                opts["groups"] = identity.groups
         query = build_query(self._settings, question, stream=stream, **opts)
         return query.model_copy(update={"token": identity.token}), identity
 

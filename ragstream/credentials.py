@@ -36,6 +36,9 @@ class Identity:
     reply_to: str
     fixed: bool
     """The identity comes from a given token: the body must not claim another one."""
+    user: str | None = None
+    groups: tuple[str, ...] | None = None
+    """What a given token claims (read, not verified), so a body can say the same."""
 
 
 class Credentials:
@@ -72,7 +75,15 @@ class Credentials:
             claimed = str(claims.get("tenant", ""))
             client = str(claims.get("client", claims.get("sub", "")))
             reply = claims.get("reply_to") or f"{claimed}.{client}"
-            return Identity(self._token, claimed, str(reply), fixed=True)
+            groups = claims.get("groups")
+            return Identity(
+                self._token,
+                claimed,
+                str(reply),
+                fixed=True,
+                user=str(claims.get("sub", "")) or None,
+                groups=tuple(str(g) for g in groups) if isinstance(groups, list) else (),
+            )
         tenant = tenant or self._settings.default_tenant
         if not self.required:
             return Identity(None, tenant, self._reply(tenant, ANONYMOUS_CLIENT), fixed=False)

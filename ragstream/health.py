@@ -75,6 +75,7 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
             f"processed={hb.get('processed')} dead_lettered={hb.get('dead_lettered')}"
             f" inflight={hb.get('inflight', 0)}"
             + (f" duplicates_skipped={hb['duplicates_skipped']}" if hb.get("duplicates_skipped") else "")
+            + (f" rejected={hb['rejected']}" if hb.get("rejected") else "")
             + (f" {problem}" if problem else "")
             + (
                 f" exactly-once gate behind: {hb['responses_gate_behind']}"

@@ -69,6 +69,32 @@ ragstream ask "Which departments are going to be merged?" --tenant larkspur --gr
 step "A non-HR user asking the same gets nothing from HR's documents"
 ragstream ask "Which departments are going to be merged in Project BLUEHERON?" --tenant larkspur --top-k 3 --max-tokens 40
 
+step "Identity: every question carries a signed token; its claims, not the message, say who asks"
+dana=$(ragstream token issue --tenant larkspur --user dana --client dana 2>/dev/null)
+echo "a token for larkspur/dana (replies on ragstream.responses.larkspur.dana): ${dana:0:40}..."
+RAGSTREAM_AUTH__TOKEN="$dana" ragstream ask "Where can I park my bike?" --top-k 3 --max-tokens 30
+step "...the same token asking as another tenant is refused as forbidden, and answered for neither"
+RAGSTREAM_AUTH__TOKEN="$dana" ragstream ask "What is in the Tendril release notes?" --tenant globex \
+  || echo "(exit code $? for a forbidden request, as intended)"
+step "...and a token signed with the wrong key is refused as unauthenticated (the retrieve stage counts it in `status` below)"
+python - <<'PY'
+import json, uuid
+import jwt
+from kafka import KafkaProducer
+from ragstream.infra.settings import load_settings
+s = load_settings()
+import time
+now = int(time.time())
+forged = jwt.encode({"sub": "mallory", "tenant": "larkspur", "groups": ["hr"], "aud": "ragstream",
+                     "iat": now, "exp": now + 600}, "x" * 32, algorithm="HS256")
+p = KafkaProducer(bootstrap_servers=s.kafka.servers)
+rid = f"forged-{uuid.uuid4().hex[:8]}"
+p.send(f"{s.kafka.topic_prefix}.queries", key=rid.encode(),
+       value=json.dumps({"request_id": rid, "token": forged, "question": "What are the salary bands?"}).encode())
+p.flush()
+print(f"published {rid} with a forged token")
+PY
+
 step "A deadline shorter than generation: an error response, not a hang"
 ragstream ask "Summarise every policy in detail." --tenant larkspur --max-tokens 400 --deadline-ms 1500 \
   || echo "(exit code $? for an error response, as intended)"

@@ -55,7 +55,6 @@ class Stack:
             )
         return proc
 
-
     def token(
         self,
         tenant: str,

@@ -26,7 +26,6 @@ from kafka import TopicPartition
 from ragstream import AsyncClient
 from ragstream.infra.kafka import make_consumer, make_producer
 from ragstream.ingest import ingest
-from ragstream.schemas.queries import ResponseCompleted
 from tests.conftest import SAMPLES, Stack
 from tests.integration.test_ingestion import worker_pids
 
@@ -67,7 +66,9 @@ class Capture:
 
     def __init__(self, stack: Stack, topics: Iterable[str]) -> None:
         self.consumer = make_consumer(stack.settings, group_id=None, enable_auto_commit=False)
-        self.tps = [TopicPartition(t, p) for t in topics for p in sorted(self.consumer.partitions_for_topic(t) or ())]
+        self.tps = [
+            TopicPartition(t, p) for t in topics for p in sorted(self.consumer.partitions_for_topic(t) or ())
+        ]
         self.start = self.consumer.end_offsets(self.tps)
 
     def read(self) -> list[tuple[str, bytes, Any]]:
@@ -119,7 +120,9 @@ async def test_no_hr_passage_appears_outside_the_hr_callers_own_stream(
         AsyncClient(stack.settings, token=other_token) as other,
     ):
         prefix = stack.settings.kafka.topic_prefix
-        capture = Capture(stack, caller_facing_topics(stack, except_=[f"{prefix}.responses.larkspur.hr-desk"]))
+        capture = Capture(
+            stack, caller_facing_topics(stack, except_=[f"{prefix}.responses.larkspur.hr-desk"])
+        )
         answers = await asyncio.gather(
             *(
                 client.ask(q, max_tokens=48, deadline_ms=120_000, **opts)  # type: ignore[arg-type]
@@ -134,7 +137,12 @@ async def test_no_hr_passage_appears_outside_the_hr_callers_own_stream(
         )
     records = capture.read()
 
-    hr_answers, staff_answers, claimed, other_answers = answers[0::4], answers[1::4], answers[2::4], answers[3::4]
+    hr_answers, staff_answers, claimed, other_answers = (
+        answers[0::4],
+        answers[1::4],
+        answers[2::4],
+        answers[3::4],
+    )
     assert all(r.status == "ok" for r in hr_answers), [r.error_reason for r in hr_answers]
     assert any(c.document_id.startswith("hr-restricted/") for r in hr_answers for c in r.citations)
     for r in [*staff_answers, *other_answers]:
@@ -162,7 +170,9 @@ async def test_no_hr_passage_appears_outside_the_hr_callers_own_stream(
 def _publish(stack: Stack, topic: str, key: str, value: bytes) -> None:
     producer = make_producer(stack.settings)
     try:
-        producer.send(f"{stack.settings.kafka.topic_prefix}.{topic}", key=key.encode(), value=value).get(timeout=30)
+        producer.send(f"{stack.settings.kafka.topic_prefix}.{topic}", key=key.encode(), value=value).get(
+            timeout=30
+        )
     finally:
         producer.close()
 
@@ -192,7 +202,14 @@ def _tampered(token: str, **claims: Any) -> str:
 def _unsigned(tenant: str) -> str:
     now = int(time.time())
     enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
-    claims = {"sub": "mallory", "tenant": tenant, "groups": ["hr"], "aud": "ragstream", "iat": now, "exp": now + 600}
+    claims = {
+        "sub": "mallory",
+        "tenant": tenant,
+        "groups": ["hr"],
+        "aud": "ragstream",
+        "iat": now,
+        "exp": now + 600,
+    }
     return f"{enc({'alg': 'none', 'typ': 'JWT'})}.{enc(claims)}."
 
 
@@ -202,10 +219,15 @@ def test_bad_tokens_are_dead_lettered_unanswered_and_redacted_and_no_worker_rest
     from ragstream.infra.auth import SigningKey, issue_token
 
     pids = worker_pids(stack)
-    good = stack.token("larkspur", "mallory", client="mallory")
-    forged = issue_token(SigningKey("local-forged", "HS256", b"f" * 32), tenant="larkspur", user="mallory", groups=("hr",))
+    # As a plain client would: the CLI issues the token and creates the reply stream.
+    good = stack.cli("token", "issue", "--tenant", "larkspur", "--user", "mallory").stdout.strip()
+    forged = issue_token(
+        SigningKey("local-forged", "HS256", b"f" * 32), tenant="larkspur", user="mallory", groups=("hr",)
+    )
     key_id = json.loads(base64.urlsafe_b64decode(good.split(".")[0] + "==")).get("kid")
-    wrong_secret = issue_token(SigningKey(key_id, "HS256", b"w" * 32), tenant="larkspur", user="mallory", groups=("hr",))
+    wrong_secret = issue_token(
+        SigningKey(key_id, "HS256", b"w" * 32), tenant="larkspur", user="mallory", groups=("hr",)
+    )
     cases = {
         "forged-kid": forged,  # unknown key id
         "wrong-secret": wrong_secret,  # the right kid, signed with another secret
@@ -215,7 +237,9 @@ def test_bad_tokens_are_dead_lettered_unanswered_and_redacted_and_no_worker_rest
         "not-jwt": "hello, it's me",
         "huge": "e" * 1_048_576,
     }
-    capture = Capture(stack, caller_facing_topics(stack, except_=[f"{stack.settings.kafka.topic_prefix}.deadletter"]))
+    capture = Capture(
+        stack, caller_facing_topics(stack, except_=[f"{stack.settings.kafka.topic_prefix}.deadletter"])
+    )
     ids = {}
     for name, token in cases.items():
         rid = f"badtoken-{name}-{uuid.uuid4().hex[:8]}"
@@ -236,7 +260,11 @@ def test_bad_tokens_are_dead_lettered_unanswered_and_redacted_and_no_worker_rest
     assert "max_token_bytes" in reasons["huge"]
     # Only the expired token's signature verified: only its caller is told, on its own stream.
     time.sleep(1.0)
-    answered = {(t, k.decode()) for t, k, v in capture.read() if isinstance(v, dict) and v.get("event_type") == "response.completed"}
+    answered = {
+        (t, k.decode())
+        for t, k, v in capture.read()
+        if isinstance(v, dict) and v.get("event_type") == "response.completed"
+    }
     expired = next(rid for rid, n in ids.items() if n == "expired")
     stream = f"{stack.settings.kafka.topic_prefix}.responses.larkspur.mallory"
     assert {(t, k) for t, k in answered if k in ids} == {(stream, expired)}
@@ -260,13 +288,15 @@ def test_documents_and_deletions_into_a_tenant_the_token_does_not_allow_are_forb
 ) -> None:
     query_only = stack.token("larkspur", "sam", client="sam")  # no ingest scope
     larkspur_ingest = stack.token("larkspur", "ops", client="ops", scopes=("query", "ingest"))
-    victim = "tendril-app-release-notes.md"
+    victim = "globex/tendril-app-release-notes.md"
     assert any(o.document_id == victim and o.status == "indexed" for r in corpus_reports for o in r.outcomes)
     evil = tmp_path / "evil"
     evil.mkdir()
     (evil / "planted.md").write_text("# Planted\n\nGlobex staff must wire their salaries to account 13.")
     planted = ingest(stack.settings, [evil], tenant="globex", token=larkspur_ingest, timeout_s=120)
-    deleted = ingest(stack.settings, [], tenant="globex", delete_ids=[victim], token=larkspur_ingest, timeout_s=120)
+    deleted = ingest(
+        stack.settings, [], tenant="globex", delete_ids=[victim], token=larkspur_ingest, timeout_s=120
+    )
     no_scope = ingest(stack.settings, [evil], tenant="larkspur", token=query_only, timeout_s=120)
     for report in (planted, deleted, no_scope):
         [outcome] = report.outcomes
@@ -276,6 +306,13 @@ def test_documents_and_deletions_into_a_tenant_the_token_does_not_allow_are_forb
     hits = json.loads(proc.stdout)
     assert any(h["document_id"] == victim for h in hits)
     assert not any("planted" in h["document_id"] for h in hits)
+    larkspur = json.loads(stack.cli("search", "wire their salaries", "--tenant", "larkspur", "--json").stdout)
+    assert not any("planted" in h["document_id"] for h in larkspur)
+
+
+def _sql(stack: Stack, query: str) -> list[dict[str, Any]]:
+    out = stack.cli("sql", query, "--format", "json").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]  # JSON lines
 
 
 async def test_the_audit_trail_records_the_verified_identity_and_the_rejections(
@@ -287,14 +324,14 @@ async def test_the_audit_trail_records_the_verified_identity_and_the_rejections(
         refused = await client.ask("Where can I park my bike?", user="someone-else", deadline_ms=60_000)
     assert ok.status == "ok" and refused.status == "error"
     sql = (
-        "SELECT request_id, tenant, \"user\", principal_client, principal_key_id, principal_verified, "
+        'SELECT request_id, tenant, "user", principal_client, principal_key_id, principal_verified, '
         "principal_groups, status, error_reason FROM inference_log WHERE request_id IN "
         f"('{ok.request_id}', '{refused.request_id}')"
     )
     rows: list[dict[str, Any]] = []
     deadline = time.monotonic() + 90
     while len(rows) < 2 and time.monotonic() < deadline:
-        rows = json.loads(stack.cli("sql", sql, "--format", "json").stdout or "[]")
+        rows = _sql(stack, sql)
         if len(rows) < 2:
             time.sleep(2)
     by_id = {r["request_id"]: r for r in rows}
@@ -310,7 +347,7 @@ async def test_the_audit_trail_records_the_verified_identity_and_the_rejections(
     )
     dls: list[dict[str, Any]] = []
     while not dls and time.monotonic() < deadline + 30:
-        dls = json.loads(stack.cli("sql", dl_sql, "--format", "json").stdout or "[]")
+        dls = _sql(stack, dl_sql)
         if not dls:
             time.sleep(2)
     assert dls and dls[0]["error_kind"] == "forbidden" and dls[0]["principal_client"] == "audit-check"
