@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from bench.common import Results, console, verdict
 from ragstream.credentials import Credentials
 from ragstream.infra.auth import SigningKey, TokenVerifier, ensure_local_key, issue_token
@@ -63,22 +65,19 @@ async def _measure(n: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
         data_dir = Path(tmp)
         rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         ec_key = ec.generate_private_key(ec.SECP256R1())
-        jwks = {"keys": []}
         import jwt
 
-        for kid, key, alg, algo in (
-            ("rsa", rsa_key, "RS256", jwt.algorithms.RSAAlgorithm),
-            ("ec", ec_key, "ES256", jwt.algorithms.ECAlgorithm),
-        ):
-            jwk = json.loads(algo.to_jwk(key.public_key()))  # type: ignore[attr-defined]
-            jwk.update(kid=kid, alg=alg)
-            jwks["keys"].append(jwk)
+        rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+        ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+        rsa_jwk.update(kid="rsa", alg="RS256")
+        ec_jwk.update(kid="ec", alg="ES256")
+        jwks: dict[str, list[dict[str, Any]]] = {"keys": [rsa_jwk, ec_jwk]}
         (data_dir / "jwks.json").write_text(json.dumps(jwks))
         secret = "b" * 48
         required = Settings(
             data_dir=data_dir,
             auth=AuthSettings(
-                hmac_keys={"web": HmacKey(secret=secret, tenants=("larkspur",))},
+                hmac_keys={"web": HmacKey(secret=SecretStr(secret), tenants=("larkspur",))},
                 jwks_file=data_dir / "jwks.json",
                 local_key=False,
             ),
