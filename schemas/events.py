@@ -17,7 +17,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
 )
 
 from ragstream.schemas.identity import Principal
@@ -47,6 +49,7 @@ __all__ = [
     "MetadataValue",
     "Principal",
     "new_id",
+    "unset_identity_dropped",
     "utcnow",
 ]
 
@@ -94,6 +97,16 @@ class Event(BaseModel):
         return str(getattr(self, self.key_field)).encode()
 
 
+def unset_identity_dropped(model: BaseModel, data: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """`data` (a command event serialised to a dict) without the identity fields its sender
+    never set."""
+    out: dict[str, Any] = data
+    for name in names:
+        if name not in model.model_fields_set:
+            out.pop(name, None)
+    return out
+
+
 class DocumentSubmitted(Event):
     """A document to index, a new version of one, or (`deleted=True`) its removal.
 
@@ -121,6 +134,11 @@ class DocumentSubmitted(Event):
     """Set by ragstream once the token is verified; a submitter never sets it."""
 
     key_field: ClassVar[str] = "document_id"
+
+    @model_serializer(mode="wrap")
+    def _tenant_only_when_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An unset tenant is not written, so the token's claim fills it in.
+        return unset_identity_dropped(self, handler(self), ("tenant",))
 
     def content_bytes(self) -> bytes:
         """Raw document bytes.

@@ -9,9 +9,16 @@ chunks retrieval chose.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from ragstream.schemas.events import (
     MAX_TOKEN_FIELD_CHARS,
@@ -20,6 +27,7 @@ from ragstream.schemas.events import (
     MetadataValue,
     Principal,
     new_id,
+    unset_identity_dropped,
 )
 
 __all__ = [
@@ -90,6 +98,12 @@ class QuerySubmitted(Event):
     """Set by ragstream once the token is verified; a caller never sets it."""
 
     key_field: ClassVar[str] = "request_id"
+
+    @model_serializer(mode="wrap")
+    def _identity_only_when_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `tenant`, `user` and `access_groups` left at their defaults are not written, so the
+        # token's claims fill them in; written defaults would be a claim the token must match.
+        return unset_identity_dropped(self, handler(self), ("tenant", "user", "access_groups"))
 
     @model_validator(mode="after")
     def _trace_is_request(self) -> QuerySubmitted:

@@ -376,3 +376,20 @@ def test_the_callers_copy_has_no_prompt_and_goes_to_the_callers_stream() -> None
     delta = TokenGenerated(request_id="r1", sequence=0, delta="Ten", reply_to="acme.web")
     assert retrieve.STAGE.route(delta) is REPLIES
     assert ResponseCompleted(request_id="r2", status="error").for_caller() is None  # nobody to tell
+
+
+async def test_a_query_built_with_the_contract_model_claims_only_what_it_sets(admission: Admission) -> None:
+    from ragstream.streams.codec import decode, encode
+    from ragstream.streams.topics import DOCUMENTS, QUERIES
+
+    # Left at their defaults, tenant/user/groups are not written: the token's claims apply.
+    q = decode(QUERIES, encode(QuerySubmitted(question="Where can I park?", token=_token())))
+    admitted = admission.admit(q)
+    assert isinstance(admitted, QuerySubmitted) and (admitted.tenant, admitted.user) == ("acme", "alice")
+    assert admitted.access_groups == ("hr",)
+    # Set, they are a claim the token must match, even when the value is the default.
+    q = decode(QUERIES, encode(QuerySubmitted(question="Where?", tenant="default", token=_token())))
+    with pytest.raises(Forbidden, match="tenant 'default'"):
+        admission.admit(q)
+    d = decode(DOCUMENTS, encode(DocumentSubmitted(document_id="d", content="x", token=_token())))
+    assert "tenant" not in d.model_fields_set
