@@ -393,3 +393,14 @@ async def test_a_query_built_with_the_contract_model_claims_only_what_it_sets(ad
         admission.admit(q)
     d = decode(DOCUMENTS, encode(DocumentSubmitted(document_id="d", content="x", token=_token())))
     assert "tenant" not in d.model_fields_set
+
+
+async def test_auth_off_says_so_loudly_when_a_stage_opens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ragstream.streams.admission import opened_admission
+
+    with caplog.at_level("WARNING"):
+        async with opened_admission(Settings(data_dir=tmp_path, auth=AuthSettings(mode="off"))) as admission:
+            assert admission.verifier is None
+    assert any("AUTH IS OFF" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
