@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from bench import audit, auth, ingestion, qa, reliability
+from bench import audit, auth, guardrails, ingestion, qa, reliability
 
 BENCHES = {
     "ingestion": ingestion.main,
     "qa": qa.main,
     "audit": audit.main,
     "auth": auth.main,
+    "guardrails": guardrails.main,
     "reliability": reliability.main,
 }
 

@@ -30,7 +30,10 @@ from ragstream.schemas.errors import ConfigError
 __all__ = [
     "AuditSettings",
     "AuthSettings",
+    "GuardPolicy",
+    "GuardrailsSettings",
     "HmacKey",
+    "RailSettings",
     "ModelPrice",
     "ChunkingSettings",
     "EmbedSettings",
@@ -349,6 +352,88 @@ class AuthSettings(_Section):
     """Lifetime of the tokens the CLI and SDK sign."""
 
 
+class RailSettings(_Section):
+    """One rail of a guardrail policy (see `ragstream.streams.guardrails`)."""
+
+    enabled: bool = True
+    action: Literal["block", "mask", "flag"] = "block"
+    """What a finding over `threshold` does. `mask` replaces PII spans with `<TYPE>`; on the
+    retrieved context, `block` drops the chunk (the request goes on without it)."""
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Findings scoring at least this act. For `topics`, the least similarity to a valid topic."""
+    fail: Literal["open", "closed"] = "closed"
+    """When the detector errors or runs past `budget_ms`: `closed` blocks, `open` passes and flags."""
+    budget_ms: float = Field(default=500.0, gt=0)
+    allow: tuple[str, ...] = ()
+    """Allow-list: a finding whose text contains one of these phrases (case and accent
+    insensitive), or any finding without a span when the text contains one, is dropped."""
+    entities: tuple[str, ...] = ()
+    """`pii`: the entity types to find (default: e-mail, phone, IBAN, card, NIR)."""
+    keywords: tuple[str, ...] = ()
+    """`keywords`: invalid words or phrases."""
+    topics: tuple[str, ...] = ()
+    """`topics`: valid topics, each described in a sentence."""
+    detector: str = "default"
+    """Which implementation: `default` (rules + the embedding head where the rail has both),
+    `rules`, `head`, or `llm:<route>` (a guard model on a Triton route)."""
+
+
+def _rails(**rails: RailSettings) -> dict[str, RailSettings]:
+    return dict(rails)
+
+
+class GuardPolicy(_Section):
+    """Which rails run on the input, the retrieved context and the output."""
+
+    input: dict[str, RailSettings] = Field(default_factory=dict)
+    context: dict[str, RailSettings] = Field(default_factory=dict)
+    output: dict[str, RailSettings] = Field(default_factory=dict)
+    output_window_chars: int = Field(default=160, ge=16, le=4000)
+    """Streamed output is released a window at a time, after the output rails pass it: at a
+    sentence end, or at this many characters (the holdback bound)."""
+
+
+def _default_policies() -> dict[str, GuardPolicy]:
+    # Presidio scores a phone number matched by pattern and numbering plan 0.4.
+    pii = RailSettings(action="mask", fail="closed", threshold=0.35)
+    return {
+        "default": GuardPolicy(
+            input=_rails(pii=pii, safety=RailSettings(), injection=RailSettings()),
+            context=_rails(injection=RailSettings(threshold=0.6)),
+            output=_rails(pii=pii, safety=RailSettings()),
+        ),
+        "off": GuardPolicy(),
+    }
+
+
+class GuardrailsSettings(_Section):
+    """Named policies, and which one applies to a request: the request's own choice if it
+    names one, else its route's, else its tenant's, else `default_policy`."""
+
+    enabled: bool = True
+    policies: dict[str, GuardPolicy] = Field(default_factory=_default_policies)
+    default_policy: str = "default"
+    tenant_policies: dict[str, str] = Field(default_factory=dict)
+    route_policies: dict[str, str] = Field(default_factory=dict)
+    request_may_choose: tuple[str, ...] = ()
+    """Policies a request may pick for itself (besides the one that applies): narrowing."""
+
+    @model_validator(mode="after")
+    def _known(self) -> GuardrailsSettings:
+        named = {
+            self.default_policy,
+            *self.tenant_policies.values(),
+            *self.route_policies.values(),
+            *self.request_may_choose,
+        }
+        missing = sorted(named - set(self.policies))
+        if missing:
+            raise ValueError(
+                f"guardrails: unknown policies {', '.join(missing)} (defined: {', '.join(sorted(self.policies))})"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """All of ragstream's configuration."""
 
@@ -373,6 +458,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     audit: AuditSettings = AuditSettings()
     auth: AuthSettings = AuthSettings()
+    guardrails: GuardrailsSettings = GuardrailsSettings()
     workers: tuple[str, ...] = ("ingest,embed,index", "retrieve,generate")
     audit_sink: bool = True
     """Run the audit sink (Kafka -> Iceberg) in the embedded stack."""

@@ -20,6 +20,7 @@ from rich.table import Table
 from ragstream.acls_cli import acls_app
 from ragstream.audit_cli import audit_app
 from ragstream.audit_cli import sql as audit_sql_command
+from ragstream.guard_cli import guard_app
 from ragstream.health import stack_health
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings, load_settings
@@ -45,6 +46,7 @@ app.command("sql")(audit_sql_command)
 app.add_typer(topics_app, name="topics")
 app.add_typer(token_app, name="token")
 app.add_typer(acls_app, name="acls")
+app.add_typer(guard_app, name="guard")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)

@@ -1,0 +1,65 @@
+"""Every detector the rails use, opened once per process.
+
+The PII pipelines (spaCy English and French) and the embedding head load at `start()`; the
+rules are plain data. `topic_similarity` compares a text with topic descriptions on the same
+embedder the head uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from ragstream.infra.embedder import Embedder
+from ragstream.infra.guard.head import EmbeddingHead
+from ragstream.infra.guard.pii import DEFAULT_ENTITIES, PiiDetector
+from ragstream.infra.guard.rules import InjectionRules, SafetyRules
+
+__all__ = ["GuardDetectors"]
+
+log = logging.getLogger(__name__)
+
+
+class GuardDetectors:
+    """Opened detectors (`start()` loads models; the constructor does no I/O)."""
+
+    def __init__(
+        self, embedder: Embedder, *, cache_dir: Path | None = None, pii_entities: Sequence[str] = ()
+    ) -> None:
+        entities = sorted({*DEFAULT_ENTITIES, *pii_entities})
+        self.pii = PiiDetector(entities)
+        self.injection_rules = InjectionRules()
+        self.safety_rules = SafetyRules()
+        self.head = EmbeddingHead(embedder, cache_dir=cache_dir)
+        self._topic_vectors: dict[tuple[str, ...], npt.NDArray[np.float32]] = {}
+
+    async def start(self) -> None:
+        await self.pii.start()
+        await self.head.start()
+        # The first analysis per language is slow (spaCy warms its pipeline): not on a
+        # request's budget.
+        for lang, text in (
+            ("en", "Warm up: call +33 6 12 34 56 78."),
+            ("fr", "Échauffement : appelez le 06 12 34 56 78."),
+        ):
+            await self.pii.detect(text, lang=lang)
+            await self.head.probabilities(text)
+
+    async def close(self) -> None:
+        await self.pii.close()
+        await self.head.close()
+
+    async def topic_similarity(self, text: str, topics: Sequence[str]) -> tuple[float, str]:
+        """The highest cosine similarity of `text` to a topic description, and that topic."""
+        key = tuple(topics)
+        vectors = self._topic_vectors.get(key)
+        if vectors is None:
+            vectors = self._topic_vectors[key] = await self.head.embed(list(topics))
+        v = (await self.head.embed([text]))[0]
+        sims = vectors @ v
+        best = int(np.argmax(sims))
+        return float(sims[best]), topics[best]

