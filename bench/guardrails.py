@@ -90,11 +90,12 @@ def main(argv: list[str] | None = None) -> None:
                 verdict(ok) if ok is not None and lang == "all" else "",
             )
             res.raw["by"][f"{category}/{lang}/recall"] = recall
-        mine = [r for r in blocked if r["category"] == category]
-        res.add(
-            f"{category} precision of blocks",
-            _share(len(mine), len(blocked)) if category != "toxic" else "(counted with harmful)",
-        )
+    bad = [r for r in blocked if r["category"] in ("injection", "harmful", "toxic")]
+    res.add(
+        "precision of blocks (blocked cases labelled injection, harmful or toxic)",
+        _share(len(bad), len(blocked)),
+    )
+    res.raw["by"]["block_precision"] = len(bad) / len(blocked) if blocked else 0.0
     # PII: value-level recall on masked text.
     for lang in ("en", "fr", "all"):
         total = found = names = names_found = 0

@@ -397,10 +397,14 @@ def _default_policies() -> dict[str, GuardPolicy]:
     # Presidio scores a phone number matched by pattern and numbering plan 0.4.
     pii = RailSettings(action="mask", fail="closed", threshold=0.35)
     return {
+        # 0.65: the embedding head's findings act only well above its cut-off (0.5), which
+        # keeps benign false positives near the 3% budget on the evaluation set; rules score 0.9.
         "default": GuardPolicy(
-            input=_rails(pii=pii, safety=RailSettings(), injection=RailSettings()),
-            context=_rails(injection=RailSettings(threshold=0.6)),
-            output=_rails(pii=pii, safety=RailSettings()),
+            input=_rails(
+                pii=pii, safety=RailSettings(threshold=0.65), injection=RailSettings(threshold=0.65)
+            ),
+            context=_rails(injection=RailSettings(threshold=0.65)),
+            output=_rails(pii=pii, safety=RailSettings(threshold=0.65)),
         ),
         "off": GuardPolicy(),
     }

@@ -29,6 +29,7 @@ from ragstream.schemas.events import (
     new_id,
     unset_identity_dropped,
 )
+from ragstream.schemas.guard import GuardVerdict
 
 __all__ = [
     "Citation",
@@ -96,6 +97,9 @@ class QuerySubmitted(Event):
     the claims when given. Removed once verified: no token travels past the first stage."""
     principal: Principal | None = None
     """Set by ragstream once the token is verified; a caller never sets it."""
+    guard_policy: str | None = Field(default=None, max_length=128)
+    """A guardrail policy to apply instead of the route's or tenant's, among those a request
+    may choose (`guardrails.request_may_choose`)."""
 
     key_field: ClassVar[str] = "request_id"
 
@@ -141,6 +145,10 @@ class ContextRetrieved(Event):
     chunks: tuple[RetrievedChunk, ...]
     latency_ms: dict[str, float] = Field(default_factory=dict)
     """Per-stage latencies so far (e.g. `queue_retrieval`, `embed_query`, `search`)."""
+    guard_policy: str | None = None
+    """The guardrail policy that applies to the request (its input and context rails have
+    passed; `query.question` is masked where they mask)."""
+    guard_verdicts: tuple[GuardVerdict, ...] = ()
 
     key_field: ClassVar[str] = "request_id"
 
@@ -223,6 +231,11 @@ class ResponseCompleted(Event):
     reply_to: str | None = None
     """Set on the caller's copy: the reply stream it is published to. The caller's copy has
     no `prompt_messages` and no `principal` (see `for_caller`)."""
+    guard_policy: str | None = None
+    guard_verdicts: tuple[GuardVerdict, ...] = ()
+    """Every guardrail verdict of the request (input, context, output windows)."""
+    blocked_category: str | None = None
+    """With `status="blocked"`: the category of the finding that blocked it."""
 
     key_field: ClassVar[str] = "request_id"
 

@@ -19,21 +19,54 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from ragstream.infra.embedder import Embedder
 from ragstream.infra.guard.base import detect_language, fold
 from ragstream.infra.guard.detectors import GuardDetectors
 from ragstream.infra.guard.head import LABELS
 from ragstream.infra.guard.pii import mask_spans
 from ragstream.infra.guard.rules import HARM_CATEGORIES, KeywordRules
-from ragstream.infra.settings import GuardPolicy, GuardrailsSettings, RailSettings
+from ragstream.infra.settings import GuardPolicy, GuardrailsSettings, RailSettings, Settings
 from ragstream.schemas.guard import Action, Direction, GuardFinding, GuardVerdict, strongest
 
-__all__ = ["GuardResult", "Guardrails", "StreamGuard", "UnknownPolicy"]
+__all__ = ["GuardResult", "Guardrails", "StreamGuard", "UnknownPolicy", "opened_guardrails"]
 
 MAX_CHECK_CHARS = 20_000
 """Longer texts are checked in their first and last parts (a question is at most 8,000)."""
+
+
+_shared: dict[int, tuple[Guardrails, int]] = {}
+_shared_lock = asyncio.Lock()
+
+
+@asynccontextmanager
+async def opened_guardrails(settings: Settings, embedder: Embedder) -> AsyncIterator[Guardrails | None]:
+    """The process's guardrails, opened once and shared by its stages (the PII pipelines and
+    the head are a few hundred MB and seconds to load). None when guardrails are disabled."""
+    if not settings.guardrails.enabled:
+        yield None
+        return
+    key = id(settings)
+    async with _shared_lock:
+        entry = _shared.get(key)
+        if entry is None:
+            detectors = GuardDetectors(embedder, cache_dir=settings.data_dir / "guard")
+            await detectors.start()
+            entry = (Guardrails(settings.guardrails, detectors), 0)
+        _shared[key] = (entry[0], entry[1] + 1)
+    try:
+        yield entry[0]
+    finally:
+        async with _shared_lock:
+            guard, users = _shared[key]
+            if users <= 1:
+                del _shared[key]
+                await guard.detectors.close()
+            else:
+                _shared[key] = (guard, users - 1)
 
 
 class UnknownPolicy(ValueError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragstream.infra.lifecycle import started
-from ragstream.infra.settings import Settings
+from ragstream.infra.settings import GuardPolicy, Settings
 from ragstream.schemas.errors import BadInputError, DeadlineExceeded, TransientError
 from ragstream.schemas.events import Event
 from ragstream.schemas.queries import (
@@ -30,11 +30,13 @@ from ragstream.schemas.queries import (
     Usage,
 )
 from ragstream.streams.admission import principal_in
+from ragstream.streams.guardrails import Guardrails, StreamGuard, opened_guardrails
 from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Concurrent, Stage
 from ragstream.streams.topics import REPLIES, RESPONSES, RETRIEVALS
 from ragstream.workers.prompt import build_prompt, citations_for
 from ragstream.workers.responses import (
+    blocked_response,
     error_response,
     finals,
     invalid_request_response,
@@ -55,6 +57,8 @@ class GenerationDeps:
     count_tokens: Callable[[str], int]
     send_nowait: Callable[[Sequence[Event]], Awaitable[list[Awaitable[Any]]]]
     """Publishes token deltas as they come, without waiting for the broker."""
+    guard: Guardrails | None = None
+    """The output rails; None when guardrails are disabled."""
 
 
 async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Event]:
@@ -88,6 +92,33 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
     usage = Usage()
     status = "ok"
     reason: str | None = None
+    policy = _output_policy(ctx, deps)
+    # Streamed answers pass the output rails a window at a time; only passed text is sent.
+    sg = (
+        StreamGuard(deps.guard, policy)
+        if deps.guard is not None and policy is not None and q.stream
+        else None
+    )
+    streams_to_caller = q.stream and q.principal is not None
+
+    async def release(text: str) -> None:
+        if not text:
+            return
+        if not parts:
+            latency["time_to_first_token"] = (time.perf_counter() - t_gen) * 1000.0
+        if streams_to_caller:
+            assert q.principal is not None
+            token = TokenGenerated(
+                request_id=q.request_id,
+                trace_id=q.request_id,
+                tenant=q.tenant,
+                sequence=len(parts),
+                delta=text,
+                reply_to=q.principal.reply_to,
+            )
+            sent.extend(await deps.send_nowait([token]))
+        parts.append(text)
+
     t_gen = time.perf_counter()
     try:
         async with asyncio.timeout(remaining_s(q)):
@@ -99,24 +130,17 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
                 timeout_s=max(remaining_s(q), 0.001),
             ):
                 if delta.text:
-                    if not parts:
-                        latency["time_to_first_token"] = (time.perf_counter() - t_gen) * 1000.0
-                    if q.stream and q.principal is not None:
-                        token = TokenGenerated(
-                            request_id=q.request_id,
-                            trace_id=q.request_id,
-                            tenant=q.tenant,
-                            sequence=len(parts),
-                            delta=delta.text,
-                            reply_to=q.principal.reply_to,
-                        )
-                        sent.extend(await deps.send_nowait([token]))
-                    parts.append(delta.text)
+                    latency.setdefault("model_first_token", (time.perf_counter() - t_gen) * 1000.0)
+                    await release(await sg.push(delta.text) if sg is not None else delta.text)
+                    if sg is not None and sg.blocked is not None:
+                        break  # stops the model: nothing after a failing window is generated
                 if delta.final:
                     finish_reason = delta.finish_reason
                     usage = Usage(
                         prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens
                     )
+            if sg is not None and sg.blocked is None:
+                await release(await sg.finish())
     except (TimeoutError, DeadlineExceeded):
         status, reason, finish_reason = (
             "error",
@@ -129,6 +153,38 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
     for fut in sent:  # every delta is on the broker before the final response
         await fut
     answer = "".join(parts)
+    verdicts = list(ctx.guard_verdicts)
+    if sg is not None:
+        verdicts += [v for v in sg.verdicts if v.action != "allow"]
+        latency["guard_holdback_max_chars"] = float(sg.max_held_chars)
+    elif deps.guard is not None and policy is not None and answer and status == "ok":
+        t_out = time.perf_counter()
+        checked = await deps.guard.check(answer, "output", policy)  # a non-streamed answer, whole
+        latency["guard_output"] = (time.perf_counter() - t_out) * 1000.0
+        verdicts += [v for v in checked.verdicts if v.action != "allow"]
+        if checked.action == "block":
+            return blocked_response(
+                q,
+                checked.blocked_by,
+                verdicts,
+                ctx.guard_policy,
+                latency,
+                extra=_record(ctx, prompt, model, usage),
+            )
+        answer = checked.text
+    if sg is not None and sg.blocked is not None:
+        return blocked_response(
+            q,
+            sg.blocked,
+            verdicts,
+            ctx.guard_policy,
+            latency,
+            answer=answer,
+            extra={
+                **_record(ctx, prompt, model, usage),
+                "delta_count": len(parts) if streams_to_caller else 0,
+            },
+        )
     latency["total"] = ms_since(q.produced_at)
     return finals(
         ResponseCompleted(
@@ -151,10 +207,31 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
             retrieved_scores=tuple(c.score for c in ctx.chunks),
             latency_ms=latency,
             streamed=q.stream,
-            delta_count=len(parts) if q.stream and q.principal is not None else 0,
+            delta_count=len(parts) if streams_to_caller else 0,
             principal=q.principal,
+            guard_policy=ctx.guard_policy,
+            guard_verdicts=tuple(verdicts),
         )
     )
+
+
+def _output_policy(ctx: ContextRetrieved, deps: GenerationDeps) -> GuardPolicy | None:
+    if deps.guard is None or ctx.guard_policy is None:
+        return None
+    policy = deps.guard.settings.policies.get(ctx.guard_policy)
+    return policy if policy is not None and policy.output else None
+
+
+def _record(ctx: ContextRetrieved, prompt: Any, model: str, usage: Usage) -> dict[str, Any]:
+    """What the internal record of a blocked answer keeps, for the audit trail."""
+    return {
+        "model_id": model,
+        "usage": usage,
+        "prompt_template_version": prompt.template_version,
+        "prompt_messages": tuple(PromptMessage.model_validate(m) for m in prompt.messages),
+        "retrieved_chunk_ids": tuple(c.chunk_id for c in ctx.chunks),
+        "retrieved_scores": tuple(c.score for c in ctx.chunks),
+    }
 
 
 async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Event]:
@@ -167,9 +244,14 @@ async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Event]:
 
 @asynccontextmanager
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[GenerationDeps]:
+    from ragstream.infra.embedder import TritonEmbedder
     from ragstream.infra.generator import GeneratorTokenizer, TritonGenerator
 
-    async with started(TritonGenerator(settings)) as generator:
+    async with (
+        started(TritonGenerator(settings)) as generator,
+        started(TritonEmbedder(settings)) as embedder,
+        opened_guardrails(settings, embedder) as guard,
+    ):
         tokenizer = GeneratorTokenizer(settings)
         await asyncio.to_thread(tokenizer.load)  # not on the first request's clock
         yield GenerationDeps(
@@ -177,6 +259,7 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Ge
             generator=generator,
             count_tokens=tokenizer.count,
             send_nowait=runner.send_nowait,
+            guard=guard,
         )
 
 

@@ -11,12 +11,22 @@ stages."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from ragstream.schemas.events import DeadLettered, Event, utcnow
+from ragstream.schemas.guard import GuardVerdict
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 
-__all__ = ["error_response", "finals", "invalid_request_response", "ms_since", "remaining_s"]
+__all__ = [
+    "blocked_response",
+    "error_response",
+    "finals",
+    "invalid_request_response",
+    "ms_since",
+    "remaining_s",
+]
 
 
 def ms_since(t: datetime) -> float:
@@ -54,6 +64,45 @@ def _error(query: QuerySubmitted, reason: str, latency_ms: dict[str, float]) -> 
         latency_ms={**latency_ms, "total": ms_since(query.produced_at)},
         streamed=query.stream,
         principal=query.principal,
+    )
+
+
+def blocked_response(
+    query: QuerySubmitted,
+    by: GuardVerdict | None,
+    verdicts: Sequence[GuardVerdict],
+    policy: str | None,
+    latency_ms: dict[str, float],
+    *,
+    answer: str = "",
+    extra: dict[str, Any] | None = None,
+) -> list[Event]:
+    """The final responses of a request a guardrail blocked: `status="blocked"`, the reason
+    names the rail and direction, `blocked_category` the category; `answer` holds only what
+    was released before the block (never the failing text)."""
+    rail = f"{by.direction} {by.rail}" if by else "guardrail"
+    category = by.category if by else None
+    detail = f": {by.error}" if by is not None and by.error else ""
+    return finals(
+        ResponseCompleted(
+            request_id=query.request_id,
+            trace_id=query.request_id,
+            tenant=query.tenant,
+            user=query.user,
+            status="blocked",
+            error_reason=f"guardrail_blocked: {rail} ({category or 'unknown'}){detail}"[:2000],
+            question=query.question,
+            answer=answer,
+            route=query.generation.route,
+            finish_reason="blocked",
+            latency_ms={**latency_ms, "total": ms_since(query.produced_at)},
+            streamed=query.stream,
+            principal=query.principal,
+            guard_policy=policy,
+            guard_verdicts=tuple(verdicts),
+            blocked_category=category,
+            **(extra or {}),
+        )
     )
 
 

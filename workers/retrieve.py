@@ -9,6 +9,7 @@ deadline instead of waiting for a generation that will never come.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,16 +20,24 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_fixed
 
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.lifecycle import started
-from ragstream.infra.settings import Settings
+from ragstream.infra.settings import GuardPolicy, Settings
 from ragstream.infra.vectorstore.base import SearchHit, SearchQuery, VectorStore
 from ragstream.schemas.errors import TransientError
 from ragstream.schemas.events import Event, Principal, utcnow
+from ragstream.schemas.guard import GuardVerdict
 from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, RetrievedChunk
 from ragstream.streams.admission import Admission, opened_admission
+from ragstream.streams.guardrails import Guardrails, GuardResult, UnknownPolicy, opened_guardrails
 from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Concurrent, Stage
 from ragstream.streams.topics import QUERIES, REPLIES, RESPONSES, RETRIEVALS, reply_topic
-from ragstream.workers.responses import error_response, invalid_request_response, ms_since, remaining_s
+from ragstream.workers.responses import (
+    blocked_response,
+    error_response,
+    invalid_request_response,
+    ms_since,
+    remaining_s,
+)
 
 __all__ = ["STAGE", "RetrievalDeps", "handle", "handle_query", "open_deps"]
 
@@ -41,6 +50,8 @@ _RETRY_DELAY_S = 0.2
 class RetrievalDeps:
     embedder: Embedder
     store: VectorStore
+    guard: Guardrails | None = None
+    """The input and context rails; None when guardrails are disabled."""
     admission: Admission | None = None
     """Verifies each query's sender (`STAGE.admit`); None in unit tests of `handle`."""
     reply_streams: Callable[[set[str]], Awaitable[set[str]]] | None = None
@@ -49,7 +60,12 @@ class RetrievalDeps:
 
 
 async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Event]:
-    """Find the context for one question; never raises for a valid query."""
+    """Find the context for one question; never raises for a valid query.
+
+    The input rails run concurrently with retrieval: nothing reaches generation (or the
+    caller) unless they pass. The model then sees the question as they left it (masked where
+    they mask). The context rails check each retrieved chunk; a chunk they block is dropped.
+    """
     started = utcnow()
     latency: dict[str, float] = {"queue_retrieval": ms_since(query.produced_at)}
     if remaining_s(query) <= 0:
@@ -57,12 +73,37 @@ async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Event
     if query.principal is not None and deps.reply_streams is not None:
         # The caller's stream exists before anything is sent to it.
         await deps.reply_streams({reply_topic(deps.topic_prefix, query.principal.reply_to)})
+    policy_name: str | None = None
+    policy = GuardPolicy()
+    guard_task: asyncio.Task[GuardResult] | None = None
+    if deps.guard is not None:
+        try:
+            policy_name, policy = deps.guard.policy(
+                tenant=query.tenant, route=query.generation.route, requested=query.guard_policy
+            )
+        except UnknownPolicy as exc:
+            return error_response(query, f"invalid_request: {exc}", latency)
+        guard_task = asyncio.create_task(
+            _timed(deps.guard.check(query.question, "input", policy), latency, "guard_input")
+        )
     try:
         hits = await asyncio.wait_for(_retrieve(query, deps, latency), timeout=remaining_s(query))
     except TimeoutError:
-        return error_response(query, "deadline_exceeded: retrieval did not finish in time", latency)
+        return await _after(
+            guard_task, error_response(query, "deadline_exceeded: retrieval did not finish in time", latency)
+        )
     except TransientError as exc:
-        return error_response(query, f"retrieval_failed: {exc}", latency)
+        return await _after(guard_task, error_response(query, f"retrieval_failed: {exc}", latency))
+    verdicts: list[GuardVerdict] = []
+    if guard_task is not None and deps.guard is not None:
+        checked = await guard_task
+        verdicts.extend(checked.verdicts)
+        if checked.action == "block":
+            return blocked_response(query, checked.blocked_by, verdicts, policy_name, latency)
+        if checked.text != query.question:
+            query = query.model_copy(update={"question": checked.text})
+        hits, dropped = await _context_rails(deps.guard, policy, hits, latency)
+        verdicts.extend(dropped)
     latency["retrieval"] = ms_since(started)
     return [
         ContextRetrieved(
@@ -72,8 +113,45 @@ async def handle_query(query: QuerySubmitted, deps: RetrievalDeps) -> list[Event
             query=query,
             chunks=tuple(hits),
             latency_ms=latency,
+            guard_policy=policy_name,
+            guard_verdicts=tuple(verdicts),
         )
     ]
+
+
+async def _timed(call: Awaitable[GuardResult], latency: dict[str, float], name: str) -> GuardResult:
+    t = time.perf_counter()
+    try:
+        return await call
+    finally:
+        latency[name] = (time.perf_counter() - t) * 1000.0
+
+
+async def _after(task: asyncio.Task[GuardResult] | None, out: list[Event]) -> list[Event]:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    return out
+
+
+async def _context_rails(
+    guard: Guardrails, policy: GuardPolicy, hits: list[RetrievedChunk], latency: dict[str, float]
+) -> tuple[list[RetrievedChunk], list[GuardVerdict]]:
+    """The retrieved chunks the context rails let through, and their verdicts (a blocked chunk
+    is dropped: instructions hidden in a document never reach the model)."""
+    if not policy.context or not hits:
+        return hits, []
+    t = time.perf_counter()
+    results = await asyncio.gather(*(guard.check(c.text, "context", policy) for c in hits))
+    latency["guard_context"] = (time.perf_counter() - t) * 1000.0
+    kept = [
+        c.model_copy(update={"text": r.text}) if r.text != c.text else c
+        for c, r in zip(hits, results, strict=True)
+        if r.action != "block"
+    ]
+    verdicts = [v for r in results for v in r.verdicts if v.action != "allow"]
+    return kept, verdicts
 
 
 async def _retrieve(
@@ -175,10 +253,12 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Re
         opened_admission(settings) as admission,
         started(open_vector_store(settings)) as store,
         started(TritonEmbedder(settings)) as embedder,
+        opened_guardrails(settings, embedder) as guard,
     ):
         yield RetrievalDeps(
             embedder=embedder,
             store=store,
+            guard=guard,
             admission=admission,
             reply_streams=runner.ensure_reply_streams,
             topic_prefix=settings.kafka.topic_prefix,

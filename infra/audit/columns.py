@@ -191,13 +191,15 @@ def inference_schema() -> Any:
         f(
             "guardrail",
             StructType(
-                nf("verdict", StringType(), "allow, block, redact, ..."),
+                nf("verdict", StringType(), "The winning action: allow, flag, mask or block."),
                 nf("reasons", ListType(next(ids), StringType(), element_required=False)),
                 nf("categories", ListType(next(ids), StringType(), element_required=False)),
                 nf("checker", StringType()),
                 nf("score", DoubleType()),
             ),
-            "Reserved for the guardrail verdict (null until guardrails record one).",
+            "The request's guardrail outcome (null when no policy applied): the winning action, "
+            "a reason per acting rail ('direction/rail: action category'), the categories, the "
+            "policy (checker) and the highest score.",
         ),
         f(
             "judge",

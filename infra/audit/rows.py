@@ -117,7 +117,8 @@ def inference_row(
         "submitted_at": submitted_at,
         "completed_at": response.produced_at,
         "deadline_at": deadline_at,
-        "question": query.question if query else response.question,
+        # Guarded requests: the question as the rails left it (masked), never the raw one.
+        "question": response.question if response.guard_policy or query is None else query.question,
         "conversation_id": query.conversation_id if query else None,
         "retrieved_chunk_ids": list(response.retrieved_chunk_ids),
         "retrieved_scores": list(response.retrieved_scores),
@@ -136,7 +137,7 @@ def inference_row(
         **_latency_cols(response.latency_ms),
         "streamed": response.streamed,
         "delta_count": response.delta_count,
-        "guardrail": None,
+        "guardrail": _guardrail_col(response),
         "judge": None,
         "response_event_id": response.event_id,
         "query_topic": query_source.topic if query_source else None,
@@ -144,6 +145,28 @@ def inference_row(
         "query_offset": query_source.offset if query_source else None,
         **_lineage_cols(source, logged_at, submitted_at),
         **_principal_cols(response.principal),
+    }
+
+
+def _guardrail_col(response: ResponseCompleted) -> dict[str, Any] | None:
+    """The request's guardrail outcome: the winning action, a reason per acting verdict, the
+    categories, the policy and the highest score."""
+    if response.guard_policy is None:
+        return None
+    acting = [v for v in response.guard_verdicts if v.action != "allow"]
+    ranks = {"allow": 0, "flag": 1, "mask": 2, "block": 3}
+    overall = max((v.action for v in acting), key=ranks.__getitem__, default="allow")
+    scores = [v.score for v in acting if v.score is not None]
+    return {
+        "verdict": overall,
+        "reasons": [
+            f"{v.direction}/{v.rail}: {v.action} {v.category or ''}".strip()
+            + (f" ({v.error})" if v.error else "")
+            for v in acting
+        ],
+        "categories": sorted({v.category for v in acting if v.category}),
+        "checker": response.guard_policy,
+        "score": max(scores) if scores else None,
     }
 
 

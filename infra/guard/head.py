@@ -149,7 +149,7 @@ class EmbeddingHead:
         if missing:
             for i in range(0, len(missing), 64):
                 batch = missing[i : i + 64]
-                vecs = np.asarray(await self._embedder.embed(batch), dtype=np.float32)
+                vecs = np.array(await self._embedder.embed(batch), dtype=np.float32, copy=True)
                 vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
                 for t, v in zip(batch, vecs, strict=True):
                     self._vectors[t] = v

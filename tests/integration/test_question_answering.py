@@ -113,7 +113,8 @@ async def test_a_tenant_or_group_never_sees_another_ones_chunks(
     client: AsyncClient, stack: Stack, tenant: str, groups: tuple[str, ...], question: str, scope: str
 ) -> None:
     r = await client.ask(question, tenant=tenant, groups=groups, max_tokens=32, top_k=5, deadline_ms=60_000)
-    assert r.status == "ok", r.error_reason
+    # The injection-shaped question may be stopped by the input guardrail first: also no leak.
+    assert r.status == "ok" or (r.status == "blocked" and "injection" in question.lower()), r.error_reason
     forbidden_docs = _docs_in_scope(scope)
     assert not forbidden_docs & {c.document_id for c in r.citations}
     assert not any(cid.split(":", 1)[0] in forbidden_docs for cid in r.retrieved_chunk_ids)
