@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import audit, auth, guardrails, ingestion, qa, reliability
+from bench import audit, auth, guard_latency, guardrails, ingestion, qa, reliability
 
 BENCHES = {
     "ingestion": ingestion.main,
@@ -13,6 +13,7 @@ BENCHES = {
     "audit": audit.main,
     "auth": auth.main,
     "guardrails": guardrails.main,
+    "guard_latency": guard_latency.main,
     "reliability": reliability.main,
 }
 

@@ -363,7 +363,9 @@ class RailSettings(_Section):
     """Findings scoring at least this act. For `topics`, the least similarity to a valid topic."""
     fail: Literal["open", "closed"] = "closed"
     """When the detector errors or runs past `budget_ms`: `closed` blocks, `open` passes and flags."""
-    budget_ms: float = Field(default=500.0, gt=0)
+    budget_ms: float = Field(default=2000.0, gt=0)
+    """A CPU-only host under load needs headroom: a fail-closed rail that times out blocks
+    good requests. Lower it where detectors run on their own hardware."""
     allow: tuple[str, ...] = ()
     """Allow-list: a finding whose text contains one of these phrases (case and accent
     insensitive), or any finding without a span when the text contains one, is dropped."""

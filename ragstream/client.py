@@ -121,6 +121,7 @@ class AskOptions(TypedDict, total=False):
     temperature: float
     deadline_ms: int
     conversation_id: str | None
+    guard_policy: str | None
     history: Sequence[ConversationTurn | dict[str, str]]
 
 
@@ -143,7 +144,9 @@ def build_query(
         retrieval["document_ids"] = tuple(o["document_ids"])
     generation: dict[str, Any] = {k: o[k] for k in _GENERATION if k in o}
     generation["route"] = o.get("route") or settings.generation.default_route
-    extra: dict[str, Any] = {k: o[k] for k in ("user", "deadline_ms", "conversation_id") if k in o}
+    extra: dict[str, Any] = {
+        k: o[k] for k in ("user", "deadline_ms", "conversation_id", "guard_policy") if k in o
+    }
     # Identity fields are set only when given, so a token's claims fill them in otherwise.
     if o.get("tenant"):
         extra["tenant"] = o["tenant"]

@@ -114,7 +114,9 @@ async def test_a_tenant_or_group_never_sees_another_ones_chunks(
 ) -> None:
     r = await client.ask(question, tenant=tenant, groups=groups, max_tokens=32, top_k=5, deadline_ms=60_000)
     # The injection-shaped question may be stopped by the input guardrail first: also no leak.
-    assert r.status == "ok" or (r.status == "blocked" and "injection" in question.lower()), r.error_reason
+    assert r.status == "ok" or (
+        r.status == "blocked" and (r.blocked_category or "").startswith("injection")
+    ), r.error_reason
     forbidden_docs = _docs_in_scope(scope)
     assert not forbidden_docs & {c.document_id for c in r.citations}
     assert not any(cid.split(":", 1)[0] in forbidden_docs for cid in r.retrieved_chunk_ids)
