@@ -274,7 +274,9 @@ class AuditSettings(_Section):
     """Unreferenced files younger than this are kept: a writer may be about to commit them."""
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     """model_id -> price per 1000 prompt (input) and completion (output) tokens."""
-    sinks: tuple[str, ...] = Field(default=("inference_log,usage,ingestion_log,dead_letters",), min_length=1)
+    sinks: tuple[str, ...] = Field(
+        default=("inference_log,usage,ingestion_log,dead_letters,guardrail_verdicts",), min_length=1
+    )
     """The sink processes `ragstream up` runs: one per entry, each the only committer of the
     tables it lists; every table in exactly one. One process is lightest; splitting
     `inference_log` from the rest uses a second core (see the README's audit numbers)."""
@@ -390,7 +392,7 @@ class GuardPolicy(_Section):
     input: dict[str, RailSettings] = Field(default_factory=dict)
     context: dict[str, RailSettings] = Field(default_factory=dict)
     output: dict[str, RailSettings] = Field(default_factory=dict)
-    output_window_chars: int = Field(default=160, ge=16, le=4000)
+    output_window_chars: int = Field(default=48, ge=16, le=4000)
     """Streamed output is released a window at a time, after the output rails pass it: at a
     sentence end, or at this many characters (the holdback bound)."""
 

@@ -68,6 +68,7 @@ from ragstream.infra.audit.commits import (
 from ragstream.infra.audit.rows import (
     Source,
     dead_letter_row,
+    guardrail_rows,
     inference_row,
     ingestion_dead_letter_row,
     ingestion_row,
@@ -77,6 +78,7 @@ from ragstream.infra.audit.rows import (
 )
 from ragstream.infra.audit.tables import (
     DEAD_LETTERS,
+    GUARDRAIL_VERDICTS,
     INFERENCE_LOG,
     INGESTION_LOG,
     TABLES,
@@ -229,6 +231,7 @@ class AuditWriter:
         self._written = {
             INFERENCE_LOG: _RecentIds(written_ids.get(INFERENCE_LOG, {})),
             USAGE: _RecentIds(written_ids.get(USAGE, {})),
+            GUARDRAIL_VERDICTS: _RecentIds(written_ids.get(GUARDRAIL_VERDICTS, {})),
         }
         self._pending: dict[str, _Pending] = {}
         self._pending_by_tp: dict[TP, deque[tuple[int, str]]] = {}
@@ -272,6 +275,12 @@ class AuditWriter:
                 self._add(table, ingestion_row(event, source=src, logged_at=now))
             elif isinstance(event, DeadLettered) and is_document_dead_letter(event):
                 self._add(table, ingestion_dead_letter_row(event, source=src, logged_at=now))
+        elif table == GUARDRAIL_VERDICTS and isinstance(event, ResponseCompleted):
+            if event.request_id in self._written[GUARDRAIL_VERDICTS]:
+                return
+            self._written[GUARDRAIL_VERDICTS].add(event.request_id, event.produced_at)
+            for row in guardrail_rows(event, source=src, logged_at=now):
+                self._add(GUARDRAIL_VERDICTS, row)
         elif table == DEAD_LETTERS and isinstance(event, DeadLettered):
             self._add(table, dead_letter_row(event, source=src, logged_at=now))
 

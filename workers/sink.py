@@ -41,7 +41,14 @@ from typing import Any
 
 from ragstream.infra.audit.commits import load_written_ids, read_committed
 from ragstream.infra.audit.creation import ensure_tables
-from ragstream.infra.audit.tables import INFERENCE_LOG, TABLES, USAGE, parse_tables, sink_name
+from ragstream.infra.audit.tables import (
+    GUARDRAIL_VERDICTS,
+    INFERENCE_LOG,
+    TABLES,
+    USAGE,
+    parse_tables,
+    sink_name,
+)
 from ragstream.infra.iceberg import open_catalog
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import AuditSettings, Settings, load_settings
@@ -104,7 +111,11 @@ class AuditSink:
         self._tables = await call(ensure_tables, self.settings, catalog, self.tables)
         committed = {name: await call(read_committed, t) for name, t in self._tables.items()}
         written: dict[str, dict[str, datetime]] = {}
-        for name, column in ((INFERENCE_LOG, "submitted_at"), (USAGE, "event_time")):
+        for name, column in (
+            (INFERENCE_LOG, "submitted_at"),
+            (USAGE, "event_time"),
+            (GUARDRAIL_VERDICTS, "event_time"),
+        ):
             if name not in committed:
                 continue
             since = committed[name].join_since

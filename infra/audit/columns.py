@@ -273,6 +273,57 @@ def ingestion_schema() -> Any:
     )
 
 
+def guardrail_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import (
+        DoubleType,
+        IntegerType,
+        ListType,
+        NestedField,
+        StringType,
+        StructType,
+        TimestamptzType,
+    )
+
+    f, ids = _fields()
+
+    def nf(name: str, typ: Any, doc: str = "") -> Any:
+        return NestedField(next(ids), name, typ, required=False, doc=doc or None)
+
+    return Schema(
+        f("event_time", TimestamptzType(), "When the response completed; event_date is its UTC day.", True),
+        f("request_id", StringType(), "The request (join with inference_log).", True),
+        f("tenant", StringType(), "Tenant of the request."),
+        f("user", StringType(), "Who asked."),
+        f("policy", StringType(), "The guardrail policy that applied."),
+        f("direction", StringType(), "input, context or output.", True),
+        f("rail", StringType(), "pii, safety, injection, keywords or topics.", True),
+        f("action", StringType(), "allow, flag, mask or block.", True),
+        f("category", StringType(), "The category that decided the action."),
+        f("score", DoubleType(), "Its score (0-1)."),
+        f("latency_ms", DoubleType(), "Time the rail took."),
+        f("detector", StringType(), "Which detector(s) found something."),
+        f("output_window", IntegerType(), "For streamed output: the window's index."),
+        f("error", StringType(), "Why the detector failed, when it did (fail-open or fail-closed)."),
+        f(
+            "findings",
+            ListType(
+                next(ids),
+                StructType(
+                    nf("category", StringType()),
+                    nf("score", DoubleType()),
+                    nf("start", IntegerType()),
+                    nf("end", IntegerType()),
+                ),
+                element_required=False,
+            ),
+            "What was found, as categories and character spans: never the text itself.",
+        ),
+        f("response_status", StringType(), "ok, error or blocked."),
+        *_lineage(f, "event_time"),
+    )
+
+
 def dead_letter_schema() -> Any:
     from pyiceberg.schema import Schema
     from pyiceberg.types import BinaryType, BooleanType, IntegerType, LongType, StringType, TimestamptzType

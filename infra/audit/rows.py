@@ -148,6 +148,40 @@ def inference_row(
     }
 
 
+def guardrail_rows(
+    response: ResponseCompleted, *, source: Source | None, logged_at: datetime
+) -> list[dict[str, Any]]:
+    """One row per verdict that acted (not `allow`, or with a detector error)."""
+    if response.guard_policy is None:
+        return []
+    lineage = _lineage_cols(source, logged_at, response.produced_at)
+    return [
+        {
+            "event_time": response.produced_at,
+            "request_id": response.request_id,
+            "tenant": response.tenant,
+            "user": response.principal.user if response.principal is not None else response.user,
+            "policy": response.guard_policy,
+            "direction": v.direction,
+            "rail": v.rail,
+            "action": v.action,
+            "category": v.category,
+            "score": v.score,
+            "latency_ms": v.latency_ms,
+            "detector": v.detector,
+            "output_window": v.window,
+            "error": v.error,
+            "findings": [
+                {"category": f.category, "score": f.score, "start": f.start, "end": f.end} for f in v.findings
+            ],
+            "response_status": response.status,
+            **lineage,
+        }
+        for v in response.guard_verdicts
+        if v.action != "allow" or v.error
+    ]
+
+
 def _guardrail_col(response: ResponseCompleted) -> dict[str, Any] | None:
     """The request's guardrail outcome: the winning action, a reason per acting verdict, the
     categories, the policy and the highest score."""

@@ -1,6 +1,6 @@
 """The audit tables, registered explicitly: what each holds, what it reads, which sink writes it.
 
-Four Iceberg (format v2) tables under `settings.iceberg.namespace`, each partitioned by the
+Five Iceberg (format v2) tables under `settings.iceberg.namespace`, each partitioned by the
 day of its event time:
 
 - `inference_log`: one row per request (see `rows.inference_row` / `rows.no_response_row`).
@@ -14,6 +14,9 @@ day of its event time:
   says `no_response`) still has one, because its tokens were spent.
 - `ingestion_log`: one row per `DocumentIndexed` and per document-path dead letter.
 - `dead_letters`: one row per `DeadLettered`.
+- `guardrail_verdicts`: one row per guardrail verdict that acted (flag, mask, block, or a
+  detector error) of each request with a policy, from its final response, exactly once per
+  request id like `usage`. Spans and categories only, never the text.
 
 Their columns are in `columns`, their rows are built by `rows`, and `creation` makes them
 exist. Each table has one committer: `sink_groups` splits the tables between sink processes
@@ -27,12 +30,19 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from ragstream.infra.audit.columns import dead_letter_schema, inference_schema, ingestion_schema, usage_schema
+from ragstream.infra.audit.columns import (
+    dead_letter_schema,
+    guardrail_schema,
+    inference_schema,
+    ingestion_schema,
+    usage_schema,
+)
 from ragstream.infra.settings import AuditSettings
 from ragstream.schemas.errors import ConfigError
 
 __all__ = [
     "DEAD_LETTERS",
+    "GUARDRAIL_VERDICTS",
     "INFERENCE_LOG",
     "INGESTION_LOG",
     "TABLES",
@@ -48,6 +58,7 @@ INFERENCE_LOG = "inference_log"
 USAGE = "usage"
 INGESTION_LOG = "ingestion_log"
 DEAD_LETTERS = "dead_letters"
+GUARDRAIL_VERDICTS = "guardrail_verdicts"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,7 @@ _SCHEMAS: dict[str, Callable[[], Any]] = {
     USAGE: usage_schema,
     INGESTION_LOG: ingestion_schema,
     DEAD_LETTERS: dead_letter_schema,
+    GUARDRAIL_VERDICTS: guardrail_schema,
 }
 
 TABLES: dict[str, TableDef] = {
@@ -86,6 +98,12 @@ TABLES: dict[str, TableDef] = {
         "One row per document submission outcome.",
     ),
     DEAD_LETTERS: TableDef(DEAD_LETTERS, "event_time", ("deadletter",), "Every dead-lettered message."),
+    GUARDRAIL_VERDICTS: TableDef(
+        GUARDRAIL_VERDICTS,
+        "event_time",
+        ("responses",),
+        "Every guardrail verdict that acted, per request (spans and categories, no text).",
+    ),
 }
 """Every audit table, registered explicitly."""
 

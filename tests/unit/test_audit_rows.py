@@ -455,10 +455,15 @@ def test_sink_groups_give_every_table_exactly_one_committer() -> None:
 
     assert sink_groups(AuditSettings()) == [tuple(TABLES)]
     assert sink_name(tuple(TABLES)) == "sink"
-    split = sink_groups(AuditSettings(sinks=("inference_log", "usage, ingestion_log,dead_letters")))
-    assert split == [("inference_log",), ("usage", "ingestion_log", "dead_letters")]
+    split = sink_groups(
+        AuditSettings(sinks=("inference_log", "usage, ingestion_log,dead_letters,guardrail_verdicts"))
+    )
+    assert split == [("inference_log",), ("usage", "ingestion_log", "dead_letters", "guardrail_verdicts")]
     assert [sink_name(g) for g in split] == ["sink-inference_log", "sink-usage"]
-    for bad in (("inference_log",), ("inference_log,usage,ingestion_log,dead_letters", "usage")):
+    for bad in (
+        ("inference_log",),
+        ("inference_log,usage,ingestion_log,dead_letters,guardrail_verdicts", "usage"),
+    ):
         with pytest.raises(ConfigError, match="exactly one sink"):
             sink_groups(AuditSettings(sinks=bad))
     for spec in ("usage,usage", "usage,billing", ""):
@@ -511,3 +516,32 @@ def test_sinks_starting_together_on_a_new_catalog_all_start(tmp_path: Path) -> N
         opened, errors = _start_together(Settings(data_dir=tmp_path / str(round_)), groups)
         assert not errors, errors
         assert sorted(opened) == sorted(groups)
+
+
+def test_guardrail_verdicts_land_once_per_request_without_text_and_fill_inference_log() -> None:
+    from ragstream.infra.audit.tables import GUARDRAIL_VERDICTS
+    from ragstream.schemas.guard import GuardFinding, GuardVerdict
+
+    verdicts = (
+        GuardVerdict(rail="pii", direction="input", action="mask", category="EMAIL_ADDRESS", score=1.0,
+                     findings=(GuardFinding(rail="pii", category="EMAIL_ADDRESS", score=1.0, start=3, end=20),)),
+        GuardVerdict(rail="safety", direction="input", action="allow"),
+        GuardVerdict(rail="pii", direction="output", action="flag", category="detector_unavailable",
+                     error="pii detector failed (timed out); fail-open", window=2),
+    )  # fmt: skip
+    guarded = _response("g1", question="My <EMAIL_ADDRESS>?", guard_policy="default", guard_verdicts=verdicts)
+    w = AuditWriter(AuditSettings(), topic_prefix="rs", committed={})
+    w.process(R_TOPIC, 0, 0, guarded, T0)
+    w.process(R_TOPIC, 1, 5, guarded, T0)  # a re-delivered copy adds nothing
+    w.process(R_TOPIC, 0, 1, _response("plain"), T0)  # no policy: no rows
+    rows = list(w.tables[GUARDRAIL_VERDICTS].rows)
+    assert [(r["direction"], r["rail"], r["action"]) for r in rows] == [
+        ("input", "pii", "mask"),
+        ("output", "pii", "flag"),
+    ]
+    assert rows[0]["findings"] == [{"category": "EMAIL_ADDRESS", "score": 1.0, "start": 3, "end": 20}]
+    assert rows[1]["error"].endswith("fail-open") and rows[1]["output_window"] == 2
+    log_row = inference_row(guarded, _query("g1"), source=None, query_source=None, logged_at=T0)
+    assert log_row["question"] == "My <EMAIL_ADDRESS>?"  # the masked question, not the raw one
+    assert log_row["guardrail"]["verdict"] == "mask" and log_row["guardrail"]["checker"] == "default"
+    assert set(log_row["guardrail"]["categories"]) == {"EMAIL_ADDRESS", "detector_unavailable"}
