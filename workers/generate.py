@@ -11,6 +11,7 @@ the final response says `deadline_exceeded`, with whatever was generated so far.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -121,14 +122,16 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
 
     t_gen = time.perf_counter()
     try:
-        async with asyncio.timeout(remaining_s(q)):
-            async for delta in deps.generator.stream(
-                model,
-                list(prompt.messages),
-                max_tokens=q.generation.max_tokens,
-                temperature=q.generation.temperature,
-                timeout_s=max(remaining_s(q), 0.001),
-            ):
+        stream = deps.generator.stream(
+            model,
+            list(prompt.messages),
+            max_tokens=q.generation.max_tokens,
+            temperature=q.generation.temperature,
+            timeout_s=max(remaining_s(q), 0.001),
+        )
+        # aclosing: leaving early (a blocked window) closes the stream, which stops the model.
+        async with asyncio.timeout(remaining_s(q)), contextlib.aclosing(stream) as deltas:
+            async for delta in deltas:
                 if delta.text:
                     latency.setdefault("model_first_token", (time.perf_counter() - t_gen) * 1000.0)
                     await release(await sg.push(delta.text) if sg is not None else delta.text)
