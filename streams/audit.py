@@ -384,7 +384,7 @@ class AuditWriter:
                 if p is not None and p.query.produced_at < oldest:
                     oldest = p.query.produced_at
             return oldest - timedelta(seconds=self.audit.join_memory_s)
-        if table == USAGE:
+        if table in (USAGE, GUARDRAIL_VERDICTS):
             return now - timedelta(seconds=self.audit.join_memory_s)
         return None
 
@@ -402,11 +402,19 @@ class AuditWriter:
                     or now_mono - t.first_row_mono >= self.audit.flush_interval_s
                 ):
                     out.append(t.name)
-            elif now_mono - t.last_commit_mono >= self.audit.offsets_commit_interval_s and encode_offsets(
+            elif now_mono - t.last_commit_mono >= self._offsets_interval_s(t) and encode_offsets(
                 self.offsets_for(t.name)
             ) != t.committed_props.get(OFFSETS_KEY, encode_offsets(t.floors)):
                 out.append(t.name)
         return out
+
+    def _offsets_interval_s(self, t: _TableState) -> float:
+        """How often a table without rows stores how far it has read. A table that has never
+        stored any (a new one, or one whose rows are rare, like `guardrail_verdicts`) does so
+        at the flush interval: until then, a restart re-reads its topics from the start."""
+        if OFFSETS_KEY not in t.committed_props:
+            return self.audit.flush_interval_s
+        return self.audit.offsets_commit_interval_s
 
     def take(self, table: str, now: datetime) -> Batch:
         """Hand out the table's buffered rows with the offsets they bring the table to."""

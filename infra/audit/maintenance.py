@@ -73,6 +73,22 @@ def _ragstream_properties(table: Any) -> dict[str, str]:
     }
 
 
+def _snapshot_has_data(snapshot: Any) -> bool:
+    summary = snapshot.summary
+    total = summary.get("total-data-files") if summary is not None else None
+    return total is None or int(total) > 0
+
+
+def _has_data_files(table: Any) -> bool:
+    """Whether the current snapshot holds any data file. pyiceberg 0.12's `inspect.files()`
+    raises on a snapshot with no manifests (a table whose commits so far only moved its
+    offsets, such as `guardrail_verdicts` before any verdict acted)."""
+    snapshot = table.current_snapshot()
+    summary = snapshot.summary if snapshot is not None else None
+    total = summary.get("total-data-files") if summary is not None else None
+    return total is None or int(total) > 0
+
+
 def compact_closed_partitions(table: Any, *, today: date, min_files: int) -> tuple[list[str], int]:
     """Rewrite each day before `today` that has >= `min_files` data files as one file.
 
@@ -83,7 +99,7 @@ def compact_closed_partitions(table: Any, *, today: date, min_files: int) -> tup
     """
     import pyarrow.compute as pc
 
-    if table.current_snapshot() is None:
+    if table.current_snapshot() is None or not _has_data_files(table):
         return [], 0
     files = table.inspect.files()
     if files.num_rows == 0:
@@ -125,6 +141,8 @@ def remove_orphan_files(table: Any, older_than: datetime) -> int:
     references and that were last modified before `older_than`. Returns how many."""
     from pyarrow.fs import FileSelector, FileType
 
+    if not any(_snapshot_has_data(s) for s in table.metadata.snapshots):
+        return 0  # nothing was ever written (inspect cannot list an all-empty history)
     referenced: set[str] = {_norm(table, table.metadata_location)}
     referenced.update(_norm(table, e.metadata_file) for e in table.metadata.metadata_log)
     for snap in table.metadata.snapshots:

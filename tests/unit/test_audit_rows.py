@@ -231,7 +231,9 @@ def test_flush_at_n_rows_or_t_seconds() -> None:
     first = w.tables[USAGE].first_row_mono
     assert first is not None
     assert w.due(first + 0.1) == []
-    assert set(w.due(first + 2.0)) == {INFERENCE_LOG, USAGE}
+    # guardrail_verdicts has no rows, but has never stored its offsets: it does at the flush
+    # interval, so a restart does not re-read `responses` from the start for its sake.
+    assert set(w.due(first + 2.0)) == {INFERENCE_LOG, USAGE, "guardrail_verdicts"}
     for i in range(1, 3):
         w.process(R_TOPIC, 0, i, _response(f"x{i}"), T0)
     assert set(w.due(first)) == {INFERENCE_LOG, USAGE}
