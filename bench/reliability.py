@@ -760,7 +760,7 @@ class FuzzResult:
     duplicated_by_kind: dict[str, int] = field(default_factory=dict)
     """`topic/kind/dead letters` or `topic/kind/responses` -> messages with several."""
     not_error: int = 0
-    """Hostile queries answered with a status other than error."""
+    """Hostile queries answered with a status other than error or blocked (an ok answer)."""
     canary_documents: int = 0
     canary_documents_indexed: int = 0
     canary_questions: int = 0
@@ -865,7 +865,8 @@ def fuzz(
         res.dead_lettered += dl > 0
         res.answered_error += any(s == "error" for s, _ in statuses)
         res.both += dl > 0 and ans > 0
-        res.not_error += any(s != "error" for s, _ in statuses)
+        # A guardrail may refuse a hostile query first (`blocked`): also an answer that is no answer.
+        res.not_error += any(s not in ("error", "blocked") for s, _ in statuses)
         res.duplicated += dl > 1 or ans > 1
         for what, n in (("dead letters", dl), ("responses", ans)):
             if n > 1:
