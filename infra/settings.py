@@ -407,7 +407,10 @@ def _default_policies() -> dict[str, GuardPolicy]:
             input=_rails(
                 pii=pii, safety=RailSettings(threshold=0.65), injection=RailSettings(threshold=0.65)
             ),
-            context=_rails(injection=RailSettings(threshold=0.65)),
+            # Rules only on passages: the head learned from questions, and ordinary document
+            # wording ("Do not forward this page") looked like instructions to it, dropping
+            # the HR user's own HR chunks.
+            context=_rails(injection=RailSettings(threshold=0.65, detector="rules")),
             output=_rails(pii=pii, safety=RailSettings(threshold=0.65)),
         ),
         "off": GuardPolicy(),
