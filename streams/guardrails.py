@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.guard.base import detect_language, fold
 from ragstream.infra.guard.detectors import GuardDetectors
-from ragstream.infra.guard.head import LABELS
 from ragstream.infra.guard.pii import mask_spans
 from ragstream.infra.guard.rules import HARM_CATEGORIES, KeywordRules
 from ragstream.infra.settings import GuardPolicy, GuardrailsSettings, RailSettings, Settings
@@ -259,10 +258,6 @@ class Guardrails:
 
             return topics
         raise ValueError(f"unknown rail {name!r} (known: pii, safety, injection, keywords, topics)")
-
-    @staticmethod
-    def labels() -> tuple[str, ...]:
-        return LABELS
 
 
 def _allowed_dropped(findings: list[GuardFinding], text: str, allow: tuple[str, ...]) -> list[GuardFinding]:

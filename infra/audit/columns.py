@@ -42,6 +42,16 @@ def _fields() -> Any:
     return f, counter
 
 
+def _nested(ids: Any) -> Any:
+    """A struct member's field maker, numbered from the schema's counter `ids`."""
+    from pyiceberg.types import NestedField
+
+    def nf(name: str, typ: Any, doc: str = "") -> NestedField:
+        return NestedField(next(ids), name, typ, required=False, doc=doc or None)
+
+    return nf
+
+
 def _identity(f: Any, ids: Any) -> list[Any]:
     """Who sent the command, from its verified token (see `ragstream.infra.auth`); `tenant`
     and `user` are the token's too. Null where no identity was established (a token that did
@@ -101,11 +111,7 @@ def inference_schema() -> Any:
     )
 
     f, ids = _fields()
-
-    def nf(name: str, typ: Any, doc: str = "") -> Any:
-        from pyiceberg.types import NestedField
-
-        return NestedField(next(ids), name, typ, required=False, doc=doc or None)
+    nf = _nested(ids)
 
     fields = [
         f("request_id", StringType(), "The request id (= trace id).", True),
@@ -279,16 +285,13 @@ def guardrail_schema() -> Any:
         DoubleType,
         IntegerType,
         ListType,
-        NestedField,
         StringType,
         StructType,
         TimestamptzType,
     )
 
     f, ids = _fields()
-
-    def nf(name: str, typ: Any, doc: str = "") -> Any:
-        return NestedField(next(ids), name, typ, required=False, doc=doc or None)
+    nf = _nested(ids)
 
     return Schema(
         f("event_time", TimestamptzType(), "When the response completed; event_date is its UTC day.", True),

@@ -20,7 +20,6 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -180,6 +179,3 @@ class EmbeddingHead:
         p = np.exp(logits[0])
         p /= p.sum()
         return {label: float(v) for label, v in zip(LABELS, p, strict=True)}
-
-    def describe(self) -> dict[str, Any]:
-        return {"labels": LABELS, "fitted": self._w is not None}

@@ -27,6 +27,7 @@ from ragstream import AsyncClient
 from ragstream.infra.kafka import make_consumer, make_producer
 from ragstream.ingest import ingest
 from tests.conftest import SAMPLES, Stack
+from tests.forgery import claims_now, tampered, unsigned
 from tests.integration.test_ingestion import worker_pids
 
 pytestmark = pytest.mark.integration
@@ -191,28 +192,6 @@ def _dead_letters(stack: Stack, keys: set[str], timeout_s: float = 60) -> dict[s
     return found
 
 
-def _tampered(token: str, **claims: Any) -> str:
-    header, payload, sig = token.split(".")
-    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    data.update(claims)
-    body = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-    return f"{header}.{body}.{sig}"
-
-
-def _unsigned(tenant: str) -> str:
-    now = int(time.time())
-    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
-    claims = {
-        "sub": "mallory",
-        "tenant": tenant,
-        "groups": ["hr"],
-        "aud": "ragstream",
-        "iat": now,
-        "exp": now + 600,
-    }
-    return f"{enc({'alg': 'none', 'typ': 'JWT'})}.{enc(claims)}."
-
-
 def test_bad_tokens_are_dead_lettered_unanswered_and_redacted_and_no_worker_restarts(
     stack: Stack, corpus_reports: list[Any]
 ) -> None:
@@ -232,8 +211,8 @@ def test_bad_tokens_are_dead_lettered_unanswered_and_redacted_and_no_worker_rest
         "forged-kid": forged,  # unknown key id
         "wrong-secret": wrong_secret,  # the right kid, signed with another secret
         "expired": stack.token("larkspur", "mallory", client="mallory", ttl_s=60, now=time.time() - 3600),
-        "alg-none": _unsigned("larkspur"),
-        "tampered": _tampered(good, groups=["hr"]),
+        "alg-none": unsigned(claims_now(sub="mallory", tenant="larkspur", groups=["hr"])),
+        "tampered": tampered(good, groups=["hr"]),
         "not-jwt": "hello, it's me",
         "huge": "e" * 1_048_576,
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -26,6 +25,7 @@ from ragstream.streams.admission import Admission
 from ragstream.streams.deadletter import Message, dead_letter_record, redact_secrets
 from ragstream.streams.topics import REPLIES, reply_topic
 from ragstream.workers import generate, retrieve
+from tests.forgery import claims_now, hmac_signed, tampered, unsigned
 
 SECRET = "s" * 40
 OTHER_SECRET = "o" * 40
@@ -75,28 +75,13 @@ async def test_a_valid_token_gives_the_principal_its_claims_name(verifier: Token
     assert verifier.verify(_token()).tenant == "acme"  # another token, same claims
 
 
-def _tamper(token: str, **changes: Any) -> str:
-    header, payload, sig = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    claims.update(changes)
-    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
-    return f"{header}.{body}.{sig}"
-
-
-def _unsigned(**claims: Any) -> str:
-    now = int(time.time())
-    payload = {"sub": "alice", "tenant": "acme", "aud": "ragstream", "iat": now, "exp": now + 60, **claims}
-    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
-    return f"{enc({'alg': 'none', 'typ': 'JWT', 'kid': 'acme-web'})}.{enc(payload)}."
-
-
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
         (lambda: _token(_hs(secret="x" * 40)), "signature does not verify"),
-        (lambda: _tamper(_token(), tenant="globex"), "signature does not verify"),
-        (lambda: _tamper(_token(), groups=["hr", "finance"]), "signature does not verify"),
-        (lambda: _unsigned(), "alg=none"),
+        (lambda: tampered(_token(), tenant="globex"), "signature does not verify"),
+        (lambda: tampered(_token(), groups=["hr", "finance"]), "signature does not verify"),
+        (lambda: unsigned(claims_now(sub="alice", tenant="acme"), kid="acme-web"), "alg=none"),
         (lambda: _token(now=time.time() - 7200), "expired"),
         (lambda: "not-a-jwt", "not a JWT"),
         (lambda: "a" * 1_048_576, "over auth.max_token_bytes"),
@@ -175,23 +160,12 @@ async def test_rs256_and_es256_from_a_jwks_file_and_no_algorithm_confusion(tmp_p
     pem = rsa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    forged = _hmac_forgery(pem)  # built by hand: PyJWT refuses a PEM as an HMAC secret
+    forged = hmac_signed(
+        pem, claims_now(sub="mallory", tenant="acme"), kid="rsa-1"
+    )  # built by hand: PyJWT refuses a PEM as an HMAC secret
     with pytest.raises(Unauthenticated, match="signed with HS256"):
         v.verify(forged)
     await v.close()
-
-
-def _hmac_forgery(secret: bytes) -> str:
-    import hashlib
-    import hmac
-
-    now = int(time.time())
-    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
-    signing_input = f"{enc({'alg': 'HS256', 'kid': 'rsa-1'})}.{enc({'sub': 'mallory', 'tenant': 'acme', 'aud': 'ragstream', 'iat': now, 'exp': now + 60})}"
-    sig = base64.urlsafe_b64encode(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()).rstrip(
-        b"="
-    )
-    return f"{signing_input}.{sig.decode()}"
 
 
 @pytest.fixture
