@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, Results, console, verdict
-from ragstream.infra.embedder import InProcessEmbedder
+from ragstream.infra.embedder import E5Embedder
 from ragstream.infra.guard.detectors import GuardDetectors
 from ragstream.infra.settings import Settings
 from ragstream.streams.guardrails import Guardrails
@@ -38,7 +38,7 @@ STRUCTURED = {"EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE", "CREDIT_CARD", "FR_N
 
 async def _run(cases: list[dict[str, Any]], data_dir: Path) -> list[dict[str, Any]]:
     settings = Settings(data_dir=data_dir)
-    embedder = InProcessEmbedder(settings)
+    embedder = E5Embedder(settings)
     await embedder.start()
     detectors = GuardDetectors(embedder, cache_dir=data_dir / "guard")
     await detectors.start()
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         res.raw["by"][f"benign/{lang}/fp"] = rate
     lat = [r["latency_ms"] for r in rows if r["direction"] == "input"]
     res.add(
-        "input check latency p50 / p95 (all rails, in-process MiniLM)",
+        "input check latency p50 / p95 (all rails, in-process e5 head)",
         f"{statistics.median(lat):.1f} / {statistics.quantiles(lat, n=20)[18]:.1f} ms",
     )
     misses = [

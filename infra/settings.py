@@ -110,6 +110,8 @@ class TritonSettings(_Section):
     request_timeout_s: float = 30.0
     startup_timeout_s: float = 120.0
     embed_model: str = "embed-minilm"
+    guard_embed_model: str = "embed-e5"
+    """The guardrail head's embedder (multilingual-e5-small), served next to `embed_model`."""
     # Equal to embed.batch_size, so the server never merges beyond the batch the stage sends.
     max_batch_size: int = Field(default=32, ge=1)
     batch_queue_delay_us: int = Field(default=2000, ge=0)
@@ -377,9 +379,10 @@ class RailSettings(_Section):
     """`keywords`: invalid words or phrases."""
     topics: tuple[str, ...] = ()
     """`topics`: valid topics, each described in a sentence."""
-    detector: str = "default"
+    detector: str = Field(default="default", pattern=r"^(default|rules|head|llm:[A-Za-z0-9._-]{1,64})$")
     """Which implementation: `default` (rules + the embedding head where the rail has both),
-    `rules`, `head`, or `llm:<route>` (a guard model on a Triton route)."""
+    `rules`, `head`, or `llm:<route>` (a guard model on a generation route, for `safety` and
+    `injection`: Llama Guard 3 on a GPU Triton in production; see `infra/guard/llm.py`)."""
 
 
 def _rails(**rails: RailSettings) -> dict[str, RailSettings]:

@@ -123,8 +123,11 @@ class TritonClient:
                 )
             await asyncio.sleep(0.2)
 
-    async def infer_embeddings(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Embed texts with the embedding model; float32 (len(texts), dim), unit length.
+    async def infer_embeddings(
+        self, texts: Sequence[str], *, model: str | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Embed texts with the embedding model (`model`, default `triton.embed_model`);
+        float32 (len(texts), dim), unit length.
 
         Requests larger than the model's max batch size are split and sent concurrently. An empty
         `texts` gives a (0, 0) array without a request.
@@ -136,20 +139,21 @@ class TritonClient:
             return np.zeros((0, 0), dtype=np.float32)
         step = self._max_batch_size
         parts = [texts[i : i + step] for i in range(0, len(texts), step)]
-        results = await asyncio.gather(*(self._infer_batch(part) for part in parts))
+        results = await asyncio.gather(*(self._infer_batch(part, model) for part in parts))
         return results[0] if len(results) == 1 else np.concatenate(results, axis=0)
 
-    async def _infer_batch(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+    async def _infer_batch(self, texts: Sequence[str], model: str | None = None) -> npt.NDArray[np.float32]:
         import tritonclient.grpc.aio as grpcclient_aio
 
         client = self._require()
+        model = model or self._embed_model
         data = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
         text_input = grpcclient_aio.InferInput(_TEXT_INPUT, list(data.shape), "BYTES")
         text_input.set_data_from_numpy(data)
         output = grpcclient_aio.InferRequestedOutput(_EMBEDDING_OUTPUT)
         try:
             result: Any = await client.infer(
-                self._embed_model,
+                model,
                 [text_input],
                 outputs=[output],
                 client_timeout=self._timeout_s,
@@ -159,7 +163,7 @@ class TritonClient:
         vectors = result.as_numpy(_EMBEDDING_OUTPUT)
         if vectors is None or vectors.shape[0] != len(texts):
             raise DependencyUnavailable(
-                f"Triton model {self._embed_model} returned no or a mis-sized {_EMBEDDING_OUTPUT}"
+                f"Triton model {model} returned no or a mis-sized {_EMBEDDING_OUTPUT}"
             )
         return np.asarray(vectors, dtype=np.float32)
 

@@ -50,11 +50,11 @@ def _read_text(text: str) -> str:
 
 
 async def _check(settings: Settings, text: str, direction: str, policy_name: str | None) -> tuple[Any, float]:
-    from ragstream.infra.embedder import InProcessEmbedder
+    from ragstream.infra.embedder import E5Embedder
     from ragstream.infra.guard.detectors import GuardDetectors
     from ragstream.streams.guardrails import Guardrails
 
-    embedder = InProcessEmbedder(settings)
+    embedder = E5Embedder(settings)
     await embedder.start()
     detectors = GuardDetectors(embedder, cache_dir=settings.data_dir / "guard")
     try:

@@ -20,8 +20,9 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.guard.base import detect_language, fold
@@ -37,35 +38,73 @@ MAX_CHECK_CHARS = 20_000
 """Longer texts are checked in their first and last parts (a question is at most 8,000)."""
 
 
-_shared: dict[int, tuple[Guardrails, int]] = {}
+@dataclass
+class _Opened:
+    guard: Guardrails
+    users: int
+    stack: AsyncExitStack
+
+
+_shared: dict[int, _Opened] = {}
 _shared_lock = asyncio.Lock()
 
 
 @asynccontextmanager
-async def opened_guardrails(settings: Settings, embedder: Embedder) -> AsyncIterator[Guardrails | None]:
+async def opened_guardrails(
+    settings: Settings, embedder: Embedder | None = None
+) -> AsyncIterator[Guardrails | None]:
     """The process's guardrails, opened once and shared by its stages (the PII pipelines and
-    the head are a few hundred MB and seconds to load). None when guardrails are disabled."""
+    the head are a few hundred MB and seconds to load). None when guardrails are disabled.
+
+    The head embeds with `embedder`, by default multilingual-e5-small on Triton
+    (`triton.guard_embed_model`). A generator client is opened when a policy uses an
+    `llm:<route>` detector."""
     if not settings.guardrails.enabled:
         yield None
         return
     key = id(settings)
     async with _shared_lock:
-        entry = _shared.get(key)
-        if entry is None:
-            detectors = GuardDetectors(embedder, cache_dir=settings.data_dir / "guard")
-            await detectors.start()
-            entry = (Guardrails(settings.guardrails, detectors), 0)
-        _shared[key] = (entry[0], entry[1] + 1)
+        opened = _shared.get(key)
+        if opened is None:
+            opened = _shared[key] = await _open(settings, embedder)
+        opened.users += 1
     try:
-        yield entry[0]
+        yield opened.guard
     finally:
         async with _shared_lock:
-            guard, users = _shared[key]
-            if users <= 1:
+            opened.users -= 1
+            if opened.users == 0:
                 del _shared[key]
-                await guard.detectors.close()
-            else:
-                _shared[key] = (guard, users - 1)
+                await opened.stack.aclose()
+
+
+async def _open(settings: Settings, embedder: Embedder | None) -> _Opened:
+    from ragstream.infra.lifecycle import started
+
+    async with AsyncExitStack() as stack:
+        if embedder is None:
+            from ragstream.infra.embedder import E5_MODEL_ID, TritonEmbedder
+
+            embedder = await stack.enter_async_context(
+                started(
+                    TritonEmbedder(settings, model=settings.triton.guard_embed_model, model_id=E5_MODEL_ID)
+                )
+            )
+        generator = None
+        if any(
+            rail.detector.startswith("llm:")
+            for policy in settings.guardrails.policies.values()
+            for rails in (policy.input, policy.context, policy.output)
+            for rail in rails.values()
+        ):
+            from ragstream.infra.generator import TritonGenerator
+
+            generator = await stack.enter_async_context(started(TritonGenerator(settings)))
+        detectors = await stack.enter_async_context(
+            started(GuardDetectors(embedder, cache_dir=settings.data_dir / "guard", generator=generator))
+        )
+        return _Opened(Guardrails(settings.guardrails, detectors), 0, stack.pop_all())
+    raise AssertionError("unreachable")
 
 
 class UnknownPolicy(ValueError):
@@ -166,10 +205,13 @@ class Guardrails:
     ) -> tuple[GuardVerdict, list[GuardFinding]]:
         """The rail's verdict, and the findings that acted (over the threshold)."""
         started = time.perf_counter()
-        detect = self._detector(name, rail)
+        detect = self._detector(name, rail, direction)
+        budget_s = rail.budget_ms / 1000
         try:
-            async with asyncio.timeout(rail.budget_ms / 1000):
-                findings = await detect(text, lang)
+            # Each detector holds itself to the budget from when its work starts; this bound
+            # covers a detector that never starts (its queue is stuck).
+            async with asyncio.timeout(budget_s * 6):
+                findings = await detect(text, lang, budget_s)
         except Exception as exc:  # noqa: BLE001 - a failed detector acts per its fail mode
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             failed = GuardVerdict(
@@ -200,27 +242,40 @@ class Guardrails:
         )
         return verdict, acting
 
-    def _detector(self, name: str, rail: RailSettings) -> Callable[[str, str], Awaitable[list[GuardFinding]]]:
+    def _detector(
+        self, name: str, rail: RailSettings, direction: Direction
+    ) -> Callable[[str, str, float], Awaitable[list[GuardFinding]]]:
         d = self.detectors
+        if rail.detector.startswith("llm:"):
+            if name not in ("injection", "safety"):
+                raise ValueError(f"the {name} rail has no llm detector (safety and injection do)")
+            kind: Literal["safety", "injection"] = "injection" if name == "injection" else "safety"
+            route = rail.detector.removeprefix("llm:")
+
+            async def llm(text: str, lang: str, budget_s: float) -> list[GuardFinding]:
+                async with asyncio.timeout(budget_s):
+                    return await d.llm(route).detect(text, kind=kind, direction=direction, timeout_s=budget_s)
+
+            return llm
         use_rules = rail.detector in ("default", "rules")
         use_head = rail.detector in ("default", "head")
         if name == "pii":
 
-            async def pii(text: str, lang: str) -> list[GuardFinding]:
+            async def pii(text: str, lang: str, budget_s: float) -> list[GuardFinding]:
                 wanted = set(rail.entities) if rail.entities else None
-                return [
-                    f for f in await d.pii.detect(text, lang=lang) if wanted is None or f.category in wanted
-                ]
+                found = await d.pii.detect(text, lang=lang, budget_s=budget_s)
+                return [f for f in found if wanted is None or f.category in wanted]
 
             return pii
         if name in ("injection", "safety"):
             rules = d.injection_rules if name == "injection" else d.safety_rules
             labels = ("injection",) if name == "injection" else HARM_CATEGORIES
 
-            async def classified(text: str, lang: str) -> list[GuardFinding]:
+            async def classified(text: str, lang: str, budget_s: float) -> list[GuardFinding]:
                 found = rules.scan(text) if use_rules else []
                 if use_head:
-                    probs = await d.head.scores(text)
+                    async with asyncio.timeout(budget_s):
+                        probs = await d.head.scores(text)
                     label = max(labels, key=lambda k: probs[k])
                     found.append(
                         GuardFinding(
@@ -234,16 +289,17 @@ class Guardrails:
             key = tuple(rail.keywords)
             kw = self._keywords.get(key) or self._keywords.setdefault(key, KeywordRules(rail.keywords))
 
-            async def keywords(text: str, lang: str) -> list[GuardFinding]:
+            async def keywords(text: str, lang: str, budget_s: float) -> list[GuardFinding]:
                 return kw.scan(text)
 
             return keywords
         if name == "topics":
 
-            async def topics(text: str, lang: str) -> list[GuardFinding]:
+            async def topics(text: str, lang: str, budget_s: float) -> list[GuardFinding]:
                 if not rail.topics:
                     return []
-                similarity, topic = await d.topic_similarity(text, rail.topics)
+                async with asyncio.timeout(budget_s):
+                    similarity, topic = await d.topic_similarity(text, rail.topics)
                 # Score = how far off-topic: acts when similarity < threshold.
                 off = similarity < rail.threshold
                 score = 1.0 if off else 0.0

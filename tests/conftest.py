@@ -7,6 +7,7 @@ checks at the end that `down` left no process behind.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,10 +76,40 @@ class Stack:
         )
 
 
+TEST_KEYWORD = "the"
+"""The word the `test-keywords` policy blocks in answers (every English answer has it)."""
+
+
+def _test_policies() -> dict[str, str]:
+    """The default policies plus three a test request may choose: the default rails failing
+    open, PII masking of answers only (so a number in a passage reaches the model), and an
+    output keyword rail."""
+    from ragstream.infra.settings import GuardrailsSettings
+
+    policies = {k: v.model_dump(mode="json") for k, v in GuardrailsSettings().policies.items()}
+    default = policies["default"]
+    fail_open = json.loads(json.dumps(default))
+    for direction in ("input", "context", "output"):
+        for rail in fail_open[direction].values():
+            rail["fail"] = "open"
+    policies["test-fail-open"] = fail_open
+    policies["test-output-pii"] = {"output": {"pii": default["output"]["pii"]}, "output_window_chars": 24}
+    policies["test-keywords"] = {
+        "output": {"keywords": {"action": "block", "keywords": [TEST_KEYWORD]}},
+        "output_window_chars": 24,
+    }
+    return {
+        "RAGSTREAM_GUARDRAILS__POLICIES": json.dumps(policies),
+        "RAGSTREAM_GUARDRAILS__REQUEST_MAY_CHOOSE": json.dumps(
+            ["test-fail-open", "test-output-pii", "test-keywords"]
+        ),
+    }
+
+
 def stack_env(data_dir: Path) -> dict[str, str]:
     from ragstream.stack import isolated_env
 
-    return isolated_env(data_dir, RAGSTREAM_LOG_LEVEL="INFO", COLUMNS="200")
+    return isolated_env(data_dir, RAGSTREAM_LOG_LEVEL="INFO", COLUMNS="200", **_test_policies())
 
 
 def settings_from_env(env: dict[str, str]) -> Settings:

@@ -247,13 +247,11 @@ async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Event]:
 
 @asynccontextmanager
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[GenerationDeps]:
-    from ragstream.infra.embedder import TritonEmbedder
     from ragstream.infra.generator import GeneratorTokenizer, TritonGenerator
 
     async with (
         started(TritonGenerator(settings)) as generator,
-        started(TritonEmbedder(settings)) as embedder,
-        opened_guardrails(settings, embedder) as guard,
+        opened_guardrails(settings) as guard,
     ):
         tokenizer = GeneratorTokenizer(settings)
         await asyncio.to_thread(tokenizer.load)  # not on the first request's clock

@@ -246,15 +246,14 @@ async def handle(events: Sequence[Event], deps: RetrievalDeps) -> list[Event]:
 
 @asynccontextmanager
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[RetrievalDeps]:
-    from ragstream.infra.embedder import CoalescingEmbedder, TritonEmbedder
+    from ragstream.infra.embedder import TritonEmbedder
     from ragstream.infra.vectorstore import open_vector_store
 
     async with (
         opened_admission(settings) as admission,
         started(open_vector_store(settings)) as store,
-        # One Triton call embeds a question for both the search and the guard's head.
-        started(CoalescingEmbedder(TritonEmbedder(settings))) as embedder,
-        opened_guardrails(settings, embedder) as guard,
+        started(TritonEmbedder(settings)) as embedder,
+        opened_guardrails(settings) as guard,
     ):
         yield RetrievalDeps(
             embedder=embedder,

