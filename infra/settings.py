@@ -398,6 +398,10 @@ class GuardPolicy(_Section):
     output_window_chars: int = Field(default=48, ge=16, le=4000)
     """Streamed output is released a window at a time, after the output rails pass it: at a
     sentence end, or at this many characters (the holdback bound)."""
+    output_first_window_chars: int = Field(default=4, ge=1, le=4000)
+    """The first window ends at the first word boundary past this many characters, and each
+    next one may be 4 times longer, up to `output_window_chars`: the first words reach the
+    caller one token after the model writes them, plus one check."""
 
 
 def _default_policies() -> dict[str, GuardPolicy]:

@@ -384,18 +384,23 @@ class StreamGuard:
 
     def _cut(self) -> int:
         held = self._held
-        limit = self._policy.output_window_chars
+        p = self._policy
+        limit = min(p.output_window_chars, p.output_first_window_chars * 4**self.window)
         ends = [m.end() for m in _SENTENCE_END.finditer(held)]
         cut = ends[-1] if ends else 0
         if cut == 0 and len(held) >= limit:
-            cut = held.rfind(" ", 0, limit) + 1 or limit
+            # At a word boundary: the last one within the limit, else the first one after it
+            # (a word is never released in part), else, for a run-on "word", the hard limit.
+            cut = held.rfind(" ", 0, limit) + 1 or held.find(" ", limit) + 1
+            if cut == 0 and len(held) >= p.output_window_chars:
+                cut = p.output_window_chars
         if cut <= 0:
             return 0
         # Cut mid-sentence at the size limit: never release the start of something that could
-        # still become a phone number, an e-mail or an account number.
+        # still become a phone number, an e-mail or an account number (up to 4 full windows).
         if not ends:
             m = _TRAILING_RUN.search(held[:cut].rstrip())
-            if m is not None and m.start() > 0 and len(held) < 4 * limit:
+            if m is not None and len(held) < 4 * p.output_window_chars:
                 cut = m.start()
         return cut
 

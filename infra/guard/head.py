@@ -118,7 +118,7 @@ class EmbeddingHead:
         *,
         cache_dir: Path | None = None,
         train_path: Path = TRAIN_PATH,
-        benign_fp: float = 0.01,
+        benign_fp: float = 0.02,
     ) -> None:
         self._embedder = embedder
         self._cache_dir = cache_dir
