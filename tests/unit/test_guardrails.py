@@ -155,13 +155,21 @@ async def test_the_first_words_go_out_one_token_late_and_windows_then_grow() -> 
               " lead", " at", " the", " depot", " on", " 06", " 12", " 34", " 56", " 78", "."]  # fmt: skip
     out = [await sg.push(t) for t in tokens]
     out.append(await sg.finish())
-    assert out[0] == "" and out[1] == "The ", "the first word is released when the next one starts"
+    assert out[0] == "" and out[1] == "The", (
+        "the first word, checked early, goes out when the next one starts"
+    )
     assert (
         "".join(out)
         == "The forklifts are inspected every morning by the shift lead at the depot on <PHONE_NUMBER>."
     )
     assert not any(re.search(r"\d", part) for part in out)
     assert 3 <= sg.window <= 6, "windows grow (4, 16, 48 characters), so checks stay few"
+    # A first token that the next one continues is not released on its own.
+    sg = StreamGuard(g, _policy(pii=RailSettings(action="mask")))
+    out = [await sg.push(t) for t in ("Th", "ere", " is", " a", " desk", ".")]
+    assert (
+        out[:2] == ["", ""] and out[2] == "There" and "".join(out) + await sg.finish() == "There is a desk."
+    )
 
 
 async def test_a_blocked_window_is_never_delivered_and_nothing_after_it() -> None:
