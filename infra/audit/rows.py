@@ -18,6 +18,7 @@ from typing import Any
 from ragstream.infra.audit.columns import LATENCY_STAGES
 from ragstream.infra.settings import ModelPrice
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Principal
+from ragstream.schemas.guard import GuardVerdict
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 
 __all__ = [
@@ -189,15 +190,20 @@ def _guardrail_col(response: ResponseCompleted) -> dict[str, Any] | None:
         return None
     acting = [v for v in response.guard_verdicts if v.action != "allow"]
     ranks = {"allow": 0, "flag": 1, "mask": 2, "block": 3}
-    overall = max((v.action for v in acting), key=ranks.__getitem__, default="allow")
+
+    def effect(v: GuardVerdict) -> str:
+        # A context rail that blocks drops one retrieved chunk; the request goes on.
+        return "flag" if v.direction == "context" and v.action == "block" else v.action
+
+    def reason(v: GuardVerdict) -> str:
+        what = "dropped a chunk" if v.direction == "context" and v.action == "block" else v.action
+        return f"{v.direction}/{v.rail}: {what} {v.category or ''}".strip() + (f" ({v.error})" if v.error else "")
+
+    overall = max((effect(v) for v in acting), key=ranks.__getitem__, default="allow")
     scores = [v.score for v in acting if v.score is not None]
     return {
         "verdict": overall,
-        "reasons": [
-            f"{v.direction}/{v.rail}: {v.action} {v.category or ''}".strip()
-            + (f" ({v.error})" if v.error else "")
-            for v in acting
-        ],
+        "reasons": [reason(v) for v in acting],
         "categories": sorted({v.category for v in acting if v.category}),
         "checker": response.guard_policy,
         "score": max(scores) if scores else None,

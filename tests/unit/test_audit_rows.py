@@ -603,3 +603,18 @@ def test_pii_is_masked_in_every_audit_text_column_as_the_policy_masks_it() -> No
     assert rows["open"]["answer"] == passage, "a policy without PII masking keeps the text"
     (dl,) = list(w.tables[DEAD_LETTERS].rows)
     assert dl["original"] == b'{"question": "mail <EMAIL_ADDRESS> \xff\xfe"' and "jean@" not in dl["message"]
+
+
+def test_a_chunk_dropped_by_a_context_rail_does_not_read_as_a_blocked_request() -> None:
+    from ragstream.schemas.guard import GuardVerdict
+
+    dropped = GuardVerdict(rail="injection", direction="context", action="block", category="injection:override")
+    row = inference_row(
+        _response("ctx", guard_policy="default", guard_verdicts=(dropped,)),
+        None,
+        source=None,
+        query_source=None,
+        logged_at=T0,
+    )
+    assert row["status"] == "ok" and row["guardrail"]["verdict"] == "flag"
+    assert row["guardrail"]["reasons"] == ["context/injection: dropped a chunk injection:override"]
