@@ -100,8 +100,22 @@ async def _open(settings: Settings, embedder: Embedder | None) -> _Opened:
             from ragstream.infra.generator import TritonGenerator
 
             generator = await stack.enter_async_context(started(TritonGenerator(settings)))
+        rails = [
+            rail
+            for policy in settings.guardrails.policies.values()
+            for rails_of in (policy.input, policy.context, policy.output)
+            for name, rail in rails_of.items()
+            if name == "pii"
+        ]
         detectors = await stack.enter_async_context(
-            started(GuardDetectors(embedder, cache_dir=settings.data_dir / "guard", generator=generator))
+            started(
+                GuardDetectors(
+                    embedder,
+                    cache_dir=settings.data_dir / "guard",
+                    generator=generator,
+                    pii_entities=sorted({e for rail in rails for e in rail.entities}),
+                )
+            )
         )
         return _Opened(Guardrails(settings.guardrails, detectors), 0, stack.pop_all())
     raise AssertionError("unreachable")

@@ -197,7 +197,9 @@ def _guardrail_col(response: ResponseCompleted) -> dict[str, Any] | None:
 
     def reason(v: GuardVerdict) -> str:
         what = "dropped a chunk" if v.direction == "context" and v.action == "block" else v.action
-        return f"{v.direction}/{v.rail}: {what} {v.category or ''}".strip() + (f" ({v.error})" if v.error else "")
+        return f"{v.direction}/{v.rail}: {what} {v.category or ''}".strip() + (
+            f" ({v.error})" if v.error else ""
+        )
 
     overall = max((effect(v) for v in acting), key=ranks.__getitem__, default="allow")
     scores = [v.score for v in acting if v.score is not None]

@@ -608,7 +608,9 @@ def test_pii_is_masked_in_every_audit_text_column_as_the_policy_masks_it() -> No
 def test_a_chunk_dropped_by_a_context_rail_does_not_read_as_a_blocked_request() -> None:
     from ragstream.schemas.guard import GuardVerdict
 
-    dropped = GuardVerdict(rail="injection", direction="context", action="block", category="injection:override")
+    dropped = GuardVerdict(
+        rail="injection", direction="context", action="block", category="injection:override"
+    )
     row = inference_row(
         _response("ctx", guard_policy="default", guard_verdicts=(dropped,)),
         None,
