@@ -8,8 +8,9 @@ Run it as `python -m ragstream.infra.model_server` (settings from the environmen
 and only tritonserver's Python backend stub needs the interpreter's own libpython, so no re-exec
 is needed. `model_server_command()` sets it in the child environment as well.
 
-Models are listed explicitly in `model_specs()`: the MiniLM embedder (dynamically batched) and
-the SmolLM2 generator (decoupled: one request, a stream of responses; its wire contract is in
+Models are listed explicitly in `model_specs()`: the MiniLM embedder (dynamically batched), the
+guardrail head's multilingual-e5-small (`embed-e5`, when guardrails are enabled) and the SmolLM2
+generator (decoupled: one request, a stream of responses; its wire contract is in
 `ragstream.infra.generator.wire`). Adding one is one more `ModelSpec` whose `bind` loads the weights
 and calls `triton.bind(...)`.
 """
@@ -82,9 +83,11 @@ def model_specs(settings: Settings, group: ModelGroup = "all") -> tuple[ModelSpe
     from ragstream.infra.generator.wire import SMOLLM2_MODEL
 
     specs = {
-        "embed": (
-            ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),
-            ModelSpec(name=settings.triton.guard_embed_model, bind=_bind_guard_embedder),
+        "embed": (ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),)
+        + (
+            (ModelSpec(name=settings.triton.guard_embed_model, bind=_bind_guard_embedder),)
+            if settings.guardrails.enabled
+            else ()
         ),
         "generate": (ModelSpec(name=SMOLLM2_MODEL, bind=_bind_generator),),
     }
