@@ -261,7 +261,9 @@ def encode_e5(model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
     passages = [i for i, t in enumerate(texts) if t.startswith(E5_PASSAGE)]
     queries = [i for i, t in enumerate(texts) if not t.startswith(E5_PASSAGE)]
     if queries:
-        out[queries] = np.asarray(model.query([texts[i] for i in queries]), dtype=np.float32).reshape(len(queries), -1)
+        out[queries] = np.asarray(model.query([texts[i] for i in queries]), dtype=np.float32).reshape(
+            len(queries), -1
+        )
     if passages:
         out[passages] = np.asarray(
             model.passage([texts[i][len(E5_PASSAGE) :] for i in passages]), dtype=np.float32

@@ -200,12 +200,16 @@ class Groundedness(_Base):
     async def judge(self, case: JudgeCase) -> Verdict:
         t = time.perf_counter()
         if is_refusal(case.answer):
-            return self._verdict(t, rating="yes", score=1.0, rationale="the answer declines: nothing to support")
+            return self._verdict(
+                t, rating="yes", score=1.0, rationale="the answer declines: nothing to support"
+            )
         claims = sentences(case.answer)
         if not claims:
             return self._verdict(t, rating="yes", score=1.0, rationale="no claim to support")
         if not case.passages:
-            return self._verdict(t, rating="no", score=0.0, rationale="the answer makes claims and there are no passages")
+            return self._verdict(
+                t, rating="no", score=0.0, rationale="the answer makes claims and there are no passages"
+            )
         source_sentences = [s for p in case.passages for s in sentences(p)] or list(case.passages)
         source = facts(" ".join([*case.passages, case.question]))
         words = _source_words([*case.passages, case.question])

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 __all__ = ["Facts", "facts", "fold", "is_refusal", "sentences"]
 
-_SENTENCE = re.compile(r"(?<=[.!?…])[\"')\]»]*\s+(?=[\"'(«\[]?[A-ZÀ-Ý0-9])|\n+|(?<=:)\s+(?=[-*•])|\s+(?=[-*•]\s)")
+_SENTENCE = re.compile(
+    r"(?<=[.!?…])[\"')\]»]*\s+(?=[\"'(«\[]?[A-ZÀ-Ý0-9])|\n+|(?<=:)\s+(?=[-*•])|\s+(?=[-*•]\s)"
+)
 _CITATION = re.compile(r"\s*\[\d{1,3}\](?:\s*\[\d{1,3}\])*")
 
 
