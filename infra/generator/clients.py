@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
 
 from ragstream.infra.generator import wire
 from ragstream.infra.generator.engine import LlamaEngine
@@ -95,6 +96,8 @@ class TritonGenerator:
         max_tokens: int,
         temperature: float,
         timeout_s: float,
+        json_schema: Mapping[str, Any] | None = None,
+        seed: int | None = None,
     ) -> AsyncGenerator[GenerationDelta, None]:
         """Stream the answer: text deltas, then one final delta with finish reason and counts.
 
@@ -111,7 +114,13 @@ class TritonGenerator:
         messages = normalize_messages(messages_or_prompt)
         stream_id = uuid.uuid4().hex
         inputs = wire.request_arrays(
-            messages, max_tokens=max_tokens, temperature=temperature, stream_id=stream_id, timeout_s=timeout_s
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stream_id=stream_id,
+            timeout_s=timeout_s,
+            json_schema=json_schema,
+            seed=seed,
         )
         decoder = Utf8DeltaDecoder()
         finished = False
@@ -234,6 +243,8 @@ class InProcessGenerator:
         max_tokens: int,
         temperature: float,
         timeout_s: float,
+        json_schema: Mapping[str, Any] | None = None,
+        seed: int | None = None,
     ) -> AsyncGenerator[GenerationDelta, None]:
         """As `TritonGenerator.stream`, computed in this process.
 
@@ -247,7 +258,12 @@ class InProcessGenerator:
             raise RuntimeError("InProcessGenerator.start() was not awaited")
         messages = normalize_messages(messages_or_prompt)
         deltas = self._engine.stream(
-            messages, max_tokens=max_tokens, temperature=temperature, timeout_s=timeout_s
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            timeout_s=timeout_s,
+            json_schema=json_schema,
+            seed=seed,
         )
         async with contextlib.aclosing(deltas):
             async for delta in deltas:

@@ -137,8 +137,13 @@ class LlamaEngine:
         temperature: float,
         stream_id: str | None = None,
         timeout_s: float | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+        seed: int | None = None,
     ) -> AsyncGenerator[GenerationDelta, None]:
         """Generate an answer, delta by delta; the last delta is final and has the totals.
+
+        With `json_schema`, decoding is constrained (llama.cpp's grammar for the schema), so
+        the answer is JSON valid against it, unless cut short by `max_tokens`.
 
         Stopping the iteration (aclose, cancellation) stops the generation at its next token
         and frees the slot. A prompt is evaluated without interruption (~8 ms per token).
@@ -181,6 +186,13 @@ class LlamaEngine:
                 "stream_options": {"include_usage": True},
                 "cache_prompt": self._cache_prompt,
             }
+            if json_schema is not None:
+                request["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"schema": dict(json_schema)},
+                }
+            if seed is not None:
+                request["seed"] = seed
             try:
                 future = loop.run_in_executor(
                     self._executor, self._generate_blocking, server, request, run, emit

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ragstream.infra.generator.wire import ChatMessage
 
@@ -39,4 +39,9 @@ class Generator(Protocol):
         max_tokens: int,
         temperature: float,
         timeout_s: float,
-    ) -> AsyncIterator[GenerationDelta]: ...
+        json_schema: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> AsyncIterator[GenerationDelta]:
+        """`json_schema`: constrain the answer to JSON valid against it; `seed`: the
+        sampling seed (with temperature 0 decoding is greedy anyway)."""
+        ...

@@ -11,7 +11,8 @@ same tensors). It depends on nothing but numpy and ragstream's error tree.
   `TEMPERATURE` FP32. Optional: `STREAM_ID` BYTES (names the stream for a later cancel),
   `TIMEOUT_S` FP32 (the server stops generating after it, even if the client vanished) and
   `CANCEL` BOOL (a request with CANCEL=true and a STREAM_ID stops that stream; the other inputs
-  are ignored).
+  are ignored), `JSON_SCHEMA` BYTES (constrained decoding: the answer is JSON valid against
+  this schema) and `SEED` INT32 (sampling seed, for reruns that agree).
 - Outputs, on every response: `TOKEN` BYTES (the text delta, whole UTF-8 characters),
   `FINISH_REASON` BYTES (empty until the last response, then `stop`, `length`, `deadline` or
   `cancelled`), `PROMPT_TOKENS` and `COMPLETION_TOKENS` INT32 (0 until the last response).
@@ -70,6 +71,8 @@ TEMPERATURE = "TEMPERATURE"
 STREAM_ID = "STREAM_ID"
 TIMEOUT_S = "TIMEOUT_S"
 CANCEL = "CANCEL"
+JSON_SCHEMA = "JSON_SCHEMA"
+SEED = "SEED"
 TOKEN = "TOKEN"
 FINISH_REASON = "FINISH_REASON"
 PROMPT_TOKENS = "PROMPT_TOKENS"
@@ -105,6 +108,8 @@ INPUTS = (
     TensorSpec(STREAM_ID, bytes, optional=True),
     TensorSpec(TIMEOUT_S, np.float32, optional=True),
     TensorSpec(CANCEL, np.bool_, optional=True),
+    TensorSpec(JSON_SCHEMA, bytes, optional=True),
+    TensorSpec(SEED, np.int32, optional=True),
 )
 OUTPUTS = (
     TensorSpec(TOKEN, bytes),
@@ -140,16 +145,28 @@ def normalize_messages(messages_or_prompt: str | Sequence[ChatMessage]) -> list[
 
 # --- client side: the request it sends, the responses it reads --------------------------
 def request_arrays(
-    messages: list[dict[str, str]], *, max_tokens: int, temperature: float, stream_id: str, timeout_s: float
+    messages: list[dict[str, str]],
+    *,
+    max_tokens: int,
+    temperature: float,
+    stream_id: str,
+    timeout_s: float,
+    json_schema: Mapping[str, Any] | None = None,
+    seed: int | None = None,
 ) -> dict[str, npt.NDArray[Any]]:
     """The input tensors of a generation request; `messages` as `normalize_messages` returns them."""
-    return {
+    arrays = {
         MESSAGES: np.array([json.dumps(messages).encode("utf-8")], dtype=np.object_),
         MAX_TOKENS: np.array([max_tokens], dtype=np.int32),
         TEMPERATURE: np.array([temperature], dtype=np.float32),
         STREAM_ID: np.array([stream_id.encode()], dtype=np.object_),
         TIMEOUT_S: np.array([timeout_s], dtype=np.float32),
     }
+    if json_schema is not None:
+        arrays[JSON_SCHEMA] = np.array([json.dumps(json_schema).encode("utf-8")], dtype=np.object_)
+    if seed is not None:
+        arrays[SEED] = np.array([seed], dtype=np.int32)
+    return arrays
 
 
 def cancel_arrays(stream_id: str) -> dict[str, npt.NDArray[Any]]:
@@ -227,6 +244,9 @@ class GenerationCall:
     timeout_s: float | None = None
     """None: no server-side deadline (TIMEOUT_S absent or not positive)."""
     cancel: bool = False
+    json_schema: dict[str, Any] | None = None
+    """Constrained decoding: the answer is JSON that validates against this schema."""
+    seed: int | None = None
 
 
 def parse_call(inputs: Mapping[str, npt.NDArray[Any]]) -> GenerationCall:
@@ -252,7 +272,20 @@ def parse_call(inputs: Mapping[str, npt.NDArray[Any]]) -> GenerationCall:
         raise BadInputError("MAX_TOKENS must be at least 1 and TEMPERATURE at least 0")
     timeout_item = _first_item(inputs, TIMEOUT_S)
     timeout_s = float(timeout_item) if timeout_item is not None and float(timeout_item) > 0 else None
-    return GenerationCall(messages, max_tokens, temperature, stream_id, timeout_s)
+    schema_item = _first_item(inputs, JSON_SCHEMA)
+    json_schema = None
+    if schema_item is not None and _as_text(schema_item).strip():
+        try:
+            json_schema = from_json(_as_text(schema_item))
+        except ValueError as exc:
+            raise BadInputError(f"JSON_SCHEMA is not JSON: {exc}") from exc
+        if not isinstance(json_schema, dict):
+            raise BadInputError("JSON_SCHEMA must be a JSON object")
+    seed_item = _first_item(inputs, SEED)
+    seed = int(seed_item) if seed_item is not None else None
+    return GenerationCall(
+        messages, max_tokens, temperature, stream_id, timeout_s, json_schema=json_schema, seed=seed
+    )
 
 
 def response_arrays(

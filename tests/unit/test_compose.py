@@ -476,7 +476,16 @@ def test_generator_model_matches_the_local_server(services: dict[str, dict[str, 
     # Same names, types, shapes and optionality as the local server, so TritonGenerator is unchanged.
     assert _specs(config.input) == inputs
     assert _specs(config.output) == outputs
-    assert {"MESSAGES", "MAX_TOKENS", "TEMPERATURE", "STREAM_ID", "TIMEOUT_S", "CANCEL"} == inputs.keys()
+    assert {
+        "MESSAGES",
+        "MAX_TOKENS",
+        "TEMPERATURE",
+        "STREAM_ID",
+        "TIMEOUT_S",
+        "CANCEL",
+        "JSON_SCHEMA",
+        "SEED",
+    } == inputs.keys()
     assert {"TOKEN", "FINISH_REASON", "PROMPT_TOKENS", "COMPLETION_TOKENS"} == outputs.keys()
 
 

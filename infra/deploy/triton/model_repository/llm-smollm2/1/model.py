@@ -142,6 +142,8 @@ class TritonPythonModel:
             temperature=call.temperature,
             stream_id=call.stream_id or None,
             timeout_s=call.timeout_s,
+            json_schema=call.json_schema,
+            seed=call.seed,
         )
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
