@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import audit, auth, guard_latency, guardrails, ingestion, qa, reliability
+from bench import audit, auth, guard_latency, guardrails, ingestion, judges, qa, reliability
 
 BENCHES = {
     "ingestion": ingestion.main,
@@ -14,6 +14,7 @@ BENCHES = {
     "auth": auth.main,
     "guardrails": guardrails.main,
     "guard_latency": guard_latency.main,
+    "judges": judges.main,
     "reliability": reliability.main,
 }
 

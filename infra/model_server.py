@@ -86,7 +86,7 @@ def model_specs(settings: Settings, group: ModelGroup = "all") -> tuple[ModelSpe
         "embed": (ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),)
         + (
             (ModelSpec(name=settings.triton.guard_embed_model, bind=_bind_guard_embedder),)
-            if settings.guardrails.enabled
+            if settings.guardrails.enabled or settings.judges.enabled
             else ()
         ),
         "generate": (ModelSpec(name=SMOLLM2_MODEL, bind=_bind_generator),),

@@ -277,7 +277,8 @@ class AuditSettings(_Section):
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     """model_id -> price per 1000 prompt (input) and completion (output) tokens."""
     sinks: tuple[str, ...] = Field(
-        default=("inference_log,usage,ingestion_log,dead_letters,guardrail_verdicts",), min_length=1
+        default=("inference_log,usage,ingestion_log,dead_letters,guardrail_verdicts,judgements",),
+        min_length=1,
     )
     """The sink processes `ragstream up` runs: one per entry, each the only committer of the
     tables it lists; every table in exactly one. One process is lightest; splitting
@@ -560,7 +561,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     guardrails: GuardrailsSettings = GuardrailsSettings()
     judges: JudgesSettings = JudgesSettings()
-    workers: tuple[str, ...] = ("ingest,embed,index", "retrieve,generate")
+    workers: tuple[str, ...] = ("ingest,embed,index,judge", "retrieve,generate")
     audit_sink: bool = True
     """Run the audit sink (Kafka -> Iceberg) in the embedded stack."""
     """Worker processes of the embedded stack; each entry is the stages one process runs.

@@ -36,6 +36,7 @@ __all__ = [
     "ContextRetrieved",
     "ConversationTurn",
     "GenerationOptions",
+    "Passage",
     "PromptMessage",
     "QuerySubmitted",
     "ResponseCompleted",
@@ -186,6 +187,16 @@ class Citation(_Part):
     """True when the answer refers to this source as `[number]`."""
 
 
+class Passage(_Part):
+    """A retrieved passage as the model was given it: the judges' context."""
+
+    number: int = Field(ge=1)
+    """The `[n]` it has in the prompt."""
+    chunk_id: str
+    document_id: str
+    text: str
+
+
 class Usage(_Part):
     prompt_tokens: int = Field(default=0, ge=0)
     completion_tokens: int = Field(default=0, ge=0)
@@ -216,6 +227,9 @@ class ResponseCompleted(Event):
     """`stop`, `length`, `deadline` or `error`."""
     prompt_template_version: str | None = None
     prompt_messages: tuple[PromptMessage, ...] = ()
+    passages: tuple[Passage, ...] = ()
+    """The passages in the prompt, in order (internal record only): what the judges judge
+    an answer against."""
     """The exact messages sent to the model (for audit and replay)."""
     retrieved_chunk_ids: tuple[str, ...] = ()
     retrieved_scores: tuple[float, ...] = ()
@@ -246,5 +260,10 @@ class ResponseCompleted(Event):
         if self.principal is None:
             return None
         return self.model_copy(
-            update={"prompt_messages": (), "principal": None, "reply_to": self.principal.reply_to}
+            update={
+                "prompt_messages": (),
+                "passages": (),
+                "principal": None,
+                "reply_to": self.principal.reply_to,
+            }
         )

@@ -11,6 +11,7 @@ from ragstream.schemas.events import (
     DocumentSubmitted,
     Event,
 )
+from ragstream.schemas.judge import JudgementRecorded
 from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, ResponseCompleted, TokenGenerated
 
 __all__ = ["EVENT_TYPES"]
@@ -28,6 +29,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ContextRetrieved,
         TokenGenerated,
         ResponseCompleted,
+        JudgementRecorded,
     )
 }
 """The JSON Schema export and the audit sink use it."""

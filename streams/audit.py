@@ -73,6 +73,7 @@ from ragstream.infra.audit.rows import (
     ingestion_dead_letter_row,
     ingestion_row,
     is_document_dead_letter,
+    judgement_row,
     no_response_row,
     usage_row,
 )
@@ -81,6 +82,7 @@ from ragstream.infra.audit.tables import (
     GUARDRAIL_VERDICTS,
     INFERENCE_LOG,
     INGESTION_LOG,
+    JUDGEMENTS,
     TABLES,
     USAGE,
     arrow_schema,
@@ -88,6 +90,7 @@ from ragstream.infra.audit.tables import (
 from ragstream.infra.guard.scrub import PiiScrubber
 from ragstream.infra.settings import AuditSettings
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
+from ragstream.schemas.judge import JudgementRecorded
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 from ragstream.streams.topics import ALL_TOPICS, QUERIES
 
@@ -157,6 +160,7 @@ class Counters:
     late_responses: int = 0
     duplicate_responses: int = 0
     duplicate_queries: int = 0
+    duplicate_judgements: int = 0
     no_response: int = 0
     undecodable: int = 0
     commits: int = 0
@@ -235,6 +239,7 @@ class AuditWriter:
             INFERENCE_LOG: _RecentIds(written_ids.get(INFERENCE_LOG, {})),
             USAGE: _RecentIds(written_ids.get(USAGE, {})),
             GUARDRAIL_VERDICTS: _RecentIds(written_ids.get(GUARDRAIL_VERDICTS, {})),
+            JUDGEMENTS: _RecentIds(written_ids.get(JUDGEMENTS, {})),
         }
         self._pending: dict[str, _Pending] = {}
         self._pending_by_tp: dict[TP, deque[tuple[int, str]]] = {}
@@ -286,6 +291,14 @@ class AuditWriter:
                 self._add(GUARDRAIL_VERDICTS, row)
         elif table == DEAD_LETTERS and isinstance(event, DeadLettered):
             self._add(table, dead_letter_row(event, source=src, logged_at=now))
+        elif table == JUDGEMENTS and isinstance(event, JudgementRecorded):
+            # A judgement published twice (a judge worker killed mid-request) has the same
+            # event id: one row.
+            if event.event_id in self._written[JUDGEMENTS]:
+                self.counters.duplicate_judgements += 1
+                return
+            self._written[JUDGEMENTS].add(event.event_id, event.produced_at)
+            self._add(JUDGEMENTS, judgement_row(event, source=src, logged_at=now))
 
     def _on_query(self, query: QuerySubmitted, src: Source, now: datetime) -> None:
         rid = query.request_id
@@ -420,7 +433,7 @@ class AuditWriter:
                 if p is not None and p.query.produced_at < oldest:
                     oldest = p.query.produced_at
             return oldest - timedelta(seconds=self.audit.join_memory_s)
-        if table in (USAGE, GUARDRAIL_VERDICTS):
+        if table in (USAGE, GUARDRAIL_VERDICTS, JUDGEMENTS):
             return now - timedelta(seconds=self.audit.join_memory_s)
         return None
 

@@ -29,20 +29,56 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from ragstream.infra.kafka import aiokafka_kwargs
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import DependencyUnavailable
-from ragstream.streams.topics import RESPONSES
+from ragstream.schemas.events import Event
+from ragstream.schemas.judge import OVERALL, JudgementRecorded
+from ragstream.schemas.queries import ResponseCompleted
+from ragstream.streams.topics import JUDGEMENTS, RESPONSES, TopicSpec
 
 __all__ = ["CompletedRequests"]
 
 log = logging.getLogger(__name__)
 
 
+def _is_final_response(event: Event) -> bool:
+    return isinstance(event, ResponseCompleted)
+
+
+def _is_overall_judgement(event: Event) -> bool:
+    return isinstance(event, JudgementRecorded) and event.judge == OVERALL
+
+
+def _overall_record(value: bytes | None) -> bool:
+    # The judge stage publishes a request's `overall` judgement after all its others: only
+    # that one says the request is judged. A substring test, not a decode: values are ours.
+    return value is not None and b'"judge":"overall"' in value
+
+
+_DONE_BY: dict[
+    str, tuple[Callable[[Event], bool], Callable[[bytes | None], bool] | None, tuple[type[Event], ...]]
+] = {
+    RESPONSES.name: (_is_final_response, None, (ResponseCompleted,)),
+    JUDGEMENTS.name: (_is_overall_judgement, _overall_record, (JudgementRecorded,)),
+}
+
+
 class CompletedRequests:
-    def __init__(self, settings: Settings) -> None:
+    """The gate for one topic of finished requests: `responses` for the query path (every
+    record is a final response), `judgements` for the judge stage (a request is judged once
+    its `overall` judgement is on the topic)."""
+
+    def __init__(self, settings: Settings, topic: TopicSpec = RESPONSES) -> None:
+        if topic.name not in _DONE_BY:
+            raise ValueError(f"no completion rule for topic {topic.name}")
+        self.topic = topic
+        self.marks_done, self._record_done, self.once_types = _DONE_BY[topic.name]
+        """`marks_done(event)`: whether delivering `event` finishes its request;
+        `once_types`: outputs dropped once their request is done (published once)."""
         self._settings = settings
         self._window_s = settings.serving.completed_window_s
         self._done: OrderedDict[str, float] = OrderedDict()
@@ -66,7 +102,7 @@ class CompletedRequests:
         from aiokafka import AIOKafkaConsumer, TopicPartition
         from aiokafka.errors import KafkaError
 
-        topic = RESPONSES.full_name(self._settings.kafka.topic_prefix)
+        topic = self.topic.full_name(self._settings.kafka.topic_prefix)
         kafka = self._settings.kafka
         self._consumer = AIOKafkaConsumer(
             **aiokafka_kwargs(kafka),
@@ -92,7 +128,7 @@ class CompletedRequests:
         except KafkaError as exc:
             await self.close()
             raise DependencyUnavailable(f"cannot read {topic}: {exc}") from exc
-        self._tail = asyncio.create_task(self._run(), name="completed-requests")
+        self._tail = asyncio.create_task(self._run(), name=f"completed-{self.topic.name}")
         try:
             await self.caught_up()
         except DependencyUnavailable as exc:
@@ -156,7 +192,7 @@ class CompletedRequests:
             now = time.time()
             for tp, records in batches.items():
                 for r in records:
-                    if r.key:
+                    if r.key and (self._record_done is None or self._record_done(r.value)):
                         self._remember(r.key.decode("utf-8", "replace"), now)
                         self.learned += 1
                     self._positions[tp] = r.offset + 1

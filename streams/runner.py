@@ -45,7 +45,6 @@ from ragstream.schemas.errors import (
 )
 from ragstream.schemas.events import DeadLettered, Event
 from ragstream.schemas.identity import Principal
-from ragstream.schemas.queries import ResponseCompleted
 from ragstream.streams.codec import decode, encode, sniff_ids
 from ragstream.streams.completions import CompletedRequests
 from ragstream.streams.deadletter import Message, dead_letter_record
@@ -331,11 +330,13 @@ class StageRunner:
                 or the dead-letter topic itself refused a record.
         """
         gate = self.completions
-        if gate is not None:  # a final response is published once, whoever made it
+        if gate is not None:  # a final response (a judgement) is published once, whoever made it
             outputs = [
                 o
                 for o in outputs
-                if not (isinstance(o.event, ResponseCompleted) and gate.is_done(o.event.request_id))
+                if not (
+                    isinstance(o.event, gate.once_types) and gate.is_done(getattr(o.event, "request_id", ""))
+                )
             ]
         records, rejected = self._encode_all(outputs)
         if rejected:
@@ -377,8 +378,8 @@ class StageRunner:
         self.stalled_reason = None
         if gate is not None:
             for o in outputs:
-                if isinstance(o.event, ResponseCompleted):
-                    gate.mark_done(o.event.request_id)
+                if gate.marks_done(o.event):
+                    gate.mark_done(getattr(o.event, "request_id", ""))
             for m in messages:
                 request_id = self._claims.pop((m.topic, m.partition, m.offset), None)
                 if request_id is not None:

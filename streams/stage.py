@@ -22,7 +22,7 @@ from ragstream.infra.settings import Settings
 from ragstream.schemas.events import DeadLettered, Event
 from ragstream.schemas.identity import Principal
 from ragstream.streams.runner import StageRunner
-from ragstream.streams.topics import DEADLETTER, TopicSpec
+from ragstream.streams.topics import DEADLETTER, RESPONSES, TopicSpec
 
 __all__ = ["Batched", "Concurrent", "Stage"]
 
@@ -59,8 +59,11 @@ class Stage(Generic[D]):
     on_dead_letter: Callable[[DeadLettered], Sequence[Event]] | None = None
     """What the caller is told when one of its messages is dead-lettered."""
     once_per_request: bool = False
-    """Skip inputs whose request already has its final response (`streams.completions`):
-    after a crash, nothing is generated or answered twice."""
+    """Skip inputs whose request is already finished (`streams.completions`): after a
+    crash, nothing is generated, answered or judged twice."""
+    finished_on: TopicSpec = RESPONSES
+    """With `once_per_request`: the topic that says a request is finished (`responses` for
+    the query path, `judgements` for the judge stage)."""
     admit: Callable[[Event, D], Event] | None = None
     """Command stages: verify each input's sender first (`streams.admission`). What it
     returns is what `handle` sees; `Unauthenticated`/`Forbidden` dead-letter the input."""

@@ -24,6 +24,7 @@ from ragstream.schemas.events import (
     DocumentSubmitted,
     Event,
 )
+from ragstream.schemas.judge import JudgementRecorded
 from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, ResponseCompleted, TokenGenerated
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "DOCUMENTS",
     "EMBEDDED",
     "INDEXED",
+    "JUDGEMENTS",
     "QUERIES",
     "RESPONSES",
     "RETRIEVALS",
@@ -141,6 +143,16 @@ RESPONSES = TopicSpec(
     ),
 )
 
+JUDGEMENTS = TopicSpec(
+    "judgements",
+    (JudgementRecorded,),
+    key_doc="request_id",
+    description=(
+        "Internal: one judgement per judged request and judge, then the request's `overall`; "
+        "for the audit trail and monitoring."
+    ),
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     DOCUMENTS,
     CHUNKS,
@@ -149,6 +161,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     QUERIES,
     RETRIEVALS,
     RESPONSES,
+    JUDGEMENTS,
     DEADLETTER,
 )
 """The topics `ragstream init` creates. Reply streams are created per principal on first use."""

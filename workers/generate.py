@@ -25,6 +25,7 @@ from ragstream.schemas.errors import BadInputError, DeadlineExceeded, TransientE
 from ragstream.schemas.events import Event
 from ragstream.schemas.queries import (
     ContextRetrieved,
+    Passage,
     PromptMessage,
     ResponseCompleted,
     TokenGenerated,
@@ -206,6 +207,10 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
             finish_reason=finish_reason,
             prompt_template_version=prompt.template_version,
             prompt_messages=tuple(PromptMessage.model_validate(m) for m in prompt.messages),
+            passages=tuple(
+                Passage(number=i, chunk_id=c.chunk_id, document_id=c.document_id, text=c.text)
+                for i, c in enumerate(prompt.sources, start=1)
+            ),
             retrieved_chunk_ids=tuple(c.chunk_id for c in ctx.chunks),
             retrieved_scores=tuple(c.score for c in ctx.chunks),
             latency_ms=latency,

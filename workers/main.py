@@ -63,18 +63,27 @@ def build_worker_app(
         fut: Awaitable[Any] = await t.send(key=key, value=value)
         return fut
 
-    completions = CompletedRequests(settings) if any(d.once_per_request for d in defs) else None
-    gate = _Gate(completions)
+    # One gate per topic that finishes requests (responses; judgements), shared by the
+    # worker's stages that wait on it.
+    gates = {
+        d.finished_on.name: _Gate(CompletedRequests(settings, d.finished_on))
+        for d in defs
+        if d.once_per_request
+    }
     replies = ReplyStreams(settings)
-    runners = [_register_stage(app, settings, stage, send, gate, replies) for stage in defs]
-    if completions is not None:
+    runners = [
+        _register_stage(app, settings, stage, send, gates.get(stage.finished_on.name, _Gate(None)), replies)
+        for stage in defs
+    ]
+    if gates:
 
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]
         async def _caught_up_before_new_partitions(app: Any, assigned: Any, **kwargs: Any) -> None:
             # Another worker's answers for these partitions must be known before their
             # inputs are looked at (its crash left them unacked).
-            if gate.started:
-                await completions.caught_up()
+            for gate in gates.values():
+                if gate.started and gate.completions is not None:
+                    await gate.completions.caught_up()
 
     beats = [(heartbeat_path(settings, r.stage), r) for r in runners]
 

@@ -44,6 +44,7 @@ from ragstream.infra.audit.creation import ensure_tables
 from ragstream.infra.audit.tables import (
     GUARDRAIL_VERDICTS,
     INFERENCE_LOG,
+    JUDGEMENTS,
     TABLES,
     USAGE,
     parse_tables,
@@ -112,16 +113,17 @@ class AuditSink:
         self._tables = await call(ensure_tables, self.settings, catalog, self.tables)
         committed = {name: await call(read_committed, t) for name, t in self._tables.items()}
         written: dict[str, dict[str, datetime]] = {}
-        for name, column in (
-            (INFERENCE_LOG, "submitted_at"),
-            (USAGE, "event_time"),
-            (GUARDRAIL_VERDICTS, "event_time"),
+        for name, id_column, column in (
+            (INFERENCE_LOG, "request_id", "submitted_at"),
+            (USAGE, "request_id", "event_time"),
+            (GUARDRAIL_VERDICTS, "request_id", "event_time"),
+            (JUDGEMENTS, "event_id", "judged_at"),
         ):
             if name not in committed:
                 continue
             since = committed[name].join_since
             if since is not None:
-                written[name] = await call(load_written_ids, self._tables[name], "request_id", column, since)
+                written[name] = await call(load_written_ids, self._tables[name], id_column, column, since)
         scrubber = None
         if self.settings.guardrails.enabled:
             scrubber = PiiScrubber(self.settings.guardrails)

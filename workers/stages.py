@@ -21,12 +21,12 @@ from typing import Any
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import ConfigError
 from ragstream.streams.stage import Stage
-from ragstream.workers import embed, generate, index, ingest, retrieve
+from ragstream.workers import embed, generate, index, ingest, judge, retrieve
 
 __all__ = ["STAGES", "heartbeat_path", "parse_stages"]
 
 STAGES: dict[str, Stage[Any]] = {
-    s.name: s for s in (ingest.STAGE, embed.STAGE, index.STAGE, retrieve.STAGE, generate.STAGE)
+    s.name: s for s in (ingest.STAGE, embed.STAGE, index.STAGE, retrieve.STAGE, generate.STAGE, judge.STAGE)
 }
 """Every stage, by name."""
 

@@ -327,6 +327,46 @@ def guardrail_schema() -> Any:
     )
 
 
+def judgement_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import DoubleType, ListType, StringType, TimestamptzType
+
+    f, ids = _fields()
+
+    return Schema(
+        f("judged_at", TimestamptzType(), "When the judgement was made; event_date is its UTC day.", True),
+        f("request_id", StringType(), "The judged request (join with inference_log).", True),
+        f("judge", StringType(), "relevance_to_query, groundedness, ..., a custom judge, or overall.", True),
+        f("judge_version", StringType(), "The judge's version (thresholds or seed included).", True),
+        f("implementation", StringType(), "embedding, support, guard, llm:<route> or rollup."),
+        f("model", StringType(), "The model that judged."),
+        f("rating", StringType(), "yes or no; null when the judge failed (see error)."),
+        f("score", DoubleType(), "The judge's score (0-1), where it has one."),
+        f("rationale", StringType(), "Why."),
+        f("error", StringType(), "Why the judge could not judge, when it could not."),
+        f("root_cause", StringType(), "For overall = no: the first failing judge."),
+        f(
+            "chunk_ratings",
+            ListType(next(ids), StringType(), element_required=False),
+            "chunk_relevance: a rating per retrieved passage, in the prompt's order.",
+        ),
+        f("latency_ms", DoubleType(), "Time the judge took."),
+        f("tenant", StringType(), "Tenant of the request."),
+        f("user", StringType(), "Who asked."),
+        f("route", StringType(), "The generation route that answered."),
+        f("source", StringType(), "stream (live), backfill (re-judged history) or eval.", True),
+        f("source_ref", StringType(), "The judged response's event, or the inference_log snapshot."),
+        f("response_event_id", StringType(), "The judged ResponseCompleted's event id."),
+        f(
+            "event_id",
+            StringType(),
+            "The judgement's event id (stable per request, judge, version, source).",
+            True,
+        ),
+        *_lineage(f, "judged_at"),
+    )
+
+
 def dead_letter_schema() -> Any:
     from pyiceberg.schema import Schema
     from pyiceberg.types import BinaryType, BooleanType, IntegerType, LongType, StringType, TimestamptzType

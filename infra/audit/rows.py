@@ -19,6 +19,7 @@ from ragstream.infra.audit.columns import LATENCY_STAGES
 from ragstream.infra.settings import ModelPrice
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Principal
 from ragstream.schemas.guard import GuardVerdict
+from ragstream.schemas.judge import JudgementRecorded
 from ragstream.schemas.queries import QuerySubmitted, ResponseCompleted
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ingestion_dead_letter_row",
     "ingestion_row",
     "is_document_dead_letter",
+    "judgement_row",
     "no_response_row",
     "usage_row",
 ]
@@ -309,6 +311,32 @@ def ingestion_row(event: DocumentIndexed, *, source: Source | None, logged_at: d
         "error": None,
         **_lineage_cols(source, logged_at, event.produced_at),
         **_principal_cols(event.principal),
+    }
+
+
+def judgement_row(event: JudgementRecorded, *, source: Source | None, logged_at: datetime) -> dict[str, Any]:
+    return {
+        "judged_at": event.produced_at,
+        "request_id": event.request_id,
+        "judge": event.judge,
+        "judge_version": event.judge_version,
+        "implementation": event.implementation,
+        "model": event.model,
+        "rating": event.rating,
+        "score": event.score,
+        "rationale": event.rationale,
+        "error": event.error,
+        "root_cause": event.root_cause,
+        "chunk_ratings": list(event.chunk_ratings),
+        "latency_ms": event.latency_ms,
+        "tenant": event.tenant,
+        "user": event.user,
+        "route": event.route,
+        "source": event.source,
+        "source_ref": event.source_ref,
+        "response_event_id": event.response_event_id,
+        "event_id": event.event_id,
+        **_lineage_cols(source, logged_at, event.produced_at),
     }
 
 

@@ -17,6 +17,8 @@ day of its event time:
 - `guardrail_verdicts`: one row per guardrail verdict that acted (flag, mask, block, or a
   detector error) of each request with a policy, from its final response, exactly once per
   request id like `usage`. Spans and categories only, never the text.
+- `judgements`: one row per (request, judge, judge version, source) from the `judgements`
+  topic: the judge stage's live judgements and `ragstream judge backfill`'s re-judgements.
 
 Their columns are in `columns`, their rows are built by `rows`, and `creation` makes them
 exist. Each table has one committer: `sink_groups` splits the tables between sink processes
@@ -35,6 +37,7 @@ from ragstream.infra.audit.columns import (
     guardrail_schema,
     inference_schema,
     ingestion_schema,
+    judgement_schema,
     usage_schema,
 )
 from ragstream.infra.settings import AuditSettings
@@ -45,6 +48,7 @@ __all__ = [
     "GUARDRAIL_VERDICTS",
     "INFERENCE_LOG",
     "INGESTION_LOG",
+    "JUDGEMENTS",
     "TABLES",
     "USAGE",
     "TableDef",
@@ -59,6 +63,7 @@ USAGE = "usage"
 INGESTION_LOG = "ingestion_log"
 DEAD_LETTERS = "dead_letters"
 GUARDRAIL_VERDICTS = "guardrail_verdicts"
+JUDGEMENTS = "judgements"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,7 @@ _SCHEMAS: dict[str, Callable[[], Any]] = {
     INGESTION_LOG: ingestion_schema,
     DEAD_LETTERS: dead_letter_schema,
     GUARDRAIL_VERDICTS: guardrail_schema,
+    JUDGEMENTS: judgement_schema,
 }
 
 TABLES: dict[str, TableDef] = {
@@ -103,6 +109,12 @@ TABLES: dict[str, TableDef] = {
         "event_time",
         ("responses",),
         "Every guardrail verdict that acted, per request (spans and categories, no text).",
+    ),
+    JUDGEMENTS: TableDef(
+        JUDGEMENTS,
+        "judged_at",
+        ("judgements",),
+        "Every judgement: per request and judge, its rating, score, rationale and root cause.",
     ),
 }
 """Every audit table, registered explicitly."""

@@ -30,12 +30,13 @@ JUDGEMENT_SCHEMA: dict[str, object] = {
     "type": "object",
     "properties": {
         "rating": {"type": "string", "enum": ["yes", "no"]},
-        "rationale": {"type": "string", "maxLength": 240},
+        "rationale": {"type": "string", "maxLength": 150},
     },
     "required": ["rating", "rationale"],
     "additionalProperties": False,
 }
-"""What every LLM judge answers, enforced while decoding."""
+"""What every LLM judge answers, enforced while decoding. The rationale's length bound keeps
+the JSON complete within `max_tokens` even when a small model repeats itself."""
 
 BUILTIN_PROMPTS: dict[str, str] = {
     "relevance_to_query": "Does the response address the request? Answer yes if it answers what was asked "
@@ -97,7 +98,7 @@ class LlmJudge:
         route: str,
         model: str | None = None,
         timeout_s: float = 30.0,
-        max_tokens: int = 160,
+        max_tokens: int = 200,
         seed: int = 7,
         version: str = "1",
     ) -> None:
@@ -140,7 +141,7 @@ class LlmJudge:
         system = (
             "You are a strict evaluator of answers from an enterprise assistant. "
             + self._spec.instructions
-            + ' Reply with JSON only: {"rating": "yes" or "no", "rationale": "one or two sentences"}.'
+            + ' Reply with JSON only: a "rating" ("yes" or "no") and a short "rationale" saying why.'
         )
         out = [{"role": "system", "content": system}]
         for request, response, rating, rationale in self._spec.examples:

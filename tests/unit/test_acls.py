@@ -207,7 +207,9 @@ def test_the_reply_stream_prefix_matches_no_declared_topic() -> None:
 def test_the_audit_sink_reads_its_tables_inputs_and_nothing_else(bindings: list[AclBinding]) -> None:
     user = f"User:{SINK_USER}"
     inputs = {f"{P}.{topic}" for table in TABLES.values() for topic in table.inputs}
-    assert inputs == {f"{P}.{t}" for t in ("queries", "responses", "documents.indexed", "deadletter")}
+    assert inputs == {
+        f"{P}.{t}" for t in ("queries", "responses", "documents.indexed", "deadletter", "judgements")
+    }
     for spec in ALL_TOPICS:
         topic = spec.full_name(P)
         assert _may(bindings, user, Operation.READ, topic) == (topic in inputs), topic

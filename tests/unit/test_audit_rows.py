@@ -458,13 +458,18 @@ def test_sink_groups_give_every_table_exactly_one_committer() -> None:
     assert sink_groups(AuditSettings()) == [tuple(TABLES)]
     assert sink_name(tuple(TABLES)) == "sink"
     split = sink_groups(
-        AuditSettings(sinks=("inference_log", "usage, ingestion_log,dead_letters,guardrail_verdicts"))
+        AuditSettings(
+            sinks=("inference_log", "usage, ingestion_log,dead_letters,guardrail_verdicts,judgements")
+        )
     )
-    assert split == [("inference_log",), ("usage", "ingestion_log", "dead_letters", "guardrail_verdicts")]
+    assert split == [
+        ("inference_log",),
+        ("usage", "ingestion_log", "dead_letters", "guardrail_verdicts", "judgements"),
+    ]
     assert [sink_name(g) for g in split] == ["sink-inference_log", "sink-usage"]
     for bad in (
         ("inference_log",),
-        ("inference_log,usage,ingestion_log,dead_letters,guardrail_verdicts", "usage"),
+        ("inference_log,usage,ingestion_log,dead_letters,guardrail_verdicts,judgements", "usage"),
     ):
         with pytest.raises(ConfigError, match="exactly one sink"):
             sink_groups(AuditSettings(sinks=bad))

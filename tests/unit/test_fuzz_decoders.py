@@ -40,11 +40,13 @@ from ragstream.schemas.events import (
     DocumentSubmitted,
     Event,
 )
+from ragstream.schemas.judge import JudgementRecorded
 from ragstream.schemas.queries import (
     Citation,
     ContextRetrieved,
     ConversationTurn,
     GenerationOptions,
+    Passage,
     PromptMessage,
     QuerySubmitted,
     ResponseCompleted,
@@ -319,6 +321,30 @@ EVENTS: dict[type[Event], st.SearchStrategy[Event]] = {
         latency_ms=latencies,
         streamed=st.booleans(),
         delta_count=natural,
+        passages=st.lists(
+            st.builds(Passage, number=positive, chunk_id=text, document_id=text, text=text), max_size=3
+        ).map(tuple),
+    ),
+    JudgementRecorded: st.builds(
+        JudgementRecorded,
+        **envelope,
+        request_id=ident,
+        judge=st.from_regex(r"\A[a-z][a-z0-9_]{0,20}\Z"),
+        judge_version=st.text(min_size=1, max_size=20),
+        implementation=text,
+        model=st.none() | text,
+        rating=st.none() | st.sampled_from(["yes", "no"]),
+        score=st.none() | st.floats(min_value=0.0, max_value=1.0),
+        rationale=text,
+        error=st.none() | text,
+        latency_ms=st.floats(min_value=0.0, max_value=1e6),
+        chunk_ratings=st.lists(st.sampled_from(["yes", "no"]), max_size=3).map(tuple),
+        root_cause=st.none() | st.text(max_size=20),
+        user=st.none() | text,
+        route=st.none() | text,
+        source=st.sampled_from(["stream", "backfill", "eval"]),
+        source_ref=text,
+        response_event_id=st.none() | st.text(max_size=20),
     ),
 }
 

@@ -270,7 +270,7 @@ def test_every_stage_declares_where_each_of_its_outputs_goes() -> None:
     from ragstream.workers import ingest
     from ragstream.workers.stages import STAGES
 
-    assert list(STAGES) == ["ingest", "embed", "index", "retrieve", "generate"]
+    assert list(STAGES) == ["ingest", "embed", "index", "retrieve", "generate", "judge"]
     # A retraction goes to chunks from ingest, to chunks.embedded from embed: declared, not guessed.
     retracted = DocumentRetracted(source_event_id="e", document_id="a", version=1)
     assert ingest.STAGE.route(retracted) == CHUNKS and embed.STAGE.route(retracted) == EMBEDDED

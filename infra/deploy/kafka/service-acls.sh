@@ -14,6 +14,7 @@ ADMIN_CONFIG="${KAFKA_ADMIN_CONFIG:-/opt/ragstream/kafka/admin.properties}"
 "$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_INDEX:?set SCRAM_PASSWORD_RAGSTREAM_INDEX}]" --entity-type users --entity-name ragstream-index
 "$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_RETRIEVE:?set SCRAM_PASSWORD_RAGSTREAM_RETRIEVE}]" --entity-type users --entity-name ragstream-retrieve
 "$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_GENERATE:?set SCRAM_PASSWORD_RAGSTREAM_GENERATE}]" --entity-type users --entity-name ragstream-generate
+"$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_JUDGE:?set SCRAM_PASSWORD_RAGSTREAM_JUDGE}]" --entity-type users --entity-name ragstream-judge
 "$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_SINK:?set SCRAM_PASSWORD_RAGSTREAM_SINK}]" --entity-type users --entity-name ragstream-sink
 
 # ACLs (the broker denies anything not granted here).
@@ -31,11 +32,14 @@ ADMIN_CONFIG="${KAFKA_ADMIN_CONFIG:-/opt/ragstream/kafka/admin.properties}"
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-ingest --operation Read --group ragstream-ingest --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-ingest --operation Read --topic ragstream.documents --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-ingest --operation Write --topic ragstream.chunks --topic ragstream.deadletter --topic ragstream.documents.indexed --resource-pattern-type LITERAL
+"$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-judge --operation Read --group ragstream-judge --resource-pattern-type LITERAL
+"$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-judge --operation Read --topic ragstream.responses --resource-pattern-type LITERAL
+"$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-judge --operation Write --topic ragstream.deadletter --topic ragstream.judgements --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-retrieve --operation Read --group ragstream-retrieve --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-retrieve --operation Read --topic ragstream.queries --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-retrieve --operation Read --operation Write --topic ragstream.responses --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-retrieve --operation Write --topic ragstream.deadletter --topic ragstream.retrievals --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-retrieve --operation Create --operation Describe --operation Write --topic ragstream.responses. --resource-pattern-type PREFIXED
-"$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-sink --operation Read --topic ragstream.deadletter --topic ragstream.documents.indexed --topic ragstream.queries --topic ragstream.responses --resource-pattern-type LITERAL
+"$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-sink --operation Read --topic ragstream.deadletter --topic ragstream.documents.indexed --topic ragstream.judgements --topic ragstream.queries --topic ragstream.responses --resource-pattern-type LITERAL
 
 echo "service principals and ACLs are in place"

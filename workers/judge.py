@@ -1,0 +1,196 @@
+"""Judge stage: every answered request, judged off the response path, exactly once.
+
+It consumes the internal `responses` topic (the full record: question, answer, the passages
+the model was given) and publishes one `JudgementRecorded` per judge to `judgements`, then
+the request's `overall` judgement with its root cause. Nothing on the query path waits for
+it; a slow judge only grows this stage's consumer lag, which `ragstream status` shows.
+
+- Only `ok` responses with an answer are judged: an error or a block has nothing to judge.
+- A request is judged with probability `judges.sample_rate` (per route, else per tenant,
+  else the default), decided by a hash of its id: a redelivery decides the same way.
+- Exactly once: the stage is gated on the `judgements` topic (`streams.completions`). A
+  request whose `overall` judgement is published is never judged again; a worker killed
+  between a request's first judgement and its `overall` judges it again on restart, and the
+  audit sink keeps one row per (request, judge, version): each judgement's event id is derived
+  from those, so the copies are recognisably the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from ragstream.infra.judges.base import JudgeCase, Verdict
+from ragstream.infra.judges.panel import JudgePanel, needs_generator
+from ragstream.infra.settings import JudgesSettings, Settings
+from ragstream.schemas.events import Event
+from ragstream.schemas.judge import JudgementRecorded, judgement_id
+from ragstream.schemas.queries import ResponseCompleted
+from ragstream.streams.runner import StageRunner
+from ragstream.streams.stage import Concurrent, Stage
+from ragstream.streams.topics import JUDGEMENTS, RESPONSES
+
+__all__ = ["STAGE", "JudgeDeps", "handle", "judgements_of", "open_deps", "sampled"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JudgeDeps:
+    settings: JudgesSettings
+    panel: JudgePanel | None
+    """None when judging is disabled (`judges.enabled = false`): responses pass unjudged."""
+
+
+def sampled(request_id: str, rate: float) -> bool:
+    """Whether a request is judged at `rate`: a hash of its id, so the same every time."""
+    if rate >= 1.0:
+        return True
+    if rate <= 0.0:
+        return False
+    h = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big")
+    return h / 2**64 < rate
+
+
+def judgements_of(
+    response: ResponseCompleted,
+    verdicts: Sequence[Verdict],
+    overall: Verdict,
+    root_cause: str | None,
+    *,
+    source: str,
+    source_ref: str,
+) -> list[Event]:
+    """The events for one judged response: a judgement per verdict, then `overall`."""
+    out: list[Event] = []
+    user = response.principal.user if response.principal is not None else response.user
+    for v in (*verdicts, overall):
+        version = v.version or "1"
+        out.append(
+            JudgementRecorded(
+                event_id=judgement_id(response.request_id, v.judge, version, source),
+                trace_id=response.request_id,
+                tenant=response.tenant,
+                request_id=response.request_id,
+                judge=v.judge,
+                judge_version=version[:64],
+                implementation=v.implementation[:128],
+                model=(v.model or None) and v.model[:256],
+                rating=v.rating,
+                score=v.score,
+                rationale=v.rationale[:4000],
+                error=v.error[:1000] if v.error else None,
+                latency_ms=max(v.latency_ms, 0.0),
+                chunk_ratings=v.chunk_ratings,
+                root_cause=root_cause if v is overall else None,
+                user=user[:256] if user else None,
+                route=response.route,
+                source=source,  # type: ignore[arg-type]
+                source_ref=source_ref[:256],
+                response_event_id=response.event_id,
+            )
+        )
+    return out
+
+
+def case_of(response: ResponseCompleted, guidelines: Sequence[str] = ()) -> JudgeCase:
+    return JudgeCase(
+        request_id=response.request_id,
+        question=response.question,
+        answer=response.answer,
+        passages=[p.text for p in response.passages],
+        guidelines=guidelines,
+    )
+
+
+async def handle(events: Sequence[Event], deps: JudgeDeps) -> list[Event]:
+    out: list[Event] = []
+    if deps.panel is None:
+        return out
+    for e in events:
+        assert isinstance(e, ResponseCompleted)  # the topic's contract guarantees it
+        if e.status != "ok" or not e.answer.strip():
+            continue
+        if not sampled(e.request_id, deps.settings.sample_rate_for(tenant=e.tenant, route=e.route)):
+            continue
+        result = await deps.panel.judge(case_of(e, deps.settings.guidelines))
+        out.extend(
+            judgements_of(
+                e,
+                result.verdicts,
+                result.overall,
+                result.root_cause,
+                source="stream",
+                source_ref=f"response:{e.event_id}",
+            )
+        )
+    return out
+
+
+@asynccontextmanager
+async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[JudgeDeps]:
+    from contextlib import AsyncExitStack
+
+    from ragstream.infra.embedder import E5_MODEL_ID, TritonEmbedder
+    from ragstream.infra.lifecycle import started
+
+    if not settings.judges.enabled:
+        yield JudgeDeps(settings=settings.judges, panel=None)
+        return
+    async with AsyncExitStack() as stack:
+        embedder = await stack.enter_async_context(
+            started(TritonEmbedder(settings, model=settings.triton.guard_embed_model, model_id=E5_MODEL_ID))
+        )
+        generator = None
+        if needs_generator(settings.judges):
+            from ragstream.infra.generator import TritonGenerator
+
+            generator = await stack.enter_async_context(started(TritonGenerator(settings)))
+        panel = JudgePanel(
+            settings.judges, embedder, generator=generator, head_cache_dir=str(settings.data_dir / "guard")
+        )
+        await _start_waiting(panel)
+        stack.push_async_callback(panel.close)
+        yield JudgeDeps(settings=settings.judges, panel=panel)
+
+
+async def _start_waiting(panel: JudgePanel, wait_s: float = 180.0) -> None:
+    """Start the panel (the safety head embeds its training set), waiting for the e5 model
+    while the embed Triton is still loading it."""
+    import logging as _logging
+
+    from tenacity import (
+        AsyncRetrying,
+        before_sleep_log,
+        retry_if_exception_type,
+        stop_after_delay,
+        wait_incrementing,
+    )
+
+    from ragstream.schemas.errors import DependencyUnavailable
+
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(DependencyUnavailable),
+        stop=stop_after_delay(wait_s),
+        wait=wait_incrementing(start=0.25, increment=0.5, max=3.0),
+        before_sleep=before_sleep_log(log, _logging.INFO),
+        reraise=True,
+    ):
+        with attempt:
+            await panel.start()
+
+
+STAGE = Stage(
+    name="judge",
+    consumes=RESPONSES,
+    produces=(JUDGEMENTS,),
+    flow=Concurrent(limit=lambda s: s.judges.concurrency),
+    deps=open_deps,
+    handle=handle,
+    once_per_request=True,
+    finished_on=JUDGEMENTS,
+)
+"""Final responses in, judgements out (off the response path)."""
