@@ -20,6 +20,7 @@ from rich.table import Table
 from ragstream.acls_cli import acls_app
 from ragstream.audit_cli import audit_app
 from ragstream.audit_cli import sql as audit_sql_command
+from ragstream.eval_cli import evaluate
 from ragstream.guard_cli import guard_app
 from ragstream.health import stack_health
 from ragstream.infra.logs import configure_logging
@@ -47,6 +48,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(token_app, name="token")
 app.add_typer(acls_app, name="acls")
 app.add_typer(guard_app, name="guard")
+app.command("eval")(evaluate)
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)

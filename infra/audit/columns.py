@@ -367,6 +367,36 @@ def judgement_schema() -> Any:
     )
 
 
+def evaluation_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import DateType, DoubleType, LongType, StringType, TimestamptzType
+
+    f, _ = _fields()
+
+    return Schema(
+        f("evaluated_at", TimestamptzType(), "When the run judged the row; event_date is its UTC day.", True),
+        f("run_id", StringType(), "One `ragstream eval` run.", True),
+        f("source_file", StringType(), "The evaluation file."),
+        f("row_id", StringType(), "The row's request_id, or its line number.", True),
+        f("request", StringType(), "The question (PII masked as the default policy masks)."),
+        f("response", StringType(), "The judged answer (masked likewise)."),
+        f("expected_response", StringType(), "The expected answer, when the row has one."),
+        f("answered_by", StringType(), "file (the row's response) or pipeline (--run-pipeline)."),
+        f("judge", StringType(), "A judge, or overall.", True),
+        f("judge_version", StringType(), "The judge's version."),
+        f("implementation", StringType(), "embedding, support, guard, llm:<route> or rollup."),
+        f("model", StringType(), "The model that judged."),
+        f("rating", StringType(), "yes or no; null when the judge failed."),
+        f("score", DoubleType(), "The judge's score, where it has one."),
+        f("rationale", StringType(), "Why."),
+        f("error", StringType(), "Why the judge could not judge."),
+        f("root_cause", StringType(), "For overall = no: the first failing judge."),
+        f("latency_ms", DoubleType(), "Time the judge took."),
+        f("total_tokens", LongType(), "Tokens the pipeline spent answering (--run-pipeline)."),
+        f("event_date", DateType(), "UTC day of evaluated_at: the partition column.", True),
+    )
+
+
 def dead_letter_schema() -> Any:
     from pyiceberg.schema import Schema
     from pyiceberg.types import BinaryType, BooleanType, IntegerType, LongType, StringType, TimestamptzType

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ragstream.infra.audit.tables import TABLES
+from ragstream.infra.audit.tables import READABLE_TABLES, TABLES
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import DependencyUnavailable
 
@@ -55,7 +55,7 @@ def ensure_tables(
     try:
         create_namespace(catalog, ns)
         for name in names if names is not None else TABLES:
-            tdef = TABLES[name]
+            tdef = READABLE_TABLES[name]
             schema = tdef.schema()
             # identity(event_date) rather than day(event_time): pyiceberg computes the day
             # transform with the optional Rust extension (pyiceberg-core); a date column

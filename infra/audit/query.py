@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ragstream.infra.audit.tables import TABLES
+from ragstream.infra.audit.tables import READABLE_TABLES, VIEWS
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import AuditQueryError, DependencyUnavailable
 
@@ -39,8 +39,8 @@ def read_table(settings: Settings, name: str, row_filter: str | None = None) -> 
         AuditQueryError: `name` is not an audit table.
         DependencyUnavailable: the catalog or table cannot be read.
     """
-    if name not in TABLES:
-        raise AuditQueryError(f"unknown audit table {name!r}; known: {', '.join(TABLES)}")
+    if name not in READABLE_TABLES:
+        raise AuditQueryError(f"unknown audit table {name!r}; known: {', '.join(READABLE_TABLES)}")
     table = _load(settings, name)
     scan = table.scan(row_filter=row_filter) if row_filter else table.scan()
     return scan.to_arrow()
@@ -60,9 +60,13 @@ def audit_sql(settings: Settings, sql: str) -> Any:
 
     con = duckdb.connect()
     try:
-        for name in TABLES:
-            if re.search(rf"\b{re.escape(name)}\b", sql, flags=re.IGNORECASE):
+        wanted = {name for name in VIEWS if re.search(rf"\b{re.escape(name)}\b", sql, flags=re.IGNORECASE)}
+        text = " ".join([sql, *(VIEWS[v] for v in wanted)])
+        for name in READABLE_TABLES:
+            if re.search(rf"\b{re.escape(name)}\b", text, flags=re.IGNORECASE):
                 con.register(name, read_table(settings, name))
+        for view in sorted(wanted):
+            con.execute(f"CREATE VIEW {view} AS {VIEWS[view]}")
         try:
             return con.execute(sql).fetch_arrow_table()
         except duckdb.Error as exc:

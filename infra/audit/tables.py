@@ -34,6 +34,7 @@ from typing import Any
 
 from ragstream.infra.audit.columns import (
     dead_letter_schema,
+    evaluation_schema,
     guardrail_schema,
     inference_schema,
     ingestion_schema,
@@ -45,6 +46,10 @@ from ragstream.schemas.errors import ConfigError
 
 __all__ = [
     "DEAD_LETTERS",
+    "EVALUATIONS",
+    "OFFLINE_TABLES",
+    "READABLE_TABLES",
+    "VIEWS",
     "GUARDRAIL_VERDICTS",
     "INFERENCE_LOG",
     "INGESTION_LOG",
@@ -64,6 +69,7 @@ INGESTION_LOG = "ingestion_log"
 DEAD_LETTERS = "dead_letters"
 GUARDRAIL_VERDICTS = "guardrail_verdicts"
 JUDGEMENTS = "judgements"
+EVALUATIONS = "evaluations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,7 @@ _SCHEMAS: dict[str, Callable[[], Any]] = {
     DEAD_LETTERS: dead_letter_schema,
     GUARDRAIL_VERDICTS: guardrail_schema,
     JUDGEMENTS: judgement_schema,
+    EVALUATIONS: evaluation_schema,
 }
 
 TABLES: dict[str, TableDef] = {
@@ -117,7 +124,29 @@ TABLES: dict[str, TableDef] = {
         "Every judgement: per request and judge, its rating, score, rationale and root cause.",
     ),
 }
-"""Every audit table, registered explicitly."""
+"""Every audit table the sink writes, registered explicitly."""
+
+OFFLINE_TABLES: dict[str, TableDef] = {
+    EVALUATIONS: TableDef(
+        EVALUATIONS,
+        "evaluated_at",
+        (),
+        "`ragstream eval` runs: per run, row and judge, the rating, score and rationale.",
+    ),
+}
+"""Tables written by commands, not by the sink (`ragstream eval` is `evaluations`' only writer)."""
+
+READABLE_TABLES: dict[str, TableDef] = {**TABLES, **OFFLINE_TABLES}
+
+VIEWS: dict[str, str] = {
+    "judged_requests": (
+        "SELECT i.request_id, i.tenant, i.user, i.submitted_at, i.route, i.status, i.question, i.answer,"
+        " j.judge, j.judge_version, j.implementation, j.rating, j.score, j.rationale, j.root_cause,"
+        " j.judged_at, j.source, epoch_ms(j.judged_at) - epoch_ms(i.completed_at) AS judge_lag_ms"
+        " FROM inference_log i JOIN judgements j ON i.request_id = j.request_id"
+    ),
+}
+"""Views `ragstream sql` offers: `judged_requests` joins each request to its judgements."""
 
 
 @cache
