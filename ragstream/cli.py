@@ -25,6 +25,7 @@ from ragstream.guard_cli import guard_app
 from ragstream.health import stack_health
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings, load_settings
+from ragstream.judge_cli import judge_app
 from ragstream.schemas.errors import RagstreamError
 from ragstream.token_cli import token_app
 
@@ -48,6 +49,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(token_app, name="token")
 app.add_typer(acls_app, name="acls")
 app.add_typer(guard_app, name="guard")
+app.add_typer(judge_app, name="judge")
 app.command("eval")(evaluate)
 
 console = Console()

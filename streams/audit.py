@@ -352,6 +352,9 @@ class AuditWriter:
                 {**m, "content": scrub.mask(m.get("content") or "", entities)}
                 for m in row.get("prompt_messages") or ()
             ]
+            row["passages"] = [
+                {**p, "text": scrub.mask(p.get("text") or "", entities)} for p in row.get("passages") or ()
+            ]
         elif table in (DEAD_LETTERS, INGESTION_LOG):
             entities = scrub.for_tenant(row.get("tenant"))
             if not entities:

@@ -225,6 +225,21 @@ def inference_schema() -> Any:
         f("query_offset", LongType(), "Its offset."),
         *_lineage(f, "submitted_at"),
         *_identity(f, ids),
+        f(
+            "passages",
+            ListType(
+                next(ids),
+                StructType(
+                    nf("number", IntegerType(), "The [n] it has in the prompt."),
+                    nf("chunk_id", StringType()),
+                    nf("document_id", StringType()),
+                    nf("text", StringType(), "The passage as the model saw it (PII masked)."),
+                ),
+                element_required=False,
+            ),
+            "The retrieved passages in the prompt, in order: what `ragstream judge backfill` "
+            "judges an answer against (null on rows written before this column existed).",
+        ),
     ]
     return Schema(*fields)
 

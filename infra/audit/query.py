@@ -19,7 +19,16 @@ from ragstream.infra.audit.tables import READABLE_TABLES, VIEWS
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import AuditQueryError, DependencyUnavailable
 
-__all__ = ["audit_sql", "read_table"]
+__all__ = ["audit_sql", "load_table", "read_table"]
+
+
+def load_table(settings: Settings, name: str) -> Any:
+    """An audit table, for a scan of its own (time travel, selected fields).
+
+    Raises:
+        DependencyUnavailable: the catalog or the table cannot be loaded.
+    """
+    return _load(settings, name)
 
 
 def _load(settings: Settings, name: str) -> Any:

@@ -128,6 +128,7 @@ def inference_row(
         "citations": [_part(c) for c in response.citations],
         "prompt_template_version": response.prompt_template_version,
         "prompt_messages": [_part(m) for m in response.prompt_messages],
+        "passages": [_part(p) for p in response.passages],
         "answer": response.answer,
         "status": response.status,
         "error_reason": response.error_reason,

@@ -121,3 +121,43 @@ def test_ragstream_eval_rates_the_same_twice_and_refuses_bad_input(stack: Stack,
     assert r.returncode == 2 and "--run-pipeline" in r.stderr
     runs = _sql(stack, "SELECT run_id, count(*) AS n FROM evaluations GROUP BY run_id")
     assert len(runs) >= 2 and all(run["n"] >= len(rows) for run in runs)
+
+
+async def test_a_backfill_rerun_of_one_snapshot_and_version_adds_nothing_twice(
+    stack: Stack, corpus_reports: list[Any]
+) -> None:
+    async with AsyncClient(stack.settings) as client:
+        r = await client.ask(
+            "Who inspects the forklifts?", tenant="larkspur", max_tokens=16, deadline_ms=120_000
+        )
+    assert r.status == "ok", r.error_reason
+    rid = r.request_id
+    assert _wait_rows(stack, f"SELECT request_id FROM inference_log WHERE request_id = '{rid}'", want=1)
+    since = "2000-01-01"
+    args = ("judge", "backfill", "--since", since, "--version", "bf-test-1", "--judges", "groundedness")
+    first = stack.cli(*args)
+    assert "judgements published" in first.stderr, first.stderr
+    query = (
+        "SELECT request_id, judge, count(*) AS n FROM judgements WHERE source = 'backfill' "
+        "AND judge_version = 'bf-test-1' GROUP BY request_id, judge"
+    )
+    landed = _wait_rows(
+        stack,
+        f"SELECT judge FROM judgements WHERE source = 'backfill' AND judge_version = 'bf-test-1' "
+        f"AND request_id = '{rid}'",
+        want=2,
+    )
+    assert sorted(row["judge"] for row in landed) == ["groundedness", "overall"]
+    import re
+
+    published = int(re.search(r"(\d+) judgements published", first.stderr).group(1))  # type: ignore[union-attr]
+    _wait_rows(stack, query, want=published)  # every judgement of the first run has landed
+    before = {(row["request_id"], row["judge"]): row["n"] for row in _sql(stack, query)}
+    assert sum(before.values()) == published
+    second = stack.cli(*args)
+    assert "0 judgements published" in second.stderr, second.stderr
+    time.sleep(5)
+    after = {(row["request_id"], row["judge"]): row["n"] for row in _sql(stack, query)}
+    assert after == before and set(after.values()) == {1}
+    bad = stack.cli("judge", "backfill", "--since", "yesterday", "--version", "v", check=False)
+    assert bad.returncode == 2 and "ISO time" in bad.stderr

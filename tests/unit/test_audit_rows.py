@@ -36,6 +36,7 @@ from ragstream.infra.settings import AuditSettings, ModelPrice, Settings
 from ragstream.schemas.events import DeadLettered, DocumentIndexed, Event
 from ragstream.schemas.queries import (
     Citation,
+    Passage,
     PromptMessage,
     QuerySubmitted,
     ResponseCompleted,
@@ -577,6 +578,7 @@ def test_pii_is_masked_in_every_audit_text_column_as_the_policy_masks_it() -> No
                 PromptMessage(role="system", content="Answer from the sources."),
                 PromptMessage(role="user", content=f"[1] {passage}\n\nQuestion: who is in HR?"),
             ),
+            passages=(Passage(number=1, chunk_id="c1", document_id="d1", text=passage),),
         ),
         T0,
     )
@@ -601,7 +603,13 @@ def test_pii_is_masked_in_every_audit_text_column_as_the_policy_masks_it() -> No
     )
     rows = {r["request_id"]: r for r in w.tables[INFERENCE_LOG].rows}
     guarded = rows["guarded"]
-    stored = " ".join([guarded["answer"], *(m["content"] for m in guarded["prompt_messages"])])
+    stored = " ".join(
+        [
+            guarded["answer"],
+            *(m["content"] for m in guarded["prompt_messages"]),
+            *(p["text"] for p in guarded["passages"]),
+        ]
+    )
     for clear in ("marie.dupont@example.fr", "12 34 56 78", "FR76 3000"):
         assert clear not in stored and clear not in rows["lost"]["question"]
     assert "<EMAIL_ADDRESS>" in guarded["answer"] and "<PHONE_NUMBER>" in stored and "<IBAN_CODE>" in stored

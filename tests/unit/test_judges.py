@@ -193,3 +193,24 @@ def test_settings_refuse_unknown_judges_and_bad_implementations() -> None:
         JudgesSettings(custom={"safety": {"prompt": "x"}})  # type: ignore[dict-item]
     custom = JudgesSettings(judges=("tone",), custom={"tone": {"prompt": "Is it polite?"}})  # type: ignore[dict-item]
     assert custom.custom["tone"].route == "judge"
+
+
+def test_backfill_reads_the_passages_back_from_a_prompt_the_template_wrote() -> None:
+    from ragstream.backfill import passages_from_prompt
+    from ragstream.schemas.queries import RetrievedChunk
+    from ragstream.workers.prompt import build_prompt
+
+    chunks = [
+        RetrievedChunk(
+            chunk_id="a:1:0", document_id="a", title="Leave", headings=("Parental",), text=PASSAGES[0]
+        ),
+        RetrievedChunk(
+            chunk_id="b:1:0", document_id="b", title="Sick leave", text=PASSAGES[1] + "\n\nSecond paragraph."
+        ),
+    ]
+    prompt = build_prompt(
+        QUESTION, chunks, count_tokens=lambda t: len(t) // 4, context_window=4096, max_new_tokens=128
+    )
+    assert passages_from_prompt(list(prompt.messages)) == [PASSAGES[0], PASSAGES[1] + "\n\nSecond paragraph."]
+    assert passages_from_prompt([{"role": "user", "content": "no context here"}]) == []
+    assert passages_from_prompt(None) == []
