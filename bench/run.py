@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import audit, auth, guard_latency, guardrails, ingestion, judges, qa, reliability
+from bench import audit, auth, guard_latency, guardrails, ingestion, judge_lag, judges, qa, reliability
 
 BENCHES = {
     "ingestion": ingestion.main,
@@ -15,6 +15,7 @@ BENCHES = {
     "guardrails": guardrails.main,
     "guard_latency": guard_latency.main,
     "judges": judges.main,
+    "judge_lag": judge_lag.main,
     "reliability": reliability.main,
 }
 

