@@ -1166,6 +1166,11 @@ class KillResult:
     audit_rows_max: int = 0
     audit_missing: int = 0
     audit_duplicated: int = 0
+    judged_requests: int = 0
+    judgements_missing: int = 0
+    """Answered requests with no `overall` judgement in Iceberg (the judge stage lost them)."""
+    judgement_duplicates: int = 0
+    """(request, judge) pairs with more than one judgements row."""
     crashes: list[str] = field(default_factory=list)
     document_load_error: str = ""
     examples: list[str] = field(default_factory=list)
@@ -1321,6 +1326,10 @@ def kills(stack: BenchStack, *, rounds: int = 2, tail_s: float = 4.0) -> KillRes
     res.audit_rows_min, res.audit_rows_max, res.audit_missing, res.audit_duplicated = _audit_rows(
         settings, ids
     )
+    answered = [a.request_id for a in asked if a.request_id and a.status == "ok"]
+    res.judged_requests, res.judgements_missing, res.judgement_duplicates = _judgement_rows(
+        settings, answered
+    )
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -1383,6 +1392,39 @@ def _audit_rows(settings: Settings, ids: list[str], timeout_s: float = 120.0) ->
             break
         time.sleep(2.0)
     return min(n), max(n), sum(1 for x in n if x == 0), sum(1 for x in n if x > 1)
+
+
+def _judgement_rows(settings: Settings, ids: list[str], timeout_s: float = 180.0) -> tuple[int, int, int]:
+    """(judged, missing, duplicated) for answered requests: how many have their `overall`
+    judgement in the judgements table, how many do not once `timeout_s` passed (or every one
+    has), and how many (request, judge) pairs have more than one row."""
+    from ragstream.infra.audit.query import audit_sql
+
+    if not ids or not settings.judges.enabled:
+        return 0, 0, 0
+    values = ", ".join(f"('{r}')" for r in ids)
+    overall = (
+        f"WITH asked(request_id) AS (VALUES {values}) SELECT count(DISTINCT j.request_id) AS n "
+        "FROM asked a JOIN judgements j ON j.request_id = a.request_id AND j.judge = 'overall' "
+        "AND j.source = 'stream'"
+    )
+    deadline = time.monotonic() + timeout_s
+    judged = 0
+    while time.monotonic() < deadline:
+        try:
+            judged = int(audit_sql(settings, overall).to_pylist()[0]["n"])
+        except Exception:  # noqa: BLE001 - the table may not exist before its first commit
+            judged = 0
+        if judged >= len(ids):
+            break
+        time.sleep(2.0)
+    twice = (
+        f"WITH asked(request_id) AS (VALUES {values}) SELECT count(*) AS n FROM ("
+        "SELECT j.request_id, j.judge FROM asked a JOIN judgements j ON j.request_id = a.request_id "
+        "WHERE j.source = 'stream' GROUP BY j.request_id, j.judge HAVING count(*) > 1)"
+    )
+    duplicated = int(audit_sql(settings, twice).to_pylist()[0]["n"]) if judged else 0
+    return judged, len(ids) - judged, duplicated
 
 
 # -- scenario 3: fresh starts --------------------------------------------------------------

@@ -187,6 +187,12 @@ def test_kill_9_of_every_worker_under_load_loses_nothing_and_duplicates_nothing(
     _check(problems, r.real_not_ok == 0, f"{r.real_not_ok} generated answers were not ok: {r.sdk_outcomes}")
     _check(
         problems,
+        r.judgements_missing == 0 and r.judgement_duplicates == 0 and r.judged_requests > 0,
+        f"judgements: {r.judged_requests} answered requests judged, {r.judgements_missing} never judged, "
+        f"{r.judgement_duplicates} (request, judge) pairs with several rows",
+    )
+    _check(
+        problems,
         r.audit_rows_min == r.audit_rows_max == 1,
         f"inference_log rows per request min {r.audit_rows_min} max {r.audit_rows_max} "
         f"({r.audit_missing} missing, {r.audit_duplicated} duplicated)",
