@@ -74,6 +74,7 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
         detail = (
             f"processed={hb.get('processed')} dead_lettered={hb.get('dead_lettered')}"
             f" inflight={hb.get('inflight', 0)}"
+            + (f" lag={hb['lag_s']:.1f}s" if isinstance(hb.get("lag_s"), (int, float)) else "")
             + (f" duplicates_skipped={hb['duplicates_skipped']}" if hb.get("duplicates_skipped") else "")
             + (f" rejected={hb['rejected']}" if hb.get("rejected") else "")
             + (f" {problem}" if problem else "")

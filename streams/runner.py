@@ -134,6 +134,9 @@ class StageRunner:
         )
         self.ready = False
         self.processed = 0
+        self.lag_s = 0.0
+        """How old (produced_at to now) the last input was when this stage picked it up: how
+        far behind its input topic the stage runs (the judge stage's lag, for one)."""
         self.dead_lettered = 0
         self.publish_retries = 0
         self.stalled_since: float | None = None
@@ -202,6 +205,7 @@ class StageRunner:
                     out.extend(self._dead_letter_all(m, exc))
                     continue
             good.append((m, event))
+            self.lag_s = max(time.time() - event.produced_at.timestamp(), 0.0)
         if self.completions is not None:
             good = [(m, e) for m, e in good if self._claim(m, e)]
         if not good:

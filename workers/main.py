@@ -217,6 +217,7 @@ def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool)
             "ts": time.time(),
             "ready": runner.ready and assigned,
             "processed": runner.processed,
+            "lag_s": round(runner.lag_s, 3),
             "dead_lettered": runner.dead_lettered,
             "crashed": runner.crashed,
             "stalled_since": runner.stalled_since,
