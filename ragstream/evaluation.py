@@ -15,7 +15,6 @@ policy masks), and summarised as pass rates per judge.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -264,9 +263,7 @@ async def run_eval(
                 expected=row.expected_response,
                 guidelines=tuple(row.guidelines or settings.judges.guidelines),
             )
-            t = time.perf_counter()
             result = await panel.judge(case)
-            _ = t
             rr = RowResult(
                 row, answer, passages, list(result.verdicts), result.overall, result.root_cause, by, tokens
             )

@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.generator.interface import Generator
@@ -86,8 +87,6 @@ class JudgePanel:
             known = sorted({*BUILTIN_JUDGES, *settings.custom})
             raise UnknownJudge(f"unknown judge(s) {', '.join(unknown)}; known: {', '.join(known)}")
         self._index = SimilarityIndex(embedder)
-        from pathlib import Path
-
         self._head = EmbeddingHead(embedder, cache_dir=Path(head_cache_dir) if head_cache_dir else None)
         self._needs_head = False
         self.judges: list[Judge] = [self._build(n, generator) for n in chosen]
