@@ -957,6 +957,8 @@ class Asked:
     request_id: str = ""
     status: str = ""
     reason: str = ""
+    answered: bool = False
+    """An `ok` response with a non-empty answer: the judge stage judges exactly these."""
     raised: str = ""
     """The exception the call raised, if any."""
 
@@ -1013,6 +1015,7 @@ class QueryLoad:
                     deadline_ms=deadline_ms,
                 )
             a.request_id, a.status, a.reason = r.request_id, r.status, r.error_reason or ""
+            a.answered = r.status == "ok" and bool(r.answer.strip())
         except Exception as exc:  # noqa: BLE001 - what the caller saw is the measurement
             a.raised = f"{type(exc).__name__}: {exc}"[:300]
         a.returned = time.monotonic()
@@ -1326,10 +1329,11 @@ def kills(stack: BenchStack, *, rounds: int = 2, tail_s: float = 4.0) -> KillRes
     res.audit_rows_min, res.audit_rows_max, res.audit_missing, res.audit_duplicated = _audit_rows(
         settings, ids
     )
-    answered = [a.request_id for a in asked if a.request_id and a.status == "ok"]
-    res.judged_requests, res.judgements_missing, res.judgement_duplicates = _judgement_rows(
+    answered = [a.request_id for a in asked if a.request_id and a.answered]
+    res.judged_requests, res.judgements_missing, res.judgement_duplicates, unjudged = _judgement_rows(
         settings, answered
     )
+    res.examples += [f"request {r}: answered, never judged" for r in unjudged[:5]]
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -1394,37 +1398,40 @@ def _audit_rows(settings: Settings, ids: list[str], timeout_s: float = 120.0) ->
     return min(n), max(n), sum(1 for x in n if x == 0), sum(1 for x in n if x > 1)
 
 
-def _judgement_rows(settings: Settings, ids: list[str], timeout_s: float = 180.0) -> tuple[int, int, int]:
-    """(judged, missing, duplicated) for answered requests: how many have their `overall`
-    judgement in the judgements table, how many do not once `timeout_s` passed (or every one
-    has), and how many (request, judge) pairs have more than one row."""
+def _judgement_rows(
+    settings: Settings, ids: list[str], timeout_s: float = 180.0
+) -> tuple[int, int, int, list[str]]:
+    """(judged, missing, duplicated, the missing ids) for answered requests: how many have
+    their `overall` judgement in the judgements table, how many do not once `timeout_s`
+    passed (or every one has), and how many (request, judge) pairs have more than one row."""
     from ragstream.infra.audit.query import audit_sql
 
     if not ids or not settings.judges.enabled:
-        return 0, 0, 0
+        return 0, 0, 0, []
     values = ", ".join(f"('{r}')" for r in ids)
     overall = (
-        f"WITH asked(request_id) AS (VALUES {values}) SELECT count(DISTINCT j.request_id) AS n "
+        f"WITH asked(request_id) AS (VALUES {values}) SELECT DISTINCT j.request_id "
         "FROM asked a JOIN judgements j ON j.request_id = a.request_id AND j.judge = 'overall' "
         "AND j.source = 'stream'"
     )
     deadline = time.monotonic() + timeout_s
-    judged = 0
+    seen: set[str] = set()
     while time.monotonic() < deadline:
         try:
-            judged = int(audit_sql(settings, overall).to_pylist()[0]["n"])
+            seen = {r["request_id"] for r in audit_sql(settings, overall).to_pylist()}
         except Exception:  # noqa: BLE001 - the table may not exist before its first commit
-            judged = 0
-        if judged >= len(ids):
+            seen = set()
+        if len(seen) >= len(ids):
             break
         time.sleep(2.0)
+    judged = len(seen)
     twice = (
         f"WITH asked(request_id) AS (VALUES {values}) SELECT count(*) AS n FROM ("
         "SELECT j.request_id, j.judge FROM asked a JOIN judgements j ON j.request_id = a.request_id "
         "WHERE j.source = 'stream' GROUP BY j.request_id, j.judge HAVING count(*) > 1)"
     )
     duplicated = int(audit_sql(settings, twice).to_pylist()[0]["n"]) if judged else 0
-    return judged, len(ids) - judged, duplicated
+    return judged, len(ids) - judged, duplicated, [r for r in ids if r not in seen]
 
 
 # -- scenario 3: fresh starts --------------------------------------------------------------
