@@ -30,7 +30,7 @@ from ragstream.schemas.events import Event
 from ragstream.schemas.judge import JudgementRecorded, judgement_id
 from ragstream.schemas.queries import ResponseCompleted
 from ragstream.streams.runner import StageRunner
-from ragstream.streams.stage import Concurrent, Stage
+from ragstream.streams.stage import Batched, Stage
 from ragstream.streams.topics import JUDGEMENTS, RESPONSES
 
 __all__ = ["STAGE", "JudgeDeps", "handle", "judgements_of", "open_deps", "sampled"]
@@ -188,7 +188,11 @@ STAGE = Stage(
     name="judge",
     consumes=RESPONSES,
     produces=(JUDGEMENTS,),
-    flow=Concurrent(limit=lambda s: s.judges.concurrency),
+    # In order, not concurrent. With out-of-order acks, faust-streaming's commit
+    # (`Consumer._new_offset`) lets one un-acked message right after the committed offset be
+    # committed over when later ones are acked; a judge worker killed then lost that request
+    # (the chaos test saw 1-2 in ~33). Judging is CPU-bound on one thread anyway.
+    flow=Batched(size=lambda s: s.judges.concurrency, max_wait_s=lambda s: 0.05),
     deps=open_deps,
     handle=handle,
     once_per_request=True,
