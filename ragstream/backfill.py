@@ -97,10 +97,12 @@ async def backfill(
     from ragstream.infra.audit.query import load_table
     from ragstream.infra.embedder import E5Embedder
     from ragstream.infra.judges.base import JudgeCase
-    from ragstream.infra.judges.panel import JudgePanel, needs_generator
-    from ragstream.schemas.judge import JudgementRecorded, judgement_id
+    from ragstream.infra.judges.panel import opened_panel
+    from ragstream.infra.lifecycle import started
+    from ragstream.schemas.judge import judgement_id
     from ragstream.streams.codec import encode
     from ragstream.streams.topics import JUDGEMENTS
+    from ragstream.workers.judge import judgement_events
 
     if until is not None and until <= since:
         raise BadInputError("--until must be after --since")
@@ -138,85 +140,55 @@ async def backfill(
     source_ref = f"snapshot:{snapshot_id}"
     existing = _existing_ids(settings, version, source_ref)
 
-    embedder = E5Embedder(settings)
-    generator = None
     names = list(judges) if judges else list(settings.judges.judges)
-    panel = JudgePanel(
-        settings.judges, embedder, names=names, head_cache_dir=str(settings.data_dir / "guard")
-    )
-    expected = [j.name for j in panel.judges] + ["overall"]
-    await embedder.start()
-    producer = kafka.make_producer(settings)
+    id_source = f"backfill:{snapshot_id}"
     topic = JUDGEMENTS.full_name(settings.kafka.topic_prefix)
+    producer = kafka.make_producer(settings)
     try:
-        if needs_generator(settings.judges, names):
-            from ragstream.infra.generator import TritonGenerator
-
-            generator = TritonGenerator(settings)
-            await generator.start()
-            panel = JudgePanel(
-                settings.judges,
-                embedder,
-                generator=generator,
-                names=names,
-                head_cache_dir=str(settings.data_dir / "guard"),
-            )
-        await panel.start()
-        for i, row in enumerate(rows, 1):
-            rid = row["request_id"]
-            ids = {judgement_id(rid, name, version, f"backfill:{snapshot_id}") for name in expected}
-            if ids <= existing:
-                report.skipped_done += 1
-            else:
-                passages = [p["text"] for p in row.get("passages") or [] if p.get("text")]
-                if not passages:
-                    passages = passages_from_prompt(row.get("prompt_messages"))
-                case = JudgeCase(
-                    request_id=rid,
-                    question=row["question"] or "",
-                    answer=row["answer"] or "",
-                    passages=passages,
-                    guidelines=settings.judges.guidelines,
-                )
-                result = await panel.judge(case)
-                report.judged += 1
-                for v in (*result.verdicts, result.overall):
-                    event_id = judgement_id(rid, v.judge, version, f"backfill:{snapshot_id}")
-                    if event_id in existing:
-                        continue
-                    event = JudgementRecorded(
-                        event_id=event_id,
-                        trace_id=rid,
-                        tenant=row["tenant"] or "default",
+        async with (
+            started(E5Embedder(settings)) as embedder,
+            opened_panel(settings, embedder, names) as panel,
+        ):
+            expected = [j.name for j in panel.judges] + ["overall"]
+            for i, row in enumerate(rows, 1):
+                rid = row["request_id"]
+                if {judgement_id(rid, name, version, id_source) for name in expected} <= existing:
+                    report.skipped_done += 1
+                else:
+                    passages = [p["text"] for p in row.get("passages") or [] if p.get("text")]
+                    case = JudgeCase(
                         request_id=rid,
-                        judge=v.judge,
-                        judge_version=version,
-                        implementation=v.implementation[:128],
-                        model=v.model,
-                        rating=v.rating,
-                        score=v.score,
-                        rationale=v.rationale[:4000],
-                        error=v.error[:1000] if v.error else None,
-                        latency_ms=max(v.latency_ms, 0.0),
-                        chunk_ratings=v.chunk_ratings,
-                        root_cause=result.root_cause if v is result.overall else None,
+                        question=row["question"] or "",
+                        answer=row["answer"] or "",
+                        passages=passages or passages_from_prompt(row.get("prompt_messages")),
+                        guidelines=settings.judges.guidelines,
+                    )
+                    result = await panel.judge(case)
+                    report.judged += 1
+                    events = judgement_events(
+                        result.verdicts,
+                        result.overall,
+                        result.root_cause,
+                        request_id=rid,
+                        tenant=row["tenant"] or "default",
                         user=row.get("user"),
                         route=row.get("route"),
                         source="backfill",
                         source_ref=source_ref,
+                        version=version,
+                        id_source=id_source,
                     )
-                    report.errors += v.rating is None
-                    producer.send(topic, key=event.kafka_key(), value=encode(event))
-                    report.published += 1
-            if i % 50 == 0:
-                producer.flush()
-            if progress is not None:
-                progress(i, len(rows))
+                    for event in events:
+                        if event.event_id in existing:
+                            continue
+                        report.errors += event.rating is None
+                        producer.send(topic, key=event.kafka_key(), value=encode(event))
+                        report.published += 1
+                if i % 50 == 0:
+                    producer.flush()
+                if progress is not None:
+                    progress(i, len(rows))
         producer.flush()
     finally:
         producer.close()
-        await panel.close()
-        if generator is not None:
-            await generator.close()
-        await embedder.close()
     return report

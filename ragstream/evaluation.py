@@ -206,7 +206,8 @@ async def run_eval(
         DependencyUnavailable: the stack (for `run_pipeline`) or the model cannot be reached.
     """
     from ragstream.infra.embedder import E5Embedder
-    from ragstream.infra.judges.panel import JudgePanel, needs_generator
+    from ragstream.infra.judges.panel import opened_panel
+    from ragstream.infra.lifecycle import started
 
     missing = [r.request_id for r in rows if r.response is None]
     if missing and not run_pipeline:
@@ -218,27 +219,8 @@ async def run_eval(
         names += [n for n in ("correctness", "context_sufficiency") if n not in names and not judges]
     if any(r.guidelines for r in rows) and not judges and "guideline_adherence" not in names:
         names.append("guideline_adherence")
-    embedder = E5Embedder(settings)
-    generator = None
-    panel = JudgePanel(
-        settings.judges, embedder, names=names, head_cache_dir=str(settings.data_dir / "guard")
-    )
-    run = EvalRun(run_id=uuid.uuid4().hex, source_file=source_file, judges=[j.name for j in panel.judges])
-    await embedder.start()
-    try:
-        if needs_generator(settings.judges, names):
-            from ragstream.infra.generator import TritonGenerator
-
-            generator = TritonGenerator(settings)
-            await generator.start()
-            panel = JudgePanel(
-                settings.judges,
-                embedder,
-                generator=generator,
-                names=names,
-                head_cache_dir=str(settings.data_dir / "guard"),
-            )
-        await panel.start()
+    async with started(E5Embedder(settings)) as embedder, opened_panel(settings, embedder, names) as panel:
+        run = EvalRun(run_id=uuid.uuid4().hex, source_file=source_file, judges=[j.name for j in panel.judges])
         answered = (
             await _answer(settings, [r for r in rows if r.response is None], tenant, deadline_ms)
             if missing
@@ -270,11 +252,6 @@ async def run_eval(
             run.results.append(rr)
             if on_row is not None:
                 on_row(rr)
-    finally:
-        await panel.close()
-        if generator is not None:
-            await generator.close()
-        await embedder.close()
     return run
 
 

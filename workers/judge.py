@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from ragstream.infra.judges.base import JudgeCase, Verdict
-from ragstream.infra.judges.panel import JudgePanel, needs_generator
+from ragstream.infra.judges.panel import JudgePanel, opened_panel
 from ragstream.infra.settings import JudgesSettings, Settings
 from ragstream.schemas.events import Event
 from ragstream.schemas.judge import JudgementRecorded, judgement_id
@@ -33,7 +33,7 @@ from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Batched, Stage
 from ragstream.streams.topics import JUDGEMENTS, RESPONSES
 
-__all__ = ["STAGE", "JudgeDeps", "handle", "judgements_of", "open_deps", "sampled"]
+__all__ = ["STAGE", "JudgeDeps", "handle", "judgement_events", "judgements_of", "open_deps", "sampled"]
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,51 @@ def judgements_of(
     *,
     source: str,
     source_ref: str,
-) -> list[Event]:
+) -> list[JudgementRecorded]:
     """The events for one judged response: a judgement per verdict, then `overall`."""
-    out: list[Event] = []
-    user = response.principal.user if response.principal is not None else response.user
+    return judgement_events(
+        verdicts,
+        overall,
+        root_cause,
+        request_id=response.request_id,
+        tenant=response.tenant,
+        user=response.principal.user if response.principal is not None else response.user,
+        route=response.route,
+        source=source,
+        source_ref=source_ref,
+        response_event_id=response.event_id,
+    )
+
+
+def judgement_events(
+    verdicts: Sequence[Verdict],
+    overall: Verdict,
+    root_cause: str | None,
+    *,
+    request_id: str,
+    tenant: str,
+    user: str | None,
+    route: str | None,
+    source: str,
+    source_ref: str,
+    version: str | None = None,
+    id_source: str | None = None,
+    response_event_id: str | None = None,
+) -> list[JudgementRecorded]:
+    """A judgement per verdict, then `overall`. `version` overrides each judge's own (a
+    backfill labels its run); the event id derives from (request, judge, version,
+    `id_source` or `source`)."""
+    out: list[JudgementRecorded] = []
     for v in (*verdicts, overall):
-        version = v.version or "1"
+        judge_version = version or v.version or "1"
         out.append(
             JudgementRecorded(
-                event_id=judgement_id(response.request_id, v.judge, version, source),
-                trace_id=response.request_id,
-                tenant=response.tenant,
-                request_id=response.request_id,
+                event_id=judgement_id(request_id, v.judge, judge_version, id_source or source),
+                trace_id=request_id,
+                tenant=tenant,
+                request_id=request_id,
                 judge=v.judge,
-                judge_version=version[:64],
+                judge_version=judge_version[:64],
                 implementation=v.implementation[:128],
                 model=(v.model or None) and v.model[:256],
                 rating=v.rating,
@@ -87,10 +118,10 @@ def judgements_of(
                 chunk_ratings=v.chunk_ratings,
                 root_cause=root_cause if v is overall else None,
                 user=user[:256] if user else None,
-                route=response.route,
+                route=route,
                 source=source,  # type: ignore[arg-type]
                 source_ref=source_ref[:256],
-                response_event_id=response.event_id,
+                response_event_id=response_event_id,
             )
         )
     return out
@@ -132,56 +163,20 @@ async def handle(events: Sequence[Event], deps: JudgeDeps) -> list[Event]:
 
 @asynccontextmanager
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[JudgeDeps]:
-    from contextlib import AsyncExitStack
-
     from ragstream.infra.embedder import E5Embedder
     from ragstream.infra.lifecycle import started
 
     if not settings.judges.enabled:
         yield JudgeDeps(settings=settings.judges, panel=None)
         return
-    async with AsyncExitStack() as stack:
-        # e5 in this process, on one low-priority thread, not on Triton: the guardrails' head
-        # calls the Triton e5 on the query path, and judge traffic queued in front of it made
-        # guard checks run past their budget (measured: 3 of 16 benign questions blocked).
-        embedder = await stack.enter_async_context(started(E5Embedder(settings, cpu_threads=1, nice=10)))
-        generator = None
-        if needs_generator(settings.judges):
-            from ragstream.infra.generator import TritonGenerator
-
-            generator = await stack.enter_async_context(started(TritonGenerator(settings)))
-        panel = JudgePanel(
-            settings.judges, embedder, generator=generator, head_cache_dir=str(settings.data_dir / "guard")
-        )
-        await _start_waiting(panel)
-        stack.push_async_callback(panel.close)
-        yield JudgeDeps(settings=settings.judges, panel=panel)
-
-
-async def _start_waiting(panel: JudgePanel, wait_s: float = 180.0) -> None:
-    """Start the panel (the safety head embeds its training set), retrying a dependency
-    that is still starting."""
-    import logging as _logging
-
-    from tenacity import (
-        AsyncRetrying,
-        before_sleep_log,
-        retry_if_exception_type,
-        stop_after_delay,
-        wait_incrementing,
-    )
-
-    from ragstream.schemas.errors import DependencyUnavailable
-
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(DependencyUnavailable),
-        stop=stop_after_delay(wait_s),
-        wait=wait_incrementing(start=0.25, increment=0.5, max=3.0),
-        before_sleep=before_sleep_log(log, _logging.INFO),
-        reraise=True,
+    # e5 in this process, on one low-priority thread, not on Triton: the guardrails' head
+    # calls the Triton e5 on the query path, and judge traffic queued in front of it made
+    # guard checks run past their budget (measured: 3 of 16 benign questions blocked).
+    async with (
+        started(E5Embedder(settings, cpu_threads=1, nice=10)) as embedder,
+        opened_panel(settings, embedder) as panel,
     ):
-        with attempt:
-            await panel.start()
+        yield JudgeDeps(settings=settings.judges, panel=panel)
 
 
 STAGE = Stage(

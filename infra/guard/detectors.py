@@ -13,13 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from tenacity import (
-    AsyncRetrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_incrementing,
-)
 
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.generator.interface import Generator
@@ -27,7 +20,7 @@ from ragstream.infra.guard.head import EmbeddingHead
 from ragstream.infra.guard.llm import LlmGuard
 from ragstream.infra.guard.pii import DEFAULT_ENTITIES, PiiDetector
 from ragstream.infra.guard.rules import InjectionRules, SafetyRules
-from ragstream.schemas.errors import DependencyUnavailable
+from ragstream.infra.lifecycle import retry_while_starting
 
 __all__ = ["GuardDetectors"]
 
@@ -78,15 +71,7 @@ class GuardDetectors:
             DependencyUnavailable: the embedder did not answer in that time.
         """
         await self.pii.start()
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(DependencyUnavailable),
-            stop=stop_after_delay(wait_for_embedder_s),
-            wait=wait_incrementing(start=0.25, increment=0.5, max=3.0),
-            before_sleep=before_sleep_log(log, logging.INFO),
-            reraise=True,
-        ):
-            with attempt:
-                await self.head.start()
+        await retry_while_starting(self.head.start, wait_s=wait_for_embedder_s)
         # The first analysis per language is slow (spaCy warms its pipeline): not on a
         # request's budget.
         for lang, text in (

@@ -236,12 +236,27 @@ class Groundedness(_Base):
         )
 
 
-class Correctness(_Base):
-    name = "correctness"
+class _AgainstExpected(_Base):
+    """Judges that compare with an expected answer: its facts must be there, and the text
+    similar enough."""
+
     implementation = "support"
 
     def applies(self, case: JudgeCase) -> bool:
         return bool(case.expected and case.expected.strip())
+
+    def _facts_and_similarity(
+        self, started: float, missing: list[str], sim: float, similar: str, where: str
+    ) -> Verdict:
+        ok = not missing and sim >= self.threshold
+        why = f"{similar} {sim:.3f}" + (f"; {where}: {', '.join(missing)}" if missing else "")
+        return self._verdict(
+            started, rating="yes" if ok else "no", score=round(max(sim, 0.0), 4), rationale=why
+        )
+
+
+class Correctness(_AgainstExpected):
+    name = "correctness"
 
     async def judge(self, case: JudgeCase) -> Verdict:
         t = time.perf_counter()
@@ -255,20 +270,17 @@ class Correctness(_Base):
             n for n in sorted(want.names) if n not in have.names and n not in words
         ]
         q, p = await self._index.vectors([], [case.expected, case.answer])
-        sim = float(p[0] @ p[1])
-        ok = not missing and sim >= self.threshold
-        why = f"similarity to the expected answer {sim:.3f}"
-        if missing:
-            why += f"; the expected answer's facts missing: {', '.join(missing)}"
-        return self._verdict(t, rating="yes" if ok else "no", score=round(max(sim, 0.0), 4), rationale=why)
+        return self._facts_and_similarity(
+            t,
+            missing,
+            float(p[0] @ p[1]),
+            "similarity to the expected answer",
+            "the expected answer's facts missing",
+        )
 
 
-class ContextSufficiency(_Base):
+class ContextSufficiency(_AgainstExpected):
     name = "context_sufficiency"
-    implementation = "support"
-
-    def applies(self, case: JudgeCase) -> bool:
-        return bool(case.expected and case.expected.strip())
 
     async def judge(self, case: JudgeCase) -> Verdict:
         t = time.perf_counter()
@@ -279,12 +291,13 @@ class ContextSufficiency(_Base):
         words = _source_words([*case.passages, case.question])
         missing = _missing_facts(facts(case.expected), source, words, fold(" ".join(case.passages)))
         q, p = await self._index.vectors([], [case.expected, *case.passages])
-        sim = float((p[1:] @ p[0]).max())
-        ok = not missing and sim >= self.threshold
-        why = f"best passage similarity to the expected answer {sim:.3f}"
-        if missing:
-            why += f"; not in the passages: {', '.join(missing)}"
-        return self._verdict(t, rating="yes" if ok else "no", score=round(max(sim, 0.0), 4), rationale=why)
+        return self._facts_and_similarity(
+            t,
+            missing,
+            float((p[1:] @ p[0]).max()),
+            "best passage similarity to the expected answer",
+            "not in the passages",
+        )
 
 
 class Safety(_Base):

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +34,11 @@ from ragstream.infra.judges.builtin import (
     SimilarityIndex,
 )
 from ragstream.infra.judges.llm import BUILTIN_PROMPTS, LlmJudge, LlmJudgeSpec
-from ragstream.infra.settings import JudgesSettings
+from ragstream.infra.lifecycle import retry_while_starting, started
+from ragstream.infra.settings import JudgesSettings, Settings
 from ragstream.schemas.judge import BUILTIN_JUDGES, OVERALL, overall_of
 
-__all__ = ["JudgePanel", "PanelResult", "UnknownJudge", "needs_generator"]
+__all__ = ["JudgePanel", "PanelResult", "UnknownJudge", "needs_generator", "opened_panel"]
 
 _NEEDS = {
     "correctness": "expected",
@@ -148,6 +150,36 @@ class JudgePanel:
             version="1",
         )
         return PanelResult(verdicts, overall, root)
+
+
+@asynccontextmanager
+async def opened_panel(
+    settings: Settings, embedder: Embedder, names: Sequence[str] | None = None
+) -> AsyncIterator[JudgePanel]:
+    """A started panel of `names` (default: `judges.judges`) on `embedder` (already started),
+    with a generator client opened when an LLM judge needs one; everything closed after.
+
+    Raises:
+        UnknownJudge: a judge that is neither built in nor configured (before any I/O).
+        DependencyUnavailable: a dependency did not come up within the start-up wait.
+    """
+    JudgePanel(settings.judges, embedder, names=names)  # validates the names, no I/O
+    async with AsyncExitStack() as stack:
+        generator = None
+        if needs_generator(settings.judges, names):
+            from ragstream.infra.generator import TritonGenerator
+
+            generator = await stack.enter_async_context(started(TritonGenerator(settings)))
+        panel = JudgePanel(
+            settings.judges,
+            embedder,
+            generator=generator,
+            names=names,
+            head_cache_dir=str(settings.data_dir / "guard"),
+        )
+        await retry_while_starting(panel.start)
+        stack.push_async_callback(panel.close)
+        yield panel
 
 
 class _Unavailable:
