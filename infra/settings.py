@@ -504,6 +504,12 @@ class JudgesSettings(_Section):
     llm_timeout_s: float = Field(default=60.0, gt=0)
     llm_seed: int = 7
     concurrency: int = Field(default=4, ge=1, le=64)
+    max_context_chars: int = Field(default=20_000, ge=1000)
+    """The most retrieved context (all passages, in characters) a non-LLM judge reads; over it
+    the judges that read the context give an error instead of a rating."""
+    llm_max_context_chars: int = Field(default=6_000, ge=500)
+    """The same bound for LLM judges: what fits their route's context window (2048 tokens on
+    the embedded model) with the instructions and the answer."""
 
     @model_validator(mode="after")
     def _valid(self) -> JudgesSettings:

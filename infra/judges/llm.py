@@ -55,9 +55,6 @@ BUILTIN_PROMPTS: dict[str, str] = {
     "and name it in the rationale.",
 }
 
-_MAX_PASSAGE_CHARS = 1500
-_MAX_CONTEXT_CHARS = 5000
-
 
 @dataclass(frozen=True)
 class LlmJudgeSpec:
@@ -151,8 +148,8 @@ class LlmJudge:
             )
         parts = [f"Request: {case.question}"]
         if case.passages:
-            context = "\n".join(f"[{i + 1}] {p[:_MAX_PASSAGE_CHARS]}" for i, p in enumerate(case.passages))
-            parts.append(f"Retrieved context:\n{context[:_MAX_CONTEXT_CHARS]}")
+            context = "\n".join(f"[{i + 1}] {p}" for i, p in enumerate(case.passages))
+            parts.append(f"Retrieved context:\n{context}")
         if case.expected and self._spec.needs == "expected":
             parts.append(f"Expected response: {case.expected}")
         if case.guidelines and self._spec.needs == "guidelines":

@@ -48,6 +48,10 @@ _NEEDS = {
 }
 
 
+_READS_CONTEXT = frozenset({"groundedness", "chunk_relevance", "context_sufficiency"})
+"""The built-in judges that read the retrieved context (bounded by `max_context_chars`)."""
+
+
 class UnknownJudge(ValueError):
     """A judge name that is neither built in nor configured (the caller's error)."""
 
@@ -135,11 +139,34 @@ class JudgePanel:
     async def close(self) -> None:
         await self._head.close()
 
+    def context_limit_chars(self, judge: Judge) -> int | None:
+        """How much retrieved context `judge` reads at most (None: it does not read it)."""
+        if isinstance(judge, LlmJudge):
+            return self.settings.llm_max_context_chars
+        if judge.name in _READS_CONTEXT:
+            return self.settings.max_context_chars
+        return None
+
+    async def _judge_one(self, judge: Judge, case: JudgeCase) -> Verdict:
+        limit = self.context_limit_chars(judge)
+        size = sum(len(p) for p in case.passages)
+        if limit is not None and size > limit:
+            return Verdict(
+                judge=judge.name,
+                rating=None,
+                error=f"ContextOverWindow: the retrieved context is {size} characters; this judge "
+                f"reads at most {limit} (judges.{'llm_' if isinstance(judge, LlmJudge) else ''}max_context_chars)",
+                implementation=judge.implementation,
+                model=judge.model,
+                version=judge.version,
+            )
+        return await judge.judge(case)
+
     async def judge(self, case: JudgeCase) -> PanelResult:
         """Every applicable judge's verdict, and the overall rollup."""
         t = time.perf_counter()
         chosen = [j for j in self.judges if j.applies(case)]
-        verdicts = tuple(await asyncio.gather(*(j.judge(case) for j in chosen)))
+        verdicts = tuple(await asyncio.gather(*(self._judge_one(j, case) for j in chosen)))
         rating, root, why = overall_of([(v.judge, v.rating) for v in verdicts])
         overall = Verdict(
             judge=OVERALL,

@@ -161,3 +161,197 @@ async def test_a_backfill_rerun_of_one_snapshot_and_version_adds_nothing_twice(
     assert after == before and set(after.values()) == {1}
     bad = stack.cli("judge", "backfill", "--since", "yesterday", "--version", "v", check=False)
     assert bad.returncode == 2 and "ISO time" in bad.stderr
+
+
+def test_eval_runs_the_pipeline_and_llm_judges_custom_and_guidelines_rate_the_same_twice(
+    stack: Stack, corpus_reports: list[Any], tmp_path: Path
+) -> None:
+    """`--run-pipeline` asks the live stack for rows without a response; `guideline_adherence`
+    and a custom judge from config run as LLM judges on the `judge` route (constrained JSON,
+    temperature 0, fixed seed): every rating parses, and a rerun rates the same."""
+    rows = [
+        {
+            "request_id": "pipe-en",
+            "request": "When are forklifts inspected?",
+            "guidelines": ["The response must be in English."],
+        },
+        {
+            "request_id": "pipe-fr",
+            "request": "Quand les chariots élévateurs sont-ils inspectés ?",
+            "guidelines": ["La réponse doit être en français."],
+        },
+    ]
+    path = tmp_path / "pipeline.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    custom = {
+        "concise": {
+            "prompt": "Is the response at most three sentences long?",
+            "examples": [
+                {"request": "Hours?", "response": "9 to 5.", "rating": "yes", "rationale": "One sentence."}
+            ],
+        }
+    }
+    env = {**stack.env, "RAGSTREAM_JUDGES__CUSTOM": json.dumps(custom)}
+    args = [
+        str(path),
+        "--run-pipeline",
+        "--json",
+        "--tenant",
+        "larkspur",
+        "--judges",
+        "groundedness,relevance_to_query,guideline_adherence,concise",
+    ]
+
+    def run() -> list[dict[str, Any]]:
+        r = subprocess.run(
+            [sys.executable, "-m", "ragstream", "eval", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode in (0, 1), r.stderr
+        return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+    first = run()
+    assert [r["request_id"] for r in first] == ["pipe-en", "pipe-fr"]
+    for row in first:
+        assert set(row["judges"]) == {"groundedness", "relevance_to_query", "guideline_adherence", "concise"}
+        for name in ("guideline_adherence", "concise"):
+            verdict = row["judges"][name]
+            assert verdict["rating"] in ("yes", "no") and verdict["error"] is None, verdict
+            assert verdict["rationale"], verdict
+    recorded = _sql(
+        stack,
+        "SELECT row_id, response, answered_by FROM evaluations WHERE row_id IN ('pipe-en', 'pipe-fr')",
+    )
+    assert sorted(r["row_id"] for r in recorded) == ["pipe-en", "pipe-fr"], recorded
+    assert all(r["answered_by"] == "pipeline" and r["response"] for r in recorded), recorded
+    # The judges on one answer are deterministic (generation under load need not be): judge
+    # the pipeline's answers, written into the file, twice.
+    answers = {r["row_id"]: r["response"] for r in recorded}
+    path.write_text(
+        "\n".join(json.dumps({**r, "response": answers[r["request_id"]]}, ensure_ascii=False) for r in rows)
+        + "\n"
+    )
+    args.remove("--run-pipeline")
+    again, third = run(), run()
+    assert again == third
+    assert all(row["judges"]["concise"]["rating"] in ("yes", "no") for row in again)
+
+
+def test_a_judge_over_its_window_or_past_its_time_gives_an_error_not_a_crash(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A context longer than a judge reads and an LLM judge that times out each come back as
+    a judgement with `error` set and no rating; the other judges of the row still rate."""
+    big = " ".join(f"Section {i}: forklifts are inspected every {i % 12 + 1} weeks." for i in range(600))
+    rows = [
+        {
+            "request_id": "huge-context",
+            "request": "When are forklifts inspected?",
+            "response": "Forklifts are inspected every 3 weeks.",
+            "retrieved_context": [{"content": big, "doc_uri": "big.md"}],
+        }
+    ]
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    r = _eval(stack, str(path), "--json", "--judges", "groundedness,relevance_to_query")
+    assert r.returncode in (0, 1), r.stderr
+    (row,) = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert row["judges"]["groundedness"]["rating"] is None
+    assert "ContextOverWindow" in row["judges"]["groundedness"]["error"]
+    assert row["judges"]["relevance_to_query"]["rating"] in ("yes", "no")
+
+    small = tmp_path / "small.jsonl"
+    small.write_text(
+        json.dumps({"request": "When are forklifts inspected?", "response": "Every 3 weeks [1]."}) + "\n"
+    )
+    timed_out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ragstream",
+            "eval",
+            str(small),
+            "--json",
+            "--judges",
+            "safety,guideline_adherence",
+        ],
+        env={
+            **stack.env,
+            "RAGSTREAM_JUDGES__LLM_TIMEOUT_S": "0.001",
+            "RAGSTREAM_JUDGES__GUIDELINES": '["Answer in English."]',
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert timed_out.returncode in (0, 1), timed_out.stderr
+    (row,) = [json.loads(line) for line in timed_out.stdout.splitlines() if line.startswith("{")]
+    verdict = row["judges"]["guideline_adherence"]
+    assert verdict["rating"] is None and verdict["error"], verdict
+    assert row["judges"]["safety"]["rating"] == "yes"
+
+
+async def test_junk_and_an_oversized_context_on_the_responses_topic_never_stop_the_judge(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Hostile messages on the topic the judge consumes go to the dead-letter topic with a
+    reason; a response whose context is over the judges' window is judged with an `error` on
+    the judges that read the context; the worker keeps running and judging."""
+    from ragstream.infra.kafka import make_producer
+    from ragstream.schemas.queries import Passage, ResponseCompleted
+    from ragstream.streams.codec import encode
+    from tests.integration.test_ingestion import read_deadletters, worker_pids
+
+    pids = worker_pids(stack)
+    topic = f"{stack.settings.kafka.topic_prefix}.responses"
+    marker = f"judge-junk-{time.time_ns()}"
+    rid = f"judge-huge-{time.time_ns()}"
+    huge = ResponseCompleted(
+        request_id=rid,
+        status="ok",
+        tenant="larkspur",
+        question="When are forklifts inspected?",
+        answer="Forklifts are inspected every week [1].",
+        route="default",
+        finish_reason="stop",
+        passages=tuple(
+            Passage(
+                number=i + 1, chunk_id=f"big:{i}", document_id="big", text="Forklifts are checked. " * 400
+            )
+            for i in range(5)
+        ),
+    )
+    producer = make_producer(stack.settings)
+    producer.send(topic, key=marker.encode(), value=b"\x00\xff not json " + marker.encode())
+    producer.send(
+        topic, key=f"{marker}-wrong".encode(), value=json.dumps({"request_id": 7, "answer": []}).encode()
+    )
+    producer.send(topic, key=rid.encode(), value=encode(huge))
+    producer.flush()
+    producer.close()
+
+    deadline = time.monotonic() + 90
+    stages: dict[str, set[str]] = {}
+    while time.monotonic() < deadline and not {marker, f"{marker}-wrong"} <= {
+        k for k, s in stages.items() if "judge" in s
+    }:
+        for d in read_deadletters(stack):
+            if str(d.get("original_key", "")).startswith(marker):
+                stages.setdefault(d["original_key"], set()).add(d["stage"])
+                assert d["error_kind"] == "schema_violation" and d["message"], d
+        time.sleep(1)
+    assert all("judge" in stages.get(k, set()) for k in (marker, f"{marker}-wrong")), stages
+
+    rows = _wait_rows(
+        stack,
+        f"SELECT judge, rating, error FROM judgements WHERE request_id = '{rid}'",
+        want=len(stack.settings.judges.judges) + 1,
+    )
+    by_judge = {r["judge"]: r for r in rows}
+    assert by_judge["groundedness"]["rating"] is None
+    assert "ContextOverWindow" in by_judge["groundedness"]["error"]
+    assert by_judge["relevance_to_query"]["rating"] in ("yes", "no")
+    assert worker_pids(stack) == pids

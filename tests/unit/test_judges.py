@@ -29,11 +29,16 @@ QUESTION = "How many weeks of paid parental leave do employees get?"
 
 
 @pytest.fixture(scope="module")
-async def index() -> AsyncIterator[SimilarityIndex]:
-    embedder = E5Embedder(Settings())
-    await embedder.start()
-    yield SimilarityIndex(embedder)
-    await embedder.close()
+async def embedder() -> AsyncIterator[E5Embedder]:
+    e5 = E5Embedder(Settings())
+    await e5.start()
+    yield e5
+    await e5.close()
+
+
+@pytest.fixture(scope="module")
+def index(embedder: E5Embedder) -> SimilarityIndex:
+    return SimilarityIndex(embedder)
 
 
 def test_facts_normalise_numbers_dates_and_names_across_languages() -> None:
@@ -214,3 +219,30 @@ def test_backfill_reads_the_passages_back_from_a_prompt_the_template_wrote() -> 
     assert passages_from_prompt(list(prompt.messages)) == [PASSAGES[0], PASSAGES[1] + "\n\nSecond paragraph."]
     assert passages_from_prompt([{"role": "user", "content": "no context here"}]) == []
     assert passages_from_prompt(None) == []
+
+
+async def test_a_context_over_a_judges_window_is_an_error_on_the_judges_that_read_it(
+    embedder: E5Embedder,
+) -> None:
+    from ragstream.infra.judges.panel import JudgePanel
+
+    settings = JudgesSettings(
+        judges=("groundedness", "relevance_to_query", "tone"),
+        custom={"tone": {"prompt": "Is it polite?", "uses_context": True}},  # type: ignore[dict-item]
+        max_context_chars=2000,
+        llm_max_context_chars=1000,
+    )
+    gen = _Scripted('{"rating": "yes", "rationale": "polite"}')
+    panel = JudgePanel(settings, embedder, generator=gen)
+    answer = "They get 16 weeks of paid parental leave."
+    medium = [PASSAGES[0] * 6]  # 1.2k characters: over the LLM judge's window, within the others'
+    result = await panel.judge(JudgeCase("r1", QUESTION, answer, medium))
+    by = {v.judge: v for v in result.verdicts}
+    assert by["groundedness"].rating == "yes" and by["relevance_to_query"].rating == "yes"
+    assert by["tone"].rating is None and by["tone"].error and "ContextOverWindow" in by["tone"].error
+    assert "llm_max_context_chars" in by["tone"].error and not gen.calls, "the model is never asked"
+    result = await panel.judge(JudgeCase("r2", QUESTION, answer, [PASSAGES[0] * 12]))
+    by = {v.judge: v for v in result.verdicts}
+    assert by["groundedness"].rating is None and "max_context_chars" in str(by["groundedness"].error)
+    assert by["relevance_to_query"].rating == "yes", "a judge that does not read the context still rates"
+    assert result.overall.rating == "yes", "errors are not failures: the rollup skips them"
