@@ -84,11 +84,8 @@ def model_specs(settings: Settings, group: ModelGroup = "all") -> tuple[ModelSpe
 
     specs = {
         "embed": (ModelSpec(name=settings.triton.embed_model, bind=_bind_embedder),)
-        + (
-            (ModelSpec(name=settings.triton.guard_embed_model, bind=_bind_guard_embedder),)
-            if settings.guardrails.enabled or settings.judges.enabled
-            else ()
-        ),
+        # e5 serves the guardrails' head, the extractive route and the no-context check.
+        + (ModelSpec(name=settings.triton.guard_embed_model, bind=_bind_guard_embedder),),
         "generate": (ModelSpec(name=SMOLLM2_MODEL, bind=_bind_generator),),
     }
     if group == "all":

