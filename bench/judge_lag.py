@@ -110,6 +110,16 @@ def main(argv: list[str] | None = None) -> None:
         f" (difference at p50 {statistics.median(on) - statistics.median(off):+.0f} ms)",
         "no difference beyond noise",
     )
+    # The noise floor: the same comparison between two halves of the judges-off blocks.
+    off_a, off_b = off[0::2], off[1::2]
+    noise = abs(statistics.median(off_a) - statistics.median(off_b)) if off_a and off_b else float("nan")
+    diff = statistics.median(on) - statistics.median(off)
+    res.add(
+        "noise floor: p50 difference between two halves of the judges-off questions",
+        f"{noise:.0f} ms",
+        "on-vs-off within it",
+        verdict(abs(diff) <= noise),
+    )
     lags = [r["lag_ms"] / 1000 for r in rows if r["judge"] == "overall" and r["lag_ms"] is not None]
     judged = len(lags)
     res.add("requests judged (asked while judges were on)", f"{judged} of {len(m['on_ids'])}")

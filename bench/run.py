@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import argparse
 
-from bench import audit, auth, guard_latency, guardrails, ingestion, judge_lag, judges, qa, reliability
+from bench import (
+    answers,
+    audit,
+    auth,
+    guard_latency,
+    guardrails,
+    ingestion,
+    judge_lag,
+    judges,
+    qa,
+    reliability,
+)
 
 BENCHES = {
     "ingestion": ingestion.main,
@@ -17,6 +28,7 @@ BENCHES = {
     "judges": judges.main,
     "judge_lag": judge_lag.main,
     "reliability": reliability.main,
+    "answers": answers.main,
 }
 
 

@@ -156,7 +156,11 @@ class GenerationSettings(_Section):
     min_context_relevance: float = Field(default=0.80, ge=0.0, le=1.0)
     """Below this e5 similarity between the question and its best retrieved chunk, the answer
     is "I don't know" in the question's language (`finish_reason = "no_context"`), on every
-    route, and no model is called. 0 turns the check off."""
+    route, and no model is called, unless `min_context_term_coverage` says otherwise. 0 turns
+    the check off."""
+    min_context_term_coverage: float = Field(default=0.6, ge=0.0, le=1.0)
+    """A chunk holding at least this share of the question's content words (codes, names) is
+    relevant whatever its e5 similarity."""
     n_threads: int = Field(default=1, ge=1)
     # Tokens one stream may hold (prompt + answer); SmolLM2 was trained on 8192.
     context_tokens: int = Field(default=2048, ge=256)

@@ -31,7 +31,7 @@ from ragstream.infra.guard.base import detect_language
 from ragstream.infra.judges.text import fold, sentences
 from ragstream.schemas.queries import RetrievedChunk
 
-__all__ = ["EXTRACTIVE_MODEL", "Extract", "dont_know", "extract", "relevance"]
+__all__ = ["EXTRACTIVE_MODEL", "Extract", "Relevance", "dont_know", "extract", "relevance"]
 
 EXTRACTIVE_MODEL = "extractive"
 """The `generation.routes` value that answers extractively instead of calling a model."""
@@ -91,16 +91,34 @@ def dont_know(question: str) -> str:
     return _DONT_KNOW[detect_language(question)]
 
 
-async def relevance(question: str, chunks: Sequence[RetrievedChunk], embedder: Embedder) -> float:
-    """The best e5 similarity between the question and a chunk (0.0 with no chunks).
+@dataclass(frozen=True)
+class Relevance:
+    """How well the best retrieved chunk matches the question, two ways."""
+
+    similarity: float
+    """The best e5 similarity between the question (as a query) and a chunk (as a passage)."""
+    term_coverage: float
+    """The largest share of the question's content words (codes, names, rare words) one
+    chunk contains: what e5 blurs ("LX-4471-C", "vpn-gw-02")."""
+
+    def relevant(self, min_similarity: float, min_term_coverage: float) -> bool:
+        return self.similarity >= min_similarity or self.term_coverage >= min_term_coverage
+
+
+async def relevance(question: str, chunks: Sequence[RetrievedChunk], embedder: Embedder) -> Relevance:
+    """See `Relevance` (both 0.0 with no chunks).
 
     Raises:
         DependencyUnavailable: the embedder cannot be reached.
     """
     if not chunks:
-        return 0.0
+        return Relevance(0.0, 0.0)
     vectors = await embedder.embed([question, *(E5_PASSAGE + _passage(c) for c in chunks)])
-    return float(np.max(vectors[1:] @ vectors[0]))
+    asked = _terms(question)
+    coverage = (
+        max((len(asked & _terms(_passage(c))) / len(asked) for c in chunks), default=0.0) if asked else 0.0
+    )
+    return Relevance(float(np.max(vectors[1:] @ vectors[0])), coverage)
 
 
 def _passage(chunk: RetrievedChunk) -> str:

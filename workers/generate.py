@@ -83,13 +83,13 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
     if deps.e5 is not None and gen.min_context_relevance > 0:
         t_rel = time.perf_counter()
         try:
-            best = await relevance(q.question, ctx.chunks, deps.e5)
+            found = await relevance(q.question, ctx.chunks, deps.e5)
         except TransientError as exc:  # the check is a courtesy: without it, answer as usual
             log.warning("no-context check skipped for %s: %s", q.request_id, exc)
-            best = 1.0
+            found = None
         latency["context_relevance"] = (time.perf_counter() - t_rel) * 1000.0
-        if best < gen.min_context_relevance:
-            return _no_context(ctx, route, latency, best)
+        if found is not None and not found.relevant(gen.min_context_relevance, gen.min_context_term_coverage):
+            return _no_context(ctx, route, latency)
     fallback = gen.fallback_routes.get(route)
     if model == EXTRACTIVE_MODEL:
         return await _extractive(ctx, deps, route, latency)
@@ -258,10 +258,9 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
     )
 
 
-def _no_context(ctx: ContextRetrieved, route: str, latency: dict[str, float], best: float) -> list[Event]:
+def _no_context(ctx: ContextRetrieved, route: str, latency: dict[str, float]) -> list[Event]:
     """ "I don't know" in the question's language: nothing retrieved is relevant enough."""
     q = ctx.query
-    latency["best_context_relevance"] = best
     latency["total"] = ms_since(q.produced_at)
     return finals(
         ResponseCompleted(
@@ -306,7 +305,7 @@ async def _extractive(
         return error_response(q, f"generation_failed: extractive route: {exc}", latency)
     latency["extract"] = (time.perf_counter() - t0) * 1000.0
     if found is None:
-        return _no_context(ctx, route, latency, 0.0)
+        return _no_context(ctx, route, latency)
     answer = found.text
     verdicts = list(ctx.guard_verdicts)
     policy = _output_policy(ctx, deps)

@@ -173,7 +173,7 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Ju
     # calls the Triton e5 on the query path, and judge traffic queued in front of it made
     # guard checks run past their budget (measured: 3 of 16 benign questions blocked).
     async with (
-        started(E5Embedder(settings, cpu_threads=1, nice=19)) as embedder,
+        started(E5Embedder(settings, cpu_threads=1, nice=10)) as embedder,
         opened_panel(settings, embedder) as panel,
     ):
         yield JudgeDeps(settings=settings.judges, panel=panel)

@@ -61,11 +61,17 @@ async def test_the_answer_quotes_the_sentence_that_answers_with_its_citation(
 
 
 async def test_an_unrelated_question_scores_below_the_no_context_threshold(e5: E5Embedder) -> None:
-    threshold = GenerationSettings().min_context_relevance
-    assert await relevance("When are forklifts inspected?", CHUNKS, e5) >= threshold
-    assert await relevance("What is the capital of Australia?", CHUNKS, e5) < threshold
-    assert await relevance("Quelle est la recette de la ratatouille ?", CHUNKS, e5) < threshold
-    assert await relevance("anything", [], e5) == 0.0
+    g = GenerationSettings()
+
+    async def relevant(question: str) -> bool:
+        found = await relevance(question, CHUNKS, e5)
+        return found.relevant(g.min_context_relevance, g.min_context_term_coverage)
+
+    assert await relevant("When are forklifts inspected?")
+    assert await relevant("Quand les chariots élévateurs sont-ils inspectés ?")
+    assert not await relevant("What is the capital of Australia?")
+    assert not await relevant("Quelle est la recette de la ratatouille ?")
+    assert (await relevance("anything", [], e5)).similarity == 0.0
     assert await extract("anything", [], e5) is None
 
 
