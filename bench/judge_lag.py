@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import sys
@@ -54,14 +55,20 @@ async def _measure(settings: Any, data_dir: Path, rounds: int) -> dict[str, Any]
         for q in qs[:2]:
             await _ask(client, q, None)
         for block in range(rounds):
-            side = "on" if block % 2 == 0 else "off"
+            # Blocks come in pairs that ask the same questions, in alternating order (on/off,
+            # off/on, ...), so a question's TTFT with judges on is compared with its own
+            # TTFT with judges off.
+            pair = block // 2
+            side = ("on", "off")[(block + pair) % 2]
             if side == "off":
                 os.kill(judge.pid, signal.SIGSTOP)
             try:
                 for i in range(BLOCK):
-                    ttft, _, final = await _ask(client, qs[(block * BLOCK + i) % len(qs)], None)
+                    q = qs[(pair * BLOCK + i) % len(qs)]
+                    ttft, _, final = await _ask(client, q, None)
                     if final.status == "ok":
                         out[side].append(ttft)
+                        out.setdefault("paired", {}).setdefault(f"{pair}:{i}", {})[side] = ttft
                         if side == "on":
                             out["on_ids"].append(final.request_id)
             finally:
@@ -73,7 +80,13 @@ async def _measure(settings: Any, data_dir: Path, rounds: int) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> None:
     rounds = int(argv[0]) if argv else 8
     with tempfile.TemporaryDirectory() as tmp:
-        stack = BenchStack.create(Path(tmp))
+        # No prompt cache (a repeated question would be faster the second time) and no
+        # no-context shortcut (every question is generated).
+        stack = BenchStack.create(
+            Path(tmp),
+            RAGSTREAM_GENERATION__CACHE_PROMPT="false",
+            RAGSTREAM_GENERATION__MIN_CONTEXT_RELEVANCE="0",
+        )
         stack.up()
         try:
             ingest(
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             stack.down()
     res = Results()
-    res.raw = {"ttft_on": m["on"], "ttft_off": m["off"], "judgements": rows}
+    res.raw = {"ttft_on": m["on"], "ttft_off": m["off"], "paired": m.get("paired"), "judgements": rows}
     on, off = m["on"], m["off"]
     res.add("questions (blocks of 4, alternating)", f"{len(on)} judges on / {len(off)} judges off")
     res.add(
@@ -110,16 +123,19 @@ def main(argv: list[str] | None = None) -> None:
         f" (difference at p50 {statistics.median(on) - statistics.median(off):+.0f} ms)",
         "no difference beyond noise",
     )
-    # The noise floor: the same comparison between two halves of the judges-off blocks.
-    off_a, off_b = off[0::2], off[1::2]
-    noise = abs(statistics.median(off_a) - statistics.median(off_b)) if off_a and off_b else float("nan")
-    diff = statistics.median(on) - statistics.median(off)
-    res.add(
-        "noise floor: p50 difference between two halves of the judges-off questions",
-        f"{noise:.0f} ms",
-        "on-vs-off within it",
-        verdict(abs(diff) <= noise),
-    )
+    # Paired: each question's TTFT with judges on minus its own with judges off; the 95%
+    # bootstrap interval of the median difference says whether it is beyond noise.
+    diffs = [p["on"] - p["off"] for p in m.get("paired", {}).values() if "on" in p and "off" in p]
+    if diffs:
+        rng = random.Random(7)
+        boots = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(2000))
+        lo, hi = boots[50], boots[1949]
+        res.add(
+            "time to first token, judges on minus off, same question: median [95% interval]",
+            f"{statistics.median(diffs):+.0f} ms [{lo:+.0f}, {hi:+.0f}] over {len(diffs)} pairs",
+            "interval contains 0",
+            verdict(lo <= 0 <= hi),
+        )
     lags = [r["lag_ms"] / 1000 for r in rows if r["judge"] == "overall" and r["lag_ms"] is not None]
     judged = len(lags)
     res.add("requests judged (asked while judges were on)", f"{judged} of {len(m['on_ids'])}")
