@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ class _Cached:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.memo: dict[str, np.ndarray] = {}
+        self.memo: dict[str, Any] = {}
         self.dimension = inner.dimension
         self.model_id = inner.model_id
 
@@ -33,7 +34,7 @@ class _Cached:
 
     async def close(self) -> None: ...
 
-    async def embed(self, texts: Any) -> np.ndarray:
+    async def embed(self, texts: Any) -> Any:
         todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
         for i in range(0, len(todo), 64):
             batch = todo[i : i + 64]
@@ -97,7 +98,11 @@ async def _measure() -> dict[str, Any]:
         }
         out: dict[str, Any] = {"rows": []}
         for qi, row in enumerate(qa):
-            rec: dict[str, Any] = {"request_id": row["request_id"], "lang": row["lang"], "doc_lang": row["doc_lang"]}
+            rec: dict[str, Any] = {
+                "request_id": row["request_id"],
+                "lang": row["lang"],
+                "doc_lang": row["doc_lang"],
+            }
             for name in ("minilm", "e5"):
                 sims = passages[name] @ queries[name][qi]
                 order = [i for i in np.argsort(-sims) if chunks[i][0] == row["tenant"]][:5]
@@ -124,10 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     m = asyncio.run(_measure())
     res = Results()
     res.raw = m
-    groups = {
-        "en questions": lambda r: r["lang"] == "en",
-        "fr questions": lambda r: r["lang"] == "fr",
-        "across languages": lambda r: r["lang"] != r["doc_lang"],
+    groups: dict[str, Callable[[dict[str, Any]], bool]] = {
+        "en questions": lambda r: bool(r["lang"] == "en"),
+        "fr questions": lambda r: bool(r["lang"] == "fr"),
+        "across languages": lambda r: bool(r["lang"] != r["doc_lang"]),
     }
     for name in ("minilm", "e5"):
         for label, keep in groups.items():
@@ -141,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         for label, keep in groups.items():
             sel = [r[name] for r in m["rows"] if keep(r)]
-            res.add(f"{name}: extractive answer hit on its top 5, {label}", _rate([s["extract_hit"] for s in sel]))
+            res.add(
+                f"{name}: extractive answer hit on its top 5, {label}", _rate([s["extract_hit"] for s in sel])
+            )
     res.print("embedders: passage hit@k per language, MiniLM vs multilingual-e5 (issue 13)")
     console.print(f"saved {res.save('embedders')}")
 

@@ -28,6 +28,7 @@ BENCHES = {
     "judges": judges.main,
     "judge_lag": judge_lag.main,
     "reliability": reliability.main,
+    "embedders": embedders.main,
     "answers": answers.main,
 }
 

@@ -136,6 +136,9 @@ class EmbedSettings(_Section):
     pipeline_depth: int = Field(default=2, ge=1, le=8)
     dimension: int = 384
     model_id: str = "all-MiniLM-L6-v2"
+    passage_prefix: str = Field(default="", max_length=32)
+    """Put before each chunk's text when it is embedded, for asymmetric models: `"passage: "`
+    with multilingual-e5 (`triton.embed_model = "embed-e5"`), whose queries go unprefixed."""
 
 
 class GenerationSettings(_Section):

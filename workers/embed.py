@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.lifecycle import started
@@ -22,14 +23,24 @@ from ragstream.streams.topics import CHUNKS, EMBEDDED
 __all__ = ["STAGE", "handle", "open_deps"]
 
 
-async def handle(events: Sequence[Event], embedder: Embedder) -> list[Event]:
+@dataclass(frozen=True)
+class Passages:
+    """The embed stage's deps: the embedder, and what goes before each chunk's text."""
+
+    embedder: Embedder
+    prefix: str = ""
+
+
+async def handle(events: Sequence[Event], deps: Embedder | Passages) -> list[Event]:
     """Embed every chunk in the batch with one model call; keep the input order.
 
     Raises:
         TransientError: Triton did not answer (the runner retries).
     """
+    embedder, prefix = (deps.embedder, deps.prefix) if isinstance(deps, Passages) else (deps, "")
     chunks = [e for e in events if isinstance(e, ChunkCreated)]
-    vectors = await embedder.embed([c.chunk.embedding_text() for c in chunks]) if chunks else None
+    texts = [prefix + c.chunk.embedding_text() for c in chunks]
+    vectors = await embedder.embed(texts) if chunks else None
     out: list[Event] = []
     i = 0
     for e in events:
@@ -53,11 +64,11 @@ async def handle(events: Sequence[Event], embedder: Embedder) -> list[Event]:
 
 
 @asynccontextmanager
-async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Embedder]:
+async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Passages]:
     from ragstream.infra.embedder import TritonEmbedder
 
     async with started(TritonEmbedder(settings)) as embedder:
-        yield embedder
+        yield Passages(embedder, settings.embed.passage_prefix)
 
 
 STAGE = Stage(
