@@ -9,6 +9,7 @@ from bench import (
     answers,
     audit,
     auth,
+    embedders,
     guard_latency,
     guardrails,
     ingestion,
