@@ -33,7 +33,9 @@ from ragstream.client import AsyncClient
 from ragstream.ingest import ingest
 
 TARGET_LAG_P99_S = 30.0
-BLOCK = 4
+BLOCK = 2
+"""Questions per block: a paused worker must stay within the supervisor's liveness grace
+(30 s), or it is restarted as unresponsive."""
 
 
 def _judge_process(data_dir: Path) -> psutil.Process:
@@ -78,7 +80,7 @@ async def _measure(settings: Any, data_dir: Path, rounds: int) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    rounds = int(argv[0]) if argv else 8
+    rounds = int(argv[0]) if argv else 16
     with tempfile.TemporaryDirectory() as tmp:
         # No prompt cache (a repeated question would be faster the second time) and no
         # no-context shortcut (every question is generated).
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     res = Results()
     res.raw = {"ttft_on": m["on"], "ttft_off": m["off"], "paired": m.get("paired"), "judgements": rows}
     on, off = m["on"], m["off"]
-    res.add("questions (blocks of 4, alternating)", f"{len(on)} judges on / {len(off)} judges off")
+    res.add("questions (paired blocks of 2, alternating order)", f"{len(on)} judges on / {len(off)} judges off")
     res.add(
         "time to first token p50 / p99: judges on vs off",
         f"{statistics.median(on):.0f} / {pct(on, 99):.0f} vs {statistics.median(off):.0f} / {pct(off, 99):.0f} ms"

@@ -161,6 +161,11 @@ class GenerationSettings(_Section):
     is "I don't know" in the question's language (`finish_reason = "no_context"`), on every
     route, and no model is called, unless `min_context_term_coverage` says otherwise. 0 turns
     the check off."""
+    prompt_sentences: dict[str, int] = Field(default_factory=dict)
+    """Per route: the prompt holds only this many of the retrieved passages' sentences, the
+    ones that best answer the question (`workers.extractive.trimmed`), instead of whole
+    chunks: a shorter prefill, which is all of a small CPU model's time to first token.
+    Routes not named get whole chunks."""
     min_context_term_coverage: float = Field(default=0.6, ge=0.0, le=1.0)
     """A chunk holding at least this share of the question's content words (codes, names) is
     relevant whatever its e5 similarity."""
@@ -187,6 +192,8 @@ class GenerationSettings(_Section):
             raise ValueError(
                 f"default_route {self.default_route!r} is not one of routes {sorted(self.routes)}"
             )
+        if any(not 1 <= n <= 64 for n in self.prompt_sentences.values()):
+            raise ValueError("prompt_sentences: between 1 and 64 sentences per route")
         known = {*self.routes, "extractive"}
         for route, fallback in self.fallback_routes.items():
             if route not in known or fallback not in known or route == fallback:

@@ -33,7 +33,7 @@ from ragstream.infra.guard.base import detect_language
 from ragstream.infra.judges.text import fold, sentences
 from ragstream.schemas.queries import RetrievedChunk
 
-__all__ = ["EXTRACTIVE_MODEL", "Extract", "Relevance", "dont_know", "extract", "relevance"]
+__all__ = ["EXTRACTIVE_MODEL", "Extract", "Relevance", "dont_know", "extract", "relevance", "trimmed"]
 
 EXTRACTIVE_MODEL = "extractive"
 """The `generation.routes` value that answers extractively instead of calling a model."""
@@ -128,6 +128,32 @@ def _passage(chunk: RetrievedChunk) -> str:
     return f"{where}\n{chunk.text}" if where else chunk.text
 
 
+async def _scored(
+    question: str, chunks: Sequence[RetrievedChunk], embedder: Embedder
+) -> list[tuple[float, int, int, str]]:
+    """(score, reading-order index, chunk number, sentence), best first."""
+    candidates: list[tuple[int, str]] = []
+    for n, chunk in enumerate(chunks, start=1):
+        for s in sentences(chunk.text):
+            s = s.strip()
+            if len(s.split()) >= _MIN_WORDS and len(s) <= _MAX_SENTENCE_CHARS:
+                candidates.append((n, s))
+    candidates = candidates[:_MAX_SENTENCES_SCORED]
+    if not candidates:
+        return []
+    vectors = await embedder.embed([question, *(E5_PASSAGE + s for _, s in candidates)])
+    similarity = vectors[1:] @ vectors[0]
+    asked = _terms(question)
+    wants_number = _ASKS_NUMBER.search(fold(question)) is not None
+    scored: list[tuple[float, int, int, str]] = []
+    for i, ((n, s), sim) in enumerate(zip(candidates, similarity, strict=True)):
+        lexical = len(asked & _terms(s)) / len(asked) if asked else 0.0
+        bonus = _NUMBER_BONUS if wants_number and _HAS_NUMBER.search(s) else 0.0
+        scored.append((float(sim) + _LEXICAL_WEIGHT * lexical + bonus, i, n, s))
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    return scored
+
+
 async def extract(
     question: str,
     chunks: Sequence[RetrievedChunk],
@@ -141,25 +167,9 @@ async def extract(
     Raises:
         DependencyUnavailable: the embedder cannot be reached.
     """
-    candidates: list[tuple[int, str]] = []
-    for n, chunk in enumerate(chunks, start=1):
-        for s in sentences(chunk.text):
-            s = s.strip()
-            if len(s.split()) >= _MIN_WORDS and len(s) <= _MAX_SENTENCE_CHARS:
-                candidates.append((n, s))
-    candidates = candidates[:_MAX_SENTENCES_SCORED]
-    if not candidates:
+    scored = await _scored(question, chunks, embedder)
+    if not scored:
         return None
-    vectors = await embedder.embed([question, *(E5_PASSAGE + s for _, s in candidates)])
-    similarity = vectors[1:] @ vectors[0]
-    asked = _terms(question)
-    wants_number = _ASKS_NUMBER.search(fold(question)) is not None
-    scored: list[tuple[float, int, int, str]] = []
-    for i, ((n, s), sim) in enumerate(zip(candidates, similarity, strict=True)):
-        lexical = len(asked & _terms(s)) / len(asked) if asked else 0.0
-        bonus = _NUMBER_BONUS if wants_number and _HAS_NUMBER.search(s) else 0.0
-        scored.append((float(sim) + _LEXICAL_WEIGHT * lexical + bonus, i, n, s))
-    scored.sort(key=lambda t: (-t[0], t[1]))
     best = scored[0]
     chosen = [best]
     for cand in scored[1:]:
@@ -178,3 +188,27 @@ async def extract(
         score=best[0],
         lang=detect_language(question),
     )
+
+
+async def trimmed(
+    question: str, chunks: Sequence[RetrievedChunk], embedder: Embedder, max_sentences: int
+) -> list[RetrievedChunk]:
+    """The chunks cut down to their `max_sentences` best sentences in all (for the question),
+    each kept chunk with its chosen sentences in reading order, chunks in relevance order of
+    their best sentence: a prompt a small model reads fast (prefill is its whole time to
+    first token on CPU). Chunks without a chosen sentence are dropped; with no sentence to
+    score, the chunks come back as they were.
+
+    Raises:
+        DependencyUnavailable: the embedder cannot be reached.
+    """
+    scored = await _scored(question, chunks, embedder)
+    if not scored:
+        return list(chunks)
+    chosen = scored[:max_sentences]
+    order = list(dict.fromkeys(n for _, _, n, _ in chosen))
+    out: list[RetrievedChunk] = []
+    for n in order:
+        kept = sorted((i, s) for _, i, m, s in chosen if m == n)
+        out.append(chunks[n - 1].model_copy(update={"text": " ".join(s for _, s in kept)}))
+    return out

@@ -37,7 +37,7 @@ from ragstream.streams.guardrails import Guardrails, StreamGuard, opened_guardra
 from ragstream.streams.runner import StageRunner
 from ragstream.streams.stage import Concurrent, Stage
 from ragstream.streams.topics import REPLIES, RESPONSES, RETRIEVALS
-from ragstream.workers.extractive import EXTRACTIVE_MODEL, dont_know, extract, relevance
+from ragstream.workers.extractive import EXTRACTIVE_MODEL, dont_know, extract, relevance, trimmed
 from ragstream.workers.prompt import build_prompt, citations_for
 from ragstream.workers.responses import (
     blocked_response,
@@ -101,11 +101,20 @@ async def handle_context(ctx: ContextRetrieved, deps: GenerationDeps) -> list[Ev
         latency["fallback"] = 1.0
         return await _extractive(ctx, deps, fallback, latency, why="deadline")
 
+    chunks = list(ctx.chunks)
+    keep = gen.prompt_sentences.get(route, 0)
+    if keep > 0 and deps.e5 is not None:
+        t_trim = time.perf_counter()
+        try:
+            chunks = await trimmed(q.question, chunks, deps.e5, keep)
+        except TransientError as exc:  # whole chunks then: slower, still right
+            log.warning("prompt trimming skipped for %s: %s", q.request_id, exc)
+        latency["trim"] = (time.perf_counter() - t_trim) * 1000.0
     t0 = time.perf_counter()
     prompt = await asyncio.to_thread(
         build_prompt,
         q.question,
-        ctx.chunks,
+        chunks,
         count_tokens=deps.count_tokens,
         context_window=gen.context_tokens,
         max_new_tokens=q.generation.max_tokens,
