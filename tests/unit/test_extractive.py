@@ -86,3 +86,19 @@ def test_fallbacks_join_known_routes() -> None:
     assert GenerationSettings(routes={"default": "llm-x"}).model_for("extractive") == "extractive"
     with pytest.raises(ValueError, match="fallback_routes"):
         GenerationSettings(fallback_routes={"default": "nowhere"})
+
+
+async def test_a_trimmed_prompt_keeps_the_best_sentences_of_each_chunk_in_reading_order(
+    e5: E5Embedder,
+) -> None:
+    from ragstream.workers.extractive import trimmed
+
+    kept = await trimmed("When are forklifts inspected?", CHUNKS, e5, max_sentences=2)
+    assert kept[0].document_id == "forklift", "the chunk of the best sentence comes first"
+    assert "every Monday" in kept[0].text
+    assert sum(len(c.text) for c in kept) < sum(len(c.text) for c in CHUNKS)
+    for chunk in kept:
+        original = next(c for c in CHUNKS if c.chunk_id == chunk.chunk_id)
+        parts = chunk.text.split(". ")
+        assert all(p.rstrip(".") in original.text for p in parts), "sentences verbatim"
+    assert await trimmed("anything", [], e5, max_sentences=3) == []
