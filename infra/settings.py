@@ -539,6 +539,12 @@ class JudgesSettings(_Section):
     llm_timeout_s: float = Field(default=60.0, gt=0)
     llm_seed: int = 7
     concurrency: int = Field(default=4, ge=1, le=64)
+    yield_to_stages: tuple[str, ...] = ("generate",)
+    """Before each judgement the stage waits while these stages have requests in flight, as
+    their heartbeats in this run directory say (the embedded stack, where judges and the
+    query path share the CPU). Heartbeats from other machines are not here: no wait."""
+    max_yield_s: float = Field(default=10.0, ge=0.0)
+    """The longest one judgement waits for the query path, so judging keeps up under load."""
     max_context_chars: int = Field(default=20_000, ge=1000)
     """The most retrieved context (all passages, in characters) a non-LLM judge reads; over it
     the judges that read the context give an error instead of a rating."""

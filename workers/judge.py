@@ -5,6 +5,10 @@ the model was given) and publishes one `JudgementRecorded` per judge to `judgeme
 the request's `overall` judgement with its root cause. Nothing on the query path waits for
 it; a slow judge only grows this stage's consumer lag, which `ragstream status` shows.
 
+- Judging yields to the query path where they share a machine: before each judgement the
+  stage waits (at most `judges.max_yield_s`) while the stages in `judges.yield_to_stages`
+  have requests in flight, as their heartbeats say. Its e5 runs in this process on one
+  thread at nice 10.
 - Only `ok` responses with an answer are judged: an error or a block has nothing to judge.
 - A request is judged with probability `judges.sample_rate` (per route, else per tenant,
   else the default), decided by a hash of its id: a redelivery decides the same way.
@@ -17,11 +21,15 @@ it; a slow judge only grows this stage's consumer lag, which `ragstream status` 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from ragstream.infra.judges.base import JudgeCase, Verdict
 from ragstream.infra.judges.panel import JudgePanel, opened_panel
@@ -43,6 +51,39 @@ class JudgeDeps:
     settings: JudgesSettings
     panel: JudgePanel | None
     """None when judging is disabled (`judges.enabled = false`): responses pass unjudged."""
+    queries_busy: Callable[[], bool] | None = None
+    """True while the query path has requests in flight on this machine (see `yield_to_stages`)."""
+
+
+def busy_reader(paths: Sequence[Path]) -> Callable[[], bool]:
+    """Whether any of these stage heartbeats reports requests in flight (fresh within 5 s)."""
+
+    def busy() -> bool:
+        for path in paths:
+            try:
+                beat = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if (
+                isinstance(beat, dict)
+                and beat.get("inflight", 0)
+                and time.time() - float(beat.get("ts", 0)) < 5
+            ):
+                return True
+        return False
+
+    return busy
+
+
+async def yield_to_queries(deps: JudgeDeps) -> float:
+    """Wait while the query path is busy, up to `max_yield_s`; returns the seconds waited."""
+    if deps.queries_busy is None:
+        return 0.0
+    waited = 0.0
+    while waited < deps.settings.max_yield_s and deps.queries_busy():
+        await asyncio.sleep(0.1)
+        waited += 0.1
+    return waited
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -147,6 +188,7 @@ async def handle(events: Sequence[Event], deps: JudgeDeps) -> list[Event]:
             continue
         if not sampled(e.request_id, deps.settings.sample_rate_for(tenant=e.tenant, route=e.route)):
             continue
+        await yield_to_queries(deps)
         result = await deps.panel.judge(case_of(e, deps.settings.guidelines))
         out.extend(
             judgements_of(
@@ -176,7 +218,14 @@ async def open_deps(settings: Settings, runner: StageRunner) -> AsyncIterator[Ju
         started(E5Embedder(settings, cpu_threads=1, nice=10)) as embedder,
         opened_panel(settings, embedder) as panel,
     ):
-        yield JudgeDeps(settings=settings.judges, panel=panel)
+        from ragstream.workers.stages import heartbeat_path
+
+        paths = [heartbeat_path(settings, stage) for stage in settings.judges.yield_to_stages]
+        yield JudgeDeps(
+            settings=settings.judges,
+            panel=panel,
+            queries_busy=busy_reader(paths) if paths and settings.judges.max_yield_s > 0 else None,
+        )
 
 
 STAGE = Stage(

@@ -246,3 +246,22 @@ async def test_a_context_over_a_judges_window_is_an_error_on_the_judges_that_rea
     assert by["groundedness"].rating is None and "max_context_chars" in str(by["groundedness"].error)
     assert by["relevance_to_query"].rating == "yes", "a judge that does not read the context still rates"
     assert result.overall.rating == "yes", "errors are not failures: the rollup skips them"
+
+
+async def test_the_judge_waits_while_the_query_path_is_busy_but_not_forever(tmp_path: Any) -> None:
+    import json
+    import time
+
+    from ragstream.workers.judge import JudgeDeps, busy_reader, yield_to_queries
+
+    beat = tmp_path / "worker-generate.json"
+    busy = busy_reader([beat, tmp_path / "missing.json"])
+    assert not busy(), "no heartbeat here (another machine): never wait"
+    beat.write_text(json.dumps({"ts": time.time(), "inflight": 1}))
+    assert busy()
+    deps = JudgeDeps(settings=JudgesSettings(max_yield_s=0.3), panel=None, queries_busy=busy)
+    assert 0.3 <= await yield_to_queries(deps) < 0.6, "bounded by max_yield_s"
+    beat.write_text(json.dumps({"ts": time.time() - 30, "inflight": 1}))
+    assert not busy(), "a stale heartbeat is not a busy query path"
+    beat.write_text(json.dumps({"ts": time.time(), "inflight": 0}))
+    assert await yield_to_queries(deps) == 0.0
