@@ -16,13 +16,27 @@ from ragstream.schemas.queries import Citation, ConversationTurn, RetrievedChunk
 
 __all__ = ["PROMPT_TEMPLATE_VERSION", "Prompt", "build_prompt", "citations_for"]
 
-PROMPT_TEMPLATE_VERSION = "grounded-v1"
+PROMPT_TEMPLATE_VERSION = "grounded-v2"
 
 SYSTEM = (
     "You answer questions using only the numbered context passages. "
-    "Cite the passages you use like [1] or [2]. "
+    "Answer in the language of the question, in one short sentence, with the exact figure or "
+    "name from the passages, and cite the passage like [1]. "
     "If the context does not contain the answer, say that you do not know."
 )
+
+EXAMPLE_QUESTION = "How long is a visitor pass valid?"
+EXAMPLE_BLOCKS = (
+    "[1] Site guide > Visitors\nVisitors park in zone C, next to the main gate. A visitor pass is "
+    "valid for 3 days and is issued by reception.",
+    "[2] Site guide > Bicycles\nBicycles are kept in the shed behind building A.",
+)
+EXAMPLE_ANSWER = "A visitor pass is valid for 3 days [1]."
+"""One worked example, as a prior turn: small models copy its shape (one sentence, the exact
+figure, the citation). It is the same for every request, so with the system prompt it is a
+shared prefix the generator's KV cache keeps (`generation.cache_prompt`). Measured on 60 QA
+rows with SmolLM2-135M: answer hit 3 -> 7, French questions answered in French 13 -> 23 of 30
+(docs/answers.md)."""
 
 # Chat-template tokens around each message (role markers, separators): counted as a margin.
 _PER_MESSAGE_TOKENS = 6
@@ -66,7 +80,16 @@ def build_prompt(
 ) -> Prompt:
     """Assemble the messages for one question within `context_window - max_new_tokens`."""
     budget = context_window - max_new_tokens - _SAFETY_TOKENS
-    fixed = count_tokens(SYSTEM) + count_tokens(_user_message([], question)) + 2 * _PER_MESSAGE_TOKENS
+    example = (
+        {"role": "user", "content": _user_message(EXAMPLE_BLOCKS, EXAMPLE_QUESTION)},
+        {"role": "assistant", "content": EXAMPLE_ANSWER},
+    )
+    fixed = (
+        count_tokens(SYSTEM)
+        + sum(count_tokens(m["content"]) for m in example)
+        + count_tokens(_user_message([], question))
+        + 4 * _PER_MESSAGE_TOKENS
+    )
     left = budget - fixed
     blocks: list[str] = []
     sources: list[RetrievedChunk] = []
@@ -98,6 +121,7 @@ def build_prompt(
         left -= cost
     messages = (
         {"role": "system", "content": SYSTEM},
+        *example,
         *({"role": t.role, "content": t.content} for t in kept_history),
         {"role": "user", "content": _user_message(blocks, question)},
     )

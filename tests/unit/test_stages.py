@@ -248,10 +248,15 @@ def retrieved(i: int, n_words: int) -> RetrievedChunk:
 
 def test_the_prompt_fits_the_window_best_chunks_first_and_cuts_the_last_one() -> None:
     chunks = [retrieved(i, 100) for i in range(5)]
-    p = build_prompt("what?", chunks, count_tokens=words, context_window=450, max_new_tokens=100)
+    p = build_prompt("what?", chunks, count_tokens=words, context_window=520, max_new_tokens=100)
     assert [s.chunk_id for s in p.sources] == ["c0", "c1", "c2"]
     assert p.truncated_last_chunk and p.dropped_chunks == 2
-    assert p.estimated_tokens <= 450 - 100
+    assert p.estimated_tokens <= 520 - 100
+    assert [m["role"] for m in p.messages] == ["system", "user", "assistant", "user"], "the worked example"
+    assert (
+        p.messages[:3]
+        == build_prompt("other?", [], count_tokens=words, context_window=520, max_new_tokens=100).messages[:3]
+    ), "the system prompt and the example are one shared prefix (KV cache)"
     user = p.messages[-1]["content"]
     assert user.index("[1] T0") < user.index("[2] T1") and user.rstrip().endswith("Answer with citations:")
 
