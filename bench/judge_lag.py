@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     res = Results()
     res.raw = {"ttft_on": m["on"], "ttft_off": m["off"], "paired": m.get("paired"), "judgements": rows}
     on, off = m["on"], m["off"]
-    res.add("questions (paired blocks of 2, alternating order)", f"{len(on)} judges on / {len(off)} judges off")
+    res.add(
+        "questions (paired blocks of 2, alternating order)", f"{len(on)} judges on / {len(off)} judges off"
+    )
     res.add(
         "time to first token p50 / p99: judges on vs off",
         f"{statistics.median(on):.0f} / {pct(on, 99):.0f} vs {statistics.median(off):.0f} / {pct(off, 99):.0f} ms"
