@@ -40,6 +40,7 @@ __all__ = [
     "GenerationSettings",
     "IcebergSettings",
     "KafkaSettings",
+    "MonitorSettings",
     "Settings",
     "TritonSettings",
     "VectorStoreSettings",
@@ -582,6 +583,49 @@ class JudgesSettings(_Section):
         return self.tenant_sample_rates.get(tenant, self.sample_rate)
 
 
+class MonitorSettings(_Section):
+    """Profile and drift metrics over the audit tables (`ragstream.infra.monitor`), like
+    Lakehouse Monitoring's metric tables: `ragstream monitor run` computes them."""
+
+    interval_s: float = Field(default=60.0, ge=0.0)
+    """How often the stack's monitor process (`ragstream.workers.monitor`) runs the job; 0:
+    `ragstream up` runs no monitor (run `ragstream monitor run` yourself)."""
+    granularities_s: tuple[int, ...] = Field(default=(300, 3600, 86_400), min_length=1)
+    """Window lengths in seconds (5 minutes, an hour, a day), each aligned to the UTC epoch."""
+    recompute_windows: int = Field(default=2, ge=1, le=1000)
+    """Each run recomputes this many latest windows of each granularity (the current,
+    still-open one included), replacing their rows: late audit rows are counted."""
+    baseline_start_at: str | None = None
+    """Optional fixed drift baseline, ISO-8601 (e.g. `2026-11-01T00:00:00Z`); with
+    `baseline_end_at`. Drift is always computed against the previous window as well."""
+    baseline_end_at: str | None = None
+    drift_embedder: Literal["triton", "in_process"] = "triton"
+    """What embeds questions for query drift: the Triton MiniLM the stack serves, or the same
+    model loaded in the monitoring process."""
+    max_drift_questions: int = Field(default=500, ge=10)
+    """Questions embedded per window and slice at most (a stable sample by request id)."""
+    psi_bins: int = Field(default=10, ge=2, le=100)
+    """Quantile bins of the baseline for the population stability index."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> MonitorSettings:
+        if sorted(set(self.granularities_s)) != list(self.granularities_s) or min(self.granularities_s) < 60:
+            raise ValueError("monitor.granularities_s: distinct, increasing, each at least 60 s")
+        if (self.baseline_start_at is None) != (self.baseline_end_at is None):
+            raise ValueError("monitor: set both baseline_start_at and baseline_end_at, or neither")
+        if self.baseline_start_at is not None and self.baseline_end_at is not None:
+            from datetime import datetime
+
+            try:
+                start = datetime.fromisoformat(self.baseline_start_at)
+                end = datetime.fromisoformat(self.baseline_end_at)
+            except ValueError as exc:
+                raise ValueError(f"monitor baseline: {exc}") from None
+            if start.tzinfo is None or end.tzinfo is None or end <= start:
+                raise ValueError("monitor baseline: timezone-aware ISO-8601 times, end after start")
+        return self
+
+
 class Settings(BaseSettings):
     """All of ragstream's configuration."""
 
@@ -608,6 +652,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     guardrails: GuardrailsSettings = GuardrailsSettings()
     judges: JudgesSettings = JudgesSettings()
+    monitor: MonitorSettings = MonitorSettings()
     workers: tuple[str, ...] = ("ingest,embed,index,judge", "retrieve,generate")
     audit_sink: bool = True
     """Run the audit sink (Kafka -> Iceberg) in the embedded stack."""

@@ -26,6 +26,7 @@ from ragstream.health import stack_health
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.judge_cli import judge_app
+from ragstream.monitor_cli import monitor_app
 from ragstream.schemas.errors import RagstreamError
 from ragstream.token_cli import token_app
 
@@ -50,6 +51,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(acls_app, name="acls")
 app.add_typer(guard_app, name="guard")
 app.add_typer(judge_app, name="judge")
+app.add_typer(monitor_app, name="monitor")
 app.command("eval")(evaluate)
 
 console = Console()
@@ -455,8 +457,12 @@ def _print_answer_footer(response: Any, printed: bool) -> None:
         f"status {response.status}",
         f"tokens {response.usage.prompt_tokens} prompt + {response.usage.completion_tokens} completion",
     ]
-    if response.model_id:
+    if response.route:
+        parts.append(f"route {response.route}")
+    if response.model_id and response.model_id != response.route:
         parts.append(f"model {response.model_id}")
+    if response.finish_reason and response.finish_reason not in ("stop", "length"):
+        parts.append(f"finish {response.finish_reason}")
     if total_ms is not None:
         parts.append(f"{total_ms:.0f} ms")
     if "time_to_first_token" in response.latency_ms:

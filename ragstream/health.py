@@ -106,6 +106,23 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
                 **proc_info(component),
             }
         )
+    if settings.monitor.interval_s > 0:
+        hb = worker_health(settings, "monitor")
+        detail = "no recent heartbeat"
+        if hb:
+            detail = f"runs={hb.get('processed')} failures={hb.get('failures')}"
+            if hb.get("last_elapsed_s") is not None:
+                detail += f" last_run={hb['last_elapsed_s']}s"
+            if hb.get("last_error"):
+                detail += f" last_error={hb['last_error']}"
+        rows.append(
+            {
+                "component": "monitor",
+                "healthy": bool(hb and hb.get("ready")) and not (hb or {}).get("last_error"),
+                "detail": detail,
+                **proc_info("monitor"),
+            }
+        )
     lance = Path(settings.lancedb_uri)
     rows.append(
         {

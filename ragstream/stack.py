@@ -227,6 +227,20 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
             )
         )
 
+    if settings.monitor.interval_s > 0:
+        from ragstream.workers.monitor import MONITOR
+
+        components.append(
+            Component(
+                name=MONITOR,
+                argv=[sys.executable, "-m", "ragstream.workers.monitor"],
+                env=child_env,
+                ready=lambda: worker_health(settings, MONITOR) is not None,
+                liveness=lambda: worker_health(settings, MONITOR) is not None,
+                wave=1,
+            )
+        )
+
     Path(settings.lancedb_uri).mkdir(parents=True, exist_ok=True)
     if settings.iceberg.catalog_type == "sql":
         ensure_namespace(settings)

@@ -69,6 +69,18 @@ ragstream ask "Which departments are going to be merged?" --tenant larkspur --gr
 step "A non-HR user asking the same gets nothing from HR's documents"
 ragstream ask "Which departments are going to be merged in Project BLUEHERON?" --tenant larkspur --top-k 3 --max-tokens 40
 
+step "Answers people can use: the extractive route quotes the passages' best sentences with their [n], no model, in milliseconds"
+ragstream ask "How many days of holiday do I get each year?" --tenant larkspur --top-k 3 --route extractive
+step "...a French question is answered from the French policy, in French"
+ragstream ask "Combien de jours par semaine peut-on télétravailler au maximum chez Larkspur France ?" \
+  --tenant larkspur --top-k 3 --route extractive
+step "...and a question no document answers gets an honest 'I don't know' (finish_reason no_context), in its language"
+ragstream ask "Quelle est la capitale de l'Australie ?" --tenant larkspur --top-k 3 --json | python -c '
+import json, sys
+r = json.load(sys.stdin)
+print("answer:", r["answer"])
+print("finish_reason:", r["finish_reason"], "| citations:", len(r["citations"]))'
+
 step "Identity: every question carries a signed token; its claims, not the message, say who asks"
 dana=$(ragstream token issue --tenant larkspur --user dana --client dana 2>/dev/null)
 echo "a token for larkspur/dana (replies on ragstream.responses.larkspur.dana): ${dana:0:40}..."

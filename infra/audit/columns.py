@@ -442,3 +442,57 @@ def dead_letter_schema() -> Any:
         *_lineage(f, "event_time"),
         *_identity(f, ids),
     )
+
+
+def _window_fields(f: Any) -> list[Any]:
+    """The window and slice every monitoring row is keyed by."""
+    from pyiceberg.types import BooleanType, DateType, LongType, StringType, TimestamptzType
+
+    return [
+        f("window_id", StringType(), "granularity:window_start, what a re-run replaces.", True),
+        f("granularity", StringType(), "The window length: 5m, 1h, 1d, ...", True),
+        f("window_start", TimestamptzType(), "Start of the window (inclusive, UTC).", True),
+        f("window_end", TimestamptzType(), "End of the window (exclusive).", True),
+        f("complete", BooleanType(), "False while the window was still open when computed.", True),
+        f("tenant", StringType(), "The tenant, or * for all tenants together.", True),
+        f("route", StringType(), "The generation route, or * for all routes together.", True),
+        f("metric", StringType(), "What is measured: requests, status, latency_total_ms, ...", True),
+        f(
+            "label",
+            StringType(),
+            "What the metric is broken down by (a status, category, judge, stage), or ''.",
+            True,
+        ),
+        f("computed_at", TimestamptzType(), "When the monitoring run computed the row.", True),
+        f("sample_count", LongType(), "How many rows (requests, verdicts, judgements) are behind the value."),
+        f("event_date", DateType(), "UTC day of window_start: the partition column.", True),
+    ]
+
+
+def monitor_profile_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import DoubleType, StringType
+
+    f, _ = _fields()
+    return Schema(
+        *_window_fields(f),
+        f("stat", StringType(), "count, sum, rate, mean, p50, p95, p99 or per_min.", True),
+        f("value", DoubleType(), "The statistic's value; null when nothing was measured."),
+    )
+
+
+def monitor_drift_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import DoubleType, LongType, StringType, TimestamptzType
+
+    f, _ = _fields()
+    return Schema(
+        *_window_fields(f),
+        f("comparison", StringType(), "previous (the window before) or baseline (monitor.baseline_*).", True),
+        f("baseline_start", TimestamptzType(), "Start of the window compared against.", True),
+        f("baseline_end", TimestamptzType(), "Its end."),
+        f("baseline_count", LongType(), "Rows behind the baseline's side."),
+        f("stat", StringType(), "centroid_cosine_distance, psi or delta.", True),
+        f("value", DoubleType(), "The drift; null when either side had too few rows."),
+        f("model", StringType(), "The embedding model, for query embedding drift."),
+    )

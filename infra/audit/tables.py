@@ -39,6 +39,8 @@ from ragstream.infra.audit.columns import (
     inference_schema,
     ingestion_schema,
     judgement_schema,
+    monitor_drift_schema,
+    monitor_profile_schema,
     usage_schema,
 )
 from ragstream.infra.settings import AuditSettings
@@ -54,6 +56,8 @@ __all__ = [
     "INFERENCE_LOG",
     "INGESTION_LOG",
     "JUDGEMENTS",
+    "MONITOR_DRIFT",
+    "MONITOR_PROFILE",
     "TABLES",
     "USAGE",
     "TableDef",
@@ -70,6 +74,8 @@ DEAD_LETTERS = "dead_letters"
 GUARDRAIL_VERDICTS = "guardrail_verdicts"
 JUDGEMENTS = "judgements"
 EVALUATIONS = "evaluations"
+MONITOR_PROFILE = "monitor_profile"
+MONITOR_DRIFT = "monitor_drift"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,8 @@ _SCHEMAS: dict[str, Callable[[], Any]] = {
     GUARDRAIL_VERDICTS: guardrail_schema,
     JUDGEMENTS: judgement_schema,
     EVALUATIONS: evaluation_schema,
+    MONITOR_PROFILE: monitor_profile_schema,
+    MONITOR_DRIFT: monitor_drift_schema,
 }
 
 TABLES: dict[str, TableDef] = {
@@ -133,8 +141,21 @@ OFFLINE_TABLES: dict[str, TableDef] = {
         (),
         "`ragstream eval` runs: per run, row and judge, the rating, score and rationale.",
     ),
+    MONITOR_PROFILE: TableDef(
+        MONITOR_PROFILE,
+        "window_start",
+        (),
+        "Profile metrics per window, tenant and route: traffic, latency, tokens, cost, rates, findings.",
+    ),
+    MONITOR_DRIFT: TableDef(
+        MONITOR_DRIFT,
+        "window_start",
+        (),
+        "Drift per window against the previous window and the baseline: queries, answers, scores, judges.",
+    ),
 }
-"""Tables written by commands, not by the sink (`ragstream eval` is `evaluations`' only writer)."""
+"""Tables written by commands, not by the sink: `ragstream eval` is `evaluations`' only writer,
+the monitoring job (`ragstream monitor run`) the metric tables'."""
 
 READABLE_TABLES: dict[str, TableDef] = {**TABLES, **OFFLINE_TABLES}
 
@@ -154,7 +175,7 @@ def arrow_schema(table: str) -> Any:
     """The table's pyarrow schema as this code defines it. Its field ids are not the
     catalog's (a catalog assigns its own on create): for appends, convert with the table's
     `schema().as_arrow()` (see `RowBuffer.to_arrow`)."""
-    return TABLES[table].schema().as_arrow()
+    return READABLE_TABLES[table].schema().as_arrow()
 
 
 # -- which sink writes which tables ----------------------------------------------------------

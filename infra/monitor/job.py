@@ -1,0 +1,370 @@
+"""The monitoring job: profile and drift metrics of the latest windows, written to the
+`monitor_profile` and `monitor_drift` Iceberg tables.
+
+Each run recomputes `monitor.recompute_windows` windows of every granularity (the open one
+included) and replaces their rows in one overwrite per table, keyed by `window_id`: re-running
+a window never duplicates it, and late audit rows are counted on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ragstream.infra.audit.tables import (
+    DEAD_LETTERS,
+    GUARDRAIL_VERDICTS,
+    INFERENCE_LOG,
+    JUDGEMENTS,
+    MONITOR_DRIFT,
+    MONITOR_PROFILE,
+    USAGE,
+)
+from ragstream.infra.embedder import Embedder
+from ragstream.infra.monitor.drift import centroid_cosine_distance, population_stability_index
+from ragstream.infra.monitor.profile import PROFILE_SOURCES, profile_values
+from ragstream.infra.monitor.windows import Window, latest_windows
+from ragstream.infra.settings import Settings
+from ragstream.schemas.errors import DependencyUnavailable, RagstreamError
+
+__all__ = ["MonitorReport", "run_monitor", "windows_to_compute"]
+
+log = logging.getLogger(__name__)
+
+_TIME_COLUMNS = {
+    INFERENCE_LOG: "submitted_at",
+    USAGE: "event_time",
+    GUARDRAIL_VERDICTS: "event_time",
+    JUDGEMENTS: "judged_at",
+    DEAD_LETTERS: "event_time",
+}
+
+
+@dataclass
+class MonitorReport:
+    """What one run computed."""
+
+    windows: list[str] = field(default_factory=list)
+    profile_rows: int = 0
+    drift_rows: int = 0
+    requests_read: int = 0
+    questions_embedded: int = 0
+    elapsed_s: float = 0.0
+
+
+def windows_to_compute(settings: Settings, now: datetime) -> list[Window]:
+    """The windows one run recomputes: the latest `recompute_windows` of each granularity."""
+    out: list[Window] = []
+    for length_s in settings.monitor.granularities_s:
+        out += latest_windows(length_s, now, settings.monitor.recompute_windows)
+    return out
+
+
+def _baseline(settings: Settings) -> tuple[datetime, datetime] | None:
+    m = settings.monitor
+    if m.baseline_start_at is None or m.baseline_end_at is None:
+        return None
+    return datetime.fromisoformat(m.baseline_start_at), datetime.fromisoformat(m.baseline_end_at)
+
+
+def _read(catalog: Any, settings: Settings, name: str, start: datetime, end: datetime) -> Any:
+    """The source table's monitoring columns for rows in [start, end) (by its event time),
+    pruned to the day partitions that can hold them; an empty table if it does not exist yet."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ragstream.infra.audit.tables import arrow_schema
+
+    columns = PROFILE_SOURCES[name]
+    ident = (settings.iceberg.namespace, name)
+    if not catalog.table_exists(ident):
+        schema = arrow_schema(name)
+        return pa.table({c: pa.array([], schema.field(c).type) for c in columns})
+    table = catalog.load_table(ident)
+    first, last = start.date(), (end - timedelta(microseconds=1)).date()
+    scan = table.scan(
+        row_filter=f"event_date >= '{first.isoformat()}' AND event_date <= '{last.isoformat()}'",
+        selected_fields=columns,
+    )
+    arrow = scan.to_arrow()
+    when = arrow[_TIME_COLUMNS[name]]
+    keep = pc.and_(
+        pc.greater_equal(when, pa.scalar(start, when.type)), pc.less(when, pa.scalar(end, when.type))
+    )
+    return arrow.filter(keep)
+
+
+def _sample(request_ids: Sequence[str], limit: int) -> list[int]:
+    """Indices of a stable sample of at most `limit` requests: the smallest hashes of their ids."""
+    if len(request_ids) <= limit:
+        return list(range(len(request_ids)))
+    keyed = sorted(
+        range(len(request_ids)),
+        key=lambda i: hashlib.blake2b(request_ids[i].encode(), digest_size=8).digest(),
+    )
+    return sorted(keyed[:limit])
+
+
+class _Sides:
+    """Per-window values of one slice, looked up by window bounds, with embeddings cached."""
+
+    def __init__(self, con: Any, embedder: Embedder | None, limit: int) -> None:
+        self._con = con
+        self._embedder = embedder
+        self._limit = limit
+        self._vectors: dict[str, npt.NDArray[np.float32]] = {}
+        self.embedded = 0
+
+    def rows(self, start: datetime, end: datetime, tenant: str) -> dict[str, Any]:
+        tenant_filter = "" if tenant == "*" else "AND coalesce(tenant, 'unknown') = ?"
+        params: list[Any] = [start, end] + ([] if tenant == "*" else [tenant])
+        inf = self._con.execute(
+            f"""SELECT request_id, question, status, length(coalesce(answer, '')) AS chars,
+                       list_extract(retrieved_scores, 1) AS top
+                FROM inference_log WHERE submitted_at >= ? AND submitted_at < ? {tenant_filter}""",
+            params,
+        ).fetchall()
+        judged = self._con.execute(
+            f"""SELECT avg(CASE WHEN rating = 'yes' THEN 1.0 WHEN rating = 'no' THEN 0.0 END), count(rating)
+                FROM judgements WHERE source = 'stream' AND judge = 'overall'
+                AND judged_at >= ? AND judged_at < ? {tenant_filter}""",
+            params,
+        ).fetchone()
+        return {
+            "requests": [(r[0], r[1]) for r in inf if r[1]],
+            "answer_chars": [float(r[3]) for r in inf if r[2] == "ok"],
+            "top_scores": [float(r[4]) for r in inf if r[4] is not None],
+            "pass_rate": judged[0] if judged else None,
+            "judged": int(judged[1]) if judged else 0,
+        }
+
+    async def vectors(self, requests: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
+        if self._embedder is None or not requests:
+            return np.zeros((0, 1), dtype=np.float32)
+        chosen = [requests[i] for i in _sample([r[0] for r in requests], self._limit)]
+        missing = [(rid, q) for rid, q in chosen if rid not in self._vectors]
+        if missing:
+            try:
+                embedded = await self._embedder.embed([q for _, q in missing])
+            except RagstreamError as exc:
+                # Query drift is null for the rest of this run; the other metrics go on.
+                log.warning("query drift skipped: embedding failed (%s)", exc)
+                self._embedder = None
+                return np.zeros((0, 1), dtype=np.float32)
+            self.embedded += len(missing)
+            for (rid, _), vector in zip(missing, embedded, strict=True):
+                self._vectors[rid] = vector
+        return np.stack([self._vectors[rid] for rid, _ in chosen])
+
+
+async def _drift_rows(
+    con: Any,
+    windows: Sequence[Window],
+    baseline: tuple[datetime, datetime] | None,
+    embedder: Embedder | None,
+    settings: Settings,
+    computed_at: datetime,
+    now: datetime,
+) -> tuple[list[dict[str, Any]], int]:
+    sides = _Sides(con, embedder, settings.monitor.max_drift_questions)
+    tenants = ["*"] + [
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT coalesce(tenant, 'unknown') FROM inference_log ORDER BY 1"
+        ).fetchall()
+    ]
+    model = embedder.model_id if embedder is not None else None
+    bins = settings.monitor.psi_bins
+    out: list[dict[str, Any]] = []
+    for window in windows:
+        comparisons = [("previous", window.previous().start, window.start)]
+        if baseline is not None:
+            comparisons.append(("baseline", *baseline))
+        for tenant in tenants:
+            cur = sides.rows(window.start, window.end, tenant)
+            if not cur["requests"] and tenant != "*":
+                continue
+            for comparison, b_start, b_end in comparisons:
+                base = sides.rows(b_start, b_end, tenant)
+                key = {
+                    **_key(window, tenant, "*", computed_at, now),
+                    "comparison": comparison,
+                    "baseline_start": b_start,
+                    "baseline_end": b_end,
+                }
+                cur_v = await sides.vectors(cur["requests"])
+                base_v = await sides.vectors(base["requests"])
+                values: list[tuple[str, str, float | None, int, int, str | None]] = [
+                    (
+                        "query_embedding",
+                        "centroid_cosine_distance",
+                        centroid_cosine_distance(cur_v, base_v) if embedder is not None else None,
+                        len(cur_v),
+                        len(base_v),
+                        model,
+                    ),
+                    (
+                        "answer_chars",
+                        "psi",
+                        population_stability_index(cur["answer_chars"], base["answer_chars"], bins),
+                        len(cur["answer_chars"]),
+                        len(base["answer_chars"]),
+                        None,
+                    ),
+                    (
+                        "retrieval_top_score",
+                        "psi",
+                        population_stability_index(cur["top_scores"], base["top_scores"], bins),
+                        len(cur["top_scores"]),
+                        len(base["top_scores"]),
+                        None,
+                    ),
+                    (
+                        "judge_pass",
+                        "delta",
+                        None
+                        if cur["pass_rate"] is None or base["pass_rate"] is None
+                        else float(cur["pass_rate"]) - float(base["pass_rate"]),
+                        cur["judged"],
+                        base["judged"],
+                        None,
+                    ),
+                ]
+                for metric, stat, value, n, n_base, m in values:
+                    out.append(
+                        {
+                            **key,
+                            "metric": metric,
+                            "label": "overall" if metric == "judge_pass" else "",
+                            "stat": stat,
+                            "value": value,
+                            "sample_count": n,
+                            "baseline_count": n_base,
+                            "model": m,
+                        }
+                    )
+    return out, sides.embedded
+
+
+def _key(window: Window, tenant: str, route: str, computed_at: datetime, now: datetime) -> dict[str, Any]:
+    return {
+        "window_id": window.window_id,
+        "granularity": window.granularity,
+        "window_start": window.start,
+        "window_end": window.end,
+        "complete": window.complete_at(now),
+        "tenant": tenant,
+        "route": route,
+        "computed_at": computed_at,
+        "event_date": window.start.date(),
+    }
+
+
+def _overwrite(
+    catalog: Any, settings: Settings, name: str, rows: list[dict[str, Any]], window_ids: list[str]
+) -> None:
+    from ragstream.infra.audit.buffer import rows_to_arrow
+
+    table = catalog.load_table((settings.iceberg.namespace, name))
+    data = rows_to_arrow(rows, table.schema().as_arrow())
+    with warnings.catch_warnings():
+        # A window computed for the first time has nothing to replace: not worth a warning.
+        warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+        # Window ids are made here (`granularity:ISO time`), never from input: safe to quote.
+        table.overwrite(
+            data, overwrite_filter="window_id IN (" + ", ".join(f"'{w}'" for w in window_ids) + ")"
+        )
+
+
+async def run_monitor(
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    windows: Sequence[Window] | None = None,
+    embedder: Embedder | None = None,
+) -> MonitorReport:
+    """Compute and write the profile and drift rows of `windows` (default: `windows_to_compute`).
+
+    `embedder` embeds questions for query drift (None: that drift is null). It must be started.
+
+    Raises:
+        DependencyUnavailable: the catalog or a table cannot be read or written.
+    """
+    import duckdb
+
+    from ragstream.infra.audit.creation import ensure_tables
+    from ragstream.infra.iceberg import open_catalog
+
+    started = time.monotonic()
+    now = now or datetime.now(UTC)
+    windows = list(windows) if windows is not None else windows_to_compute(settings, now)
+    if not windows:
+        return MonitorReport()
+    baseline = _baseline(settings)
+    # Drift compares each window with the one before it, so that one is read too.
+    lo = min(w.previous().start for w in windows)
+    hi = max(w.end for w in windows)
+    if baseline is not None:
+        lo, hi = min(lo, baseline[0]), max(hi, baseline[1])
+    catalog = open_catalog(settings)
+    try:
+        ensure_tables(settings, catalog, names=[MONITOR_PROFILE, MONITOR_DRIFT])
+        sources = {name: _read(catalog, settings, name, lo, hi) for name in PROFILE_SOURCES}
+    except DependencyUnavailable:
+        raise
+    except Exception as exc:  # catalog transport, missing files
+        raise DependencyUnavailable(f"monitoring cannot read the audit tables: {exc}") from exc
+
+    computed_at = datetime.now(UTC)
+    con = duckdb.connect()
+    try:
+        for name, arrow in sources.items():
+            con.register(name, arrow)
+        values = profile_values(con, windows)
+        drift, embedded = await _drift_rows(con, windows, baseline, embedder, settings, computed_at, now)
+    finally:
+        con.close()
+    by_id = {w.window_id: w for w in windows}
+    profile = [
+        {
+            **_key(by_id[wid], tenant, route, computed_at, now),
+            "metric": metric,
+            "stat": stat,
+            "label": label,
+            "value": value,
+            "sample_count": count,
+        }
+        for wid, tenant, route, metric, stat, label, value, count in values
+    ]
+    ids = [w.window_id for w in windows]
+    try:
+        _overwrite(catalog, settings, MONITOR_PROFILE, profile, ids)
+        _overwrite(catalog, settings, MONITOR_DRIFT, drift, ids)
+    except Exception as exc:  # commit conflicts, catalog transport
+        raise DependencyUnavailable(f"monitoring cannot write its tables: {exc}") from exc
+    report = MonitorReport(
+        windows=ids,
+        profile_rows=len(profile),
+        drift_rows=len(drift),
+        requests_read=sources[INFERENCE_LOG].num_rows,
+        questions_embedded=embedded,
+        elapsed_s=time.monotonic() - started,
+    )
+    log.info(
+        "monitoring: %d windows, %d profile and %d drift rows from %d requests in %.2f s",
+        len(ids),
+        report.profile_rows,
+        report.drift_rows,
+        report.requests_read,
+        report.elapsed_s,
+    )
+    return report

@@ -1,0 +1,322 @@
+"""Monitoring: windows and drift statistics (pure), and the monitoring job on a real
+pyiceberg SQLite catalog with synthetic audit rows (no Kafka needed): profile values equal
+the same counts in SQL, re-running a window replaces it, and query drift rises for a shifted
+stream (another language and topic) and stays low for an unshifted one."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ragstream.infra.audit.tables import arrow_schema
+from ragstream.infra.monitor import (
+    Window,
+    centroid_cosine_distance,
+    granularity_name,
+    latest_windows,
+    population_stability_index,
+    run_monitor,
+    window_containing,
+)
+from ragstream.infra.settings import Settings
+
+NOW = datetime(2026, 12, 6, 10, 7, 30, tzinfo=UTC)
+
+
+# -- pure ------------------------------------------------------------------------------------
+def test_windows_align_to_the_epoch_and_name_their_granularity() -> None:
+    w = window_containing(300, NOW)
+    assert (w.start, w.end) == (
+        datetime(2026, 12, 6, 10, 5, tzinfo=UTC),
+        datetime(2026, 12, 6, 10, 10, tzinfo=UTC),
+    )
+    assert w.window_id == "5m:2026-12-06T10:05:00Z"
+    assert [granularity_name(s) for s in (300, 3600, 86400, 90)] == ["5m", "1h", "1d", "90s"]
+    latest = latest_windows(3600, NOW, 3)
+    assert [x.start.hour for x in latest] == [8, 9, 10]
+    assert not latest[-1].complete_at(NOW) and latest[0].complete_at(NOW)
+    with pytest.raises(ValueError):
+        window_containing(300, NOW.replace(tzinfo=None))
+
+
+def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(100, 10, 2000)
+    same = population_stability_index(rng.normal(100, 10, 2000), base)
+    shifted = population_stability_index(rng.normal(130, 10, 2000), base)
+    assert same is not None and shifted is not None
+    assert same < 0.05 < 0.25 < shifted
+    assert population_stability_index([1.0, 2.0], base) is None  # too few values: no value
+    assert population_stability_index([5.0] * 50, [5.0] * 50) == pytest.approx(0.0)  # one bin
+
+
+def test_centroid_distance() -> None:
+    a = np.eye(4, dtype=np.float32)[[0] * 6]
+    b = np.eye(4, dtype=np.float32)[[1] * 6]
+    assert centroid_cosine_distance(a, a) == pytest.approx(0.0)
+    assert centroid_cosine_distance(a, b) == pytest.approx(1.0)
+    assert centroid_cosine_distance(a[:2], b) is None
+
+
+def test_settings_reject_a_bad_baseline_and_granularities() -> None:
+    with pytest.raises(ValueError, match="baseline"):
+        Settings(monitor={"baseline_start_at": "2026-11-01T00:00:00Z"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="baseline"):
+        Settings(
+            monitor={"baseline_start_at": "2026-11-02T00:00:00Z", "baseline_end_at": "2026-11-01T00:00:00Z"}
+        )  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="granularities"):
+        Settings(monitor={"granularities_s": [3600, 300]})  # type: ignore[arg-type]
+
+
+# -- the job on a real catalog ---------------------------------------------------------------
+EN = [
+    "How many days of holiday do I get each year?",
+    "Where can I park my bike at the Tillbury office?",
+    "What is the payload of the QR-208 Quill robot?",
+    "Who approves expense claims over 500 pounds?",
+    "How do I set up the VPN on my laptop?",
+    "What should I do when a robot reports error E-517?",
+    "When are performance reviews held?",
+    "What is the policy on working from home?",
+    "How much can I spend on a hotel when travelling?",
+    "What does the onboarding checklist ask me to do in week one?",
+    "Which laptops are approved by IT?",
+    "How do I report a security incident?",
+    "What is the maximum speed of the LX-4471 Lynx?",
+    "How many hours make up a standard working week?",
+    "Can I carry over unused holiday to next year?",
+    "Who do I contact about the HB330 Harbour dock?",
+]
+FR = [
+    "Combien de jours de télétravail par semaine sont autorisés ?",
+    "Quel est le plafond des frais de repas en France ?",
+    "Quelles chaussures de sécurité faut-il porter à l'entrepôt de Lyon ?",
+    "Qui valide les notes de frais au-delà de 500 euros ?",
+    "Comment déclarer un accident dans l'entrepôt ?",
+    "Les jours de télétravail sont-ils reportables ?",
+    "Quel est le délai pour envoyer une note de frais ?",
+    "Faut-il un casque dans la zone de chargement ?",
+]
+
+
+def _settings(tmp_path: Path, **monitor: Any) -> Settings:
+    return Settings(data_dir=tmp_path, monitor={"granularities_s": [300, 3600], **monitor})  # type: ignore[arg-type]
+
+
+def _inference_row(i: int, at: datetime, question: str, *, tenant: str, status: str = "ok") -> dict[str, Any]:
+    rng = random.Random(i)
+    return {
+        "request_id": f"req-{i:05d}",
+        "tenant": tenant,
+        "user": "dana",
+        "submitted_at": at,
+        "completed_at": at + timedelta(seconds=2),
+        "question": question,
+        "answer": "x" * rng.randint(80, 120) if status == "ok" else "",
+        "status": status,
+        "route": "default",
+        "finish_reason": "stop" if status == "ok" else None,
+        "prompt_tokens": 100,
+        "completion_tokens": 20,
+        "total_tokens": 120,
+        "retrieved_scores": [0.5 + rng.random() / 10, 0.4],
+        "latency_total_ms": 1000.0 + i % 100,
+        "latency_time_to_first_token_ms": 500.0,
+        "event_date": at.date(),
+        "logged_at": at,
+    }
+
+
+def _append(settings: Settings, name: str, rows: list[dict[str, Any]]) -> None:
+    from ragstream.infra.audit.buffer import rows_to_arrow
+    from ragstream.infra.audit.creation import ensure_tables
+
+    table = ensure_tables(settings, names=[name])[name]
+    table.append(rows_to_arrow(rows, table.schema().as_arrow()))
+
+
+def _profile(settings: Settings) -> Any:
+    from ragstream.infra.audit.query import audit_sql
+
+    return audit_sql(settings, "SELECT * FROM monitor_profile").to_pylist()
+
+
+async def test_profile_counts_equal_sql_and_a_rerun_replaces_its_windows(tmp_path: Path) -> None:
+    from ragstream.infra.audit.query import audit_sql
+
+    settings = _settings(tmp_path)
+    start = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)
+    rows = []
+    for i in range(60):
+        status = "blocked" if i % 10 == 0 else ("error" if i % 15 == 1 else "ok")
+        rows.append(
+            _inference_row(
+                i,
+                start + timedelta(seconds=10 * i),
+                EN[i % len(EN)],
+                tenant=("acme", "globex")[i % 2],
+                status=status,
+            )
+        )
+    _append(settings, "inference_log", rows)
+    _append(
+        settings,
+        "judgements",
+        [
+            {
+                "judged_at": start + timedelta(seconds=10 * i + 5),
+                "request_id": f"req-{i:05d}",
+                "judge": judge,
+                "judge_version": "1",
+                "event_id": f"ev-{i}-{judge}",
+                "rating": "yes" if (i + len(judge)) % 3 else "no",
+                "root_cause": "groundedness" if judge == "overall" and (i + 7) % 3 == 0 else None,
+                "tenant": ("acme", "globex")[i % 2],
+                "route": "default",
+                "source": "stream",
+                "event_date": start.date(),
+                "logged_at": start,
+            }
+            for i in range(60)
+            for judge in ("groundedness", "overall")
+        ],
+    )
+    _append(
+        settings,
+        "dead_letters",
+        [
+            {
+                "event_time": start + timedelta(seconds=30 * i),
+                "tenant": None,
+                "stage": "retrieve",
+                "error_kind": "schema_violation",
+                "event_date": start.date(),
+                "logged_at": start,
+            }
+            for i in range(4)
+        ],
+    )
+    now = start + timedelta(minutes=12)
+    report = await run_monitor(settings, now=now)
+    # 2 windows of 5 min and 2 of 1 h (10:00-10:15 holds everything, 09:00 is empty).
+    assert len(report.windows) == 4 and report.requests_read == 60
+    profile = _profile(settings)
+
+    def value(
+        window_id: str, metric: str, stat: str, label: str = "", tenant: str = "*", route: str = "*"
+    ) -> Any:
+        got = [
+            r["value"]
+            for r in profile
+            if (r["window_id"], r["metric"], r["stat"], r["label"], r["tenant"], r["route"])
+            == (window_id, metric, stat, label, tenant, route)
+        ]
+        assert len(got) == 1, (window_id, metric, stat, label, tenant, route, got)
+        return got[0]
+
+    hour = "1h:2026-12-06T10:00:00Z"
+    sql = audit_sql(
+        settings,
+        "SELECT count(*) AS n, avg((status = 'blocked')::INT) AS blocked, "
+        "quantile_cont(latency_total_ms, 0.95) AS p95 FROM inference_log WHERE tenant = 'acme'",
+    ).to_pylist()[0]
+    assert value(hour, "requests", "count") == 60
+    assert value(hour, "requests", "count", tenant="acme") == sql["n"] == 30
+    assert value(hour, "requests", "count", tenant="acme", route="default") == 30
+    assert value(hour, "status", "rate", "blocked", tenant="acme") == pytest.approx(sql["blocked"])
+    assert value(hour, "latency_total_ms", "p95", tenant="acme") == pytest.approx(sql["p95"])
+    assert value(hour, "total_tokens", "sum") == 60 * 120
+    judged = audit_sql(
+        settings, "SELECT avg((rating = 'yes')::INT) AS r FROM judgements WHERE judge = 'groundedness'"
+    ).to_pylist()[0]["r"]
+    assert value(hour, "judge_pass", "rate", "groundedness") == pytest.approx(judged)
+    assert value(hour, "judge_root_cause", "count", "groundedness") == 20
+    assert value(hour, "dead_letters", "count") == 4
+    assert value(hour, "dead_letters", "count", "retrieve", tenant="unknown") == 4
+    # The empty hour still says zero requests.
+    assert value("1h:2026-12-06T09:00:00Z", "requests", "count") == 0
+    # 10:05-10:10: requests 30..59 (10 s apart from 10:00).
+    assert value("5m:2026-12-06T10:05:00Z", "requests", "count") == 30
+    assert value("5m:2026-12-06T10:05:00Z", "requests", "per_min") == pytest.approx(6.0)
+    open_window = {r["complete"] for r in profile if r["window_id"] == "5m:2026-12-06T10:10:00Z"}
+    assert open_window == {False}
+
+    # Late rows arrive; the re-run replaces the windows' rows instead of adding to them.
+    _append(
+        settings,
+        "inference_log",
+        [_inference_row(100 + i, start + timedelta(minutes=11), EN[0], tenant="acme") for i in range(5)],
+    )
+    again = await run_monitor(settings, now=now)
+    assert again.profile_rows == len(_profile(settings))  # nothing from the first run is left
+    profile = _profile(settings)
+    assert value(hour, "requests", "count") == 65
+    keys = [(r["window_id"], r["tenant"], r["route"], r["metric"], r["stat"], r["label"]) for r in profile]
+    assert len(keys) == len(set(keys))
+
+
+async def test_query_drift_rises_for_a_shifted_stream_and_not_for_an_unshifted_one(tmp_path: Path) -> None:
+    from ragstream.infra.audit.query import audit_sql
+    from ragstream.infra.embedder import InProcessEmbedder
+
+    settings = _settings(tmp_path)
+    base = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+    rows = []
+    # 09:00-10:00 English HR and product questions; 10:00-11:00 the same kind for tenant
+    # acme, French warehouse and expense questions for tenant globex.
+    # Each window draws its English questions at random from the same pool.
+    pick = random.Random(7)
+    for i in range(80):
+        rows.append(
+            _inference_row(
+                i, base + timedelta(seconds=45 * i), pick.choice(EN), tenant=("acme", "globex")[i % 2]
+            )
+        )
+    for i in range(80, 160):
+        tenant = ("acme", "globex")[i % 2]
+        question = pick.choice(EN) if tenant == "acme" else pick.choice(FR)
+        rows.append(
+            _inference_row(i, base + timedelta(hours=1, seconds=45 * (i - 80)), question, tenant=tenant)
+        )
+    _append(settings, "inference_log", rows)
+    embedder = InProcessEmbedder(settings)
+    await embedder.start()
+    try:
+        report = await run_monitor(
+            settings,
+            windows=[Window(3600, base + timedelta(hours=1))],
+            embedder=embedder,
+            now=base + timedelta(hours=2),
+        )
+    finally:
+        await embedder.close()
+    assert report.questions_embedded == 160
+    drift = {
+        r["tenant"]: r
+        for r in audit_sql(
+            settings,
+            "SELECT * FROM monitor_drift WHERE metric = 'query_embedding' AND comparison = 'previous'",
+        ).to_pylist()
+    }
+    shifted, unshifted = drift["globex"]["value"], drift["acme"]["value"]
+    assert drift["acme"]["model"] == settings.embed.model_id
+    assert drift["globex"]["sample_count"] == 40 and drift["globex"]["baseline_count"] == 40
+    # Sampling noise of 40 questions from a pool of 16 measured 0.16 here; a change of
+    # language and topic 0.94. A rule on this metric wants a threshold between the two.
+    threshold = 0.4
+    assert 0.0 < unshifted < threshold < shifted, (unshifted, shifted)
+    assert drift["*"]["value"] > unshifted
+
+
+def test_monitor_tables_have_the_window_key() -> None:
+    for name in ("monitor_profile", "monitor_drift"):
+        names = arrow_schema(name).names
+        assert {"window_id", "window_start", "tenant", "route", "metric", "stat", "label", "value"} <= set(
+            names
+        )
