@@ -28,6 +28,7 @@ from ragstream.infra.files import write_json_atomic
 from ragstream.schemas.errors import ConfigError
 
 __all__ = [
+    "AlertRule",
     "AuditSettings",
     "AuthSettings",
     "GuardPolicy",
@@ -583,6 +584,36 @@ class JudgesSettings(_Section):
         return self.tenant_sample_rates.get(tenant, self.sample_rate)
 
 
+class AlertRule(_Section):
+    """One alert rule: a monitored metric, a window, a comparison and a severity.
+
+    Profile rules are evaluated on a sliding window: the last `window_s` seconds at each
+    monitoring run. Drift rules read the drift row of the latest window of `window_s`.
+    """
+
+    metric: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    """A `monitor_profile` (or, with `table = "drift"`, `monitor_drift`) metric, e.g. judge_pass."""
+    stat: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    """Its stat: rate, count, per_min, p95, ... (drift: psi, delta, centroid_cosine_distance)."""
+    label: str = Field(default="", max_length=128)
+    """The breakdown, e.g. `overall` for judge_pass, `blocked` for status."""
+    table: Literal["profile", "drift"] = "profile"
+    comparison: Literal["previous", "baseline"] = "previous"
+    """For drift rules: against the previous window or the fixed baseline."""
+    window_s: int = Field(default=300, ge=60, le=31 * 86_400)
+    tenant: str = Field(default="*", min_length=1, max_length=128)
+    route: str = Field(default="*", min_length=1, max_length=128)
+    op: Literal[">", ">=", "<", "<="]
+    threshold: float
+    relative_to_previous: bool = False
+    """Compare the value divided by the window before's (e.g. `block rate x3 over baseline`:
+    metric status, stat rate, label blocked, op >, threshold 3, relative_to_previous)."""
+    min_samples: int = Field(default=1, ge=1)
+    """Fewer rows behind the value than this: the rule does not fire (and resolves)."""
+    severity: Literal["info", "warning", "critical"] = "warning"
+    description: str = Field(default="", max_length=500)
+
+
 class MonitorSettings(_Section):
     """Profile and drift metrics over the audit tables (`ragstream.infra.monitor`), like
     Lakehouse Monitoring's metric tables: `ragstream monitor run` computes them."""
@@ -606,6 +637,13 @@ class MonitorSettings(_Section):
     """Questions embedded per window and slice at most (a stable sample by request id)."""
     psi_bins: int = Field(default=10, ge=2, le=100)
     """Quantile bins of the baseline for the population stability index."""
+    alerts: dict[str, AlertRule] = Field(default_factory=dict)
+    """Alert rules by name (`[monitor.alerts.<name>]`): evaluated after every run; a change of
+    state is an event on the alerts topic, a row in the `alerts` table and a webhook POST."""
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    """Where alert events are POSTed as JSON, with retries; unset: no webhook."""
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_attempts: int = Field(default=3, ge=1, le=10)
 
     @model_validator(mode="after")
     def _valid(self) -> MonitorSettings:
@@ -623,6 +661,20 @@ class MonitorSettings(_Section):
                 raise ValueError(f"monitor baseline: {exc}") from None
             if start.tzinfo is None or end.tzinfo is None or end <= start:
                 raise ValueError("monitor baseline: timezone-aware ISO-8601 times, end after start")
+        import re as _re
+
+        for name, rule in self.alerts.items():
+            if not _re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
+                raise ValueError(f"monitor.alerts: {name!r} is not a rule name (letters, digits, _ . -)")
+            if rule.table == "drift" and rule.window_s not in self.granularities_s:
+                raise ValueError(
+                    f"monitor.alerts.{name}: a drift rule's window_s must be one of "
+                    f"monitor.granularities_s {list(self.granularities_s)}, not {rule.window_s}"
+                )
+            if rule.table == "drift" and rule.comparison == "baseline" and self.baseline_start_at is None:
+                raise ValueError(
+                    f"monitor.alerts.{name}: comparison 'baseline' needs monitor.baseline_start_at"
+                )
         return self
 
 
@@ -637,6 +689,10 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Path(".ragstream")
+    cache_dir: Path | None = None
+    """Files derived only from code and models (the guardrail head's fit, keyed by a hash of
+    its training data and model), shared by every stack on the machine, so a fresh data dir
+    starts without refitting. Default `~/.cache/ragstream`."""
     config_file: Path | None = None
     log_level: str = "INFO"
     default_tenant: str = "default"
@@ -695,6 +751,10 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _ConfigFileSource(settings_cls, init_settings, env_settings))
 
     # Derived paths of the embedded stack -------------------------------------------------
+    @cached_property
+    def model_cache_dir(self) -> Path:
+        return (self.cache_dir or Path.home() / ".cache" / "ragstream").expanduser()
+
     @cached_property
     def run_dir(self) -> Path:
         return self.data_dir / "run"

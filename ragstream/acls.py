@@ -45,11 +45,20 @@ from typing import Any
 from ragstream.infra.audit.tables import TABLES
 from ragstream.schemas.identity import SCOPES, Scope, reply_stream_for
 from ragstream.streams.stage import Stage
-from ragstream.streams.topics import ALL_TOPICS, DEADLETTER, DOCUMENTS, QUERIES, RESPONSES, reply_topic
+from ragstream.streams.topics import (
+    ALERTS,
+    ALL_TOPICS,
+    DEADLETTER,
+    DOCUMENTS,
+    QUERIES,
+    RESPONSES,
+    reply_topic,
+)
 from ragstream.workers.stages import STAGES
 
 __all__ = [
     "ADMIN_USER",
+    "MONITOR_USER",
     "BROKER_USER",
     "SCRAM_MECHANISM",
     "SINK_USER",
@@ -65,6 +74,7 @@ __all__ = [
     "consumer_group",
     "internal_topics",
     "may",
+    "monitor_acls",
     "password_env",
     "render_acl_commands",
     "render_client_script",
@@ -83,6 +93,8 @@ ADMIN_USER = "admin"
 BROKER_USER = "kafka"
 """The broker's own principal (controller and inter-broker listeners): a super user."""
 SINK_USER = "ragstream-sink"
+MONITOR_USER = "ragstream-monitor"
+"""The monitoring job: reads Iceberg, not Kafka; publishes alert events."""
 SUPER_USERS: tuple[str, ...] = (f"User:{ADMIN_USER}", f"User:{BROKER_USER}")
 """`super.users` of the broker: they bypass ACLs."""
 
@@ -230,9 +242,14 @@ def sink_acls(prefix: str) -> list[AclBinding]:
     return [b for topic in inputs for b in _topic(user, f"{prefix}.{topic}", Operation.READ)]
 
 
+def monitor_acls(prefix: str) -> list[AclBinding]:
+    """The monitor writes the alerts topic; it reads the audit tables, not Kafka."""
+    return _topic(f"User:{MONITOR_USER}", ALERTS.full_name(prefix), Operation.WRITE)
+
+
 def service_users() -> list[str]:
-    """Every service principal's username: one per stage, and the sink."""
-    return [stage_user(name) for name in STAGES] + [SINK_USER]
+    """Every service principal's username: one per stage, the sink and the monitor."""
+    return [stage_user(name) for name in STAGES] + [SINK_USER, MONITOR_USER]
 
 
 def service_acls(prefix: str) -> list[AclBinding]:
@@ -241,6 +258,7 @@ def service_acls(prefix: str) -> list[AclBinding]:
     for stage in STAGES.values():
         out += stage_acls(prefix, stage)
     out += sink_acls(prefix)
+    out += monitor_acls(prefix)
     return sorted(set(out))
 
 

@@ -56,7 +56,7 @@ async def _check(settings: Settings, text: str, direction: str, policy_name: str
 
     embedder = E5Embedder(settings)
     await embedder.start()
-    detectors = GuardDetectors(embedder, cache_dir=settings.data_dir / "guard")
+    detectors = GuardDetectors(embedder, cache_dir=settings.model_cache_dir / "guard")
     try:
         await detectors.start()
         guard = Guardrails(settings.guardrails, detectors)

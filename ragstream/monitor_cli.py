@@ -53,12 +53,13 @@ def run_command(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Config file.")] = None,
 ) -> None:
     """Compute monitor_profile and monitor_drift for the latest windows (or a time range),
-    replacing the rows of every window it computes."""
+    replacing the rows of every window it computes; for the latest windows, evaluate the alert
+    rules (changes go to the alerts topic, the alerts table and the webhook)."""
     from ragstream.infra.logs import configure_logging
     from ragstream.infra.monitor import MonitorReport, run_monitor, windows_to_compute
     from ragstream.infra.monitor.windows import Window, window_containing
     from ragstream.schemas.errors import RagstreamError
-    from ragstream.workers.monitor import monitor_once
+    from ragstream.workers.monitor import alert_publisher, monitor_once
 
     settings: Settings = load_settings(config)
     configure_logging(settings)
@@ -84,7 +85,8 @@ def run_command(
 
     async def go() -> MonitorReport:
         if no_query_drift:
-            return await run_monitor(settings, now=now, windows=windows, embedder=None)
+            publish = alert_publisher(settings) if windows is None else None
+            return await run_monitor(settings, now=now, windows=windows, embedder=None, on_alerts=publish)
         if windows is None:
             return await monitor_once(settings)
         from ragstream.workers.monitor import drift_embedder
@@ -108,6 +110,8 @@ def run_command(
     if as_json:
         print(json.dumps(asdict(report)))
         return
+    for change in report.alerts:
+        console.print(f"alert {change}", markup=False, highlight=False)
     console.print(
         f"{len(report.windows)} windows: {report.profile_rows} profile rows, {report.drift_rows} drift rows, "
         f"from {report.requests_read} requests ({report.questions_embedded} questions embedded) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ragstream.schemas.alerts import AlertChanged
 from ragstream.schemas.events import (
     ChunkCreated,
     ChunkEmbedded,
@@ -30,6 +31,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TokenGenerated,
         ResponseCompleted,
         JudgementRecorded,
+        AlertChanged,
     )
 }
 """The JSON Schema export and the audit sink use it."""

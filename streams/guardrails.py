@@ -111,7 +111,7 @@ async def _open(settings: Settings, embedder: Embedder | None) -> _Opened:
             started(
                 GuardDetectors(
                     embedder,
-                    cache_dir=settings.data_dir / "guard",
+                    cache_dir=settings.model_cache_dir / "guard",
                     generator=generator,
                     pii_entities=sorted({e for rail in rails for e in rail.entities}),
                 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ragstream.schemas.alerts import AlertChanged
 from ragstream.schemas.events import (
     ChunkCreated,
     ChunkEmbedded,
@@ -28,6 +29,7 @@ from ragstream.schemas.judge import JudgementRecorded
 from ragstream.schemas.queries import ContextRetrieved, QuerySubmitted, ResponseCompleted, TokenGenerated
 
 __all__ = [
+    "ALERTS",
     "ALL_TOPICS",
     "CHUNKS",
     "DEADLETTER",
@@ -153,6 +155,16 @@ JUDGEMENTS = TopicSpec(
     ),
 )
 
+ALERTS = TopicSpec(
+    "alerts",
+    (AlertChanged,),
+    key_doc="alert_id",
+    description=(
+        "Monitoring alerts: one event each time a rule starts or stops firing for a slice; "
+        "for on-call tooling, and the `alerts` audit table."
+    ),
+)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     DOCUMENTS,
     CHUNKS,
@@ -162,6 +174,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     RETRIEVALS,
     RESPONSES,
     JUDGEMENTS,
+    ALERTS,
     DEADLETTER,
 )
 """The topics `ragstream init` creates. Reply streams are created per principal on first use."""

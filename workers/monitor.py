@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ragstream.infra.embedder import Embedder, InProcessEmbedder, TritonEmbedder
@@ -24,10 +25,11 @@ from ragstream.infra.files import write_json_atomic
 from ragstream.infra.logs import configure_logging
 from ragstream.infra.monitor import MonitorReport, run_monitor
 from ragstream.infra.settings import Settings, load_settings
+from ragstream.schemas.alerts import AlertChanged
 from ragstream.schemas.errors import RagstreamError
 from ragstream.workers.stages import heartbeat_path
 
-__all__ = ["MONITOR", "MonitorLoop", "drift_embedder", "main", "monitor_once"]
+__all__ = ["MONITOR", "MonitorLoop", "alert_publisher", "drift_embedder", "main", "monitor_once"]
 
 log = logging.getLogger("ragstream.workers.monitor")
 
@@ -43,22 +45,80 @@ def drift_embedder(settings: Settings) -> Embedder:
     return TritonEmbedder(settings)
 
 
+def alert_publisher(settings: Settings) -> Callable[[list[AlertChanged]], Awaitable[None]]:
+    """What the job calls with alert changes: each is published on the alerts topic (flushed;
+    a failure raises, so the change is not recorded and the next run finds it again), then
+    POSTed to `monitor.webhook_url` with retries (a webhook that stays down is logged)."""
+
+    async def publish(changes: list[AlertChanged]) -> None:
+        await asyncio.to_thread(_publish_blocking, settings, changes)
+        if settings.monitor.webhook_url:
+            await asyncio.to_thread(_post_webhook, settings, changes)
+
+    return publish
+
+
+def _publish_blocking(settings: Settings, changes: list[AlertChanged]) -> None:
+    from ragstream.infra import kafka
+    from ragstream.streams.codec import encode
+    from ragstream.streams.topics import ALERTS
+
+    producer = kafka.make_producer(settings)
+    try:
+        topic = ALERTS.full_name(settings.kafka.topic_prefix)
+        for change in changes:
+            producer.send(topic, key=change.kafka_key(), value=encode(change))
+        producer.flush(timeout=30)
+    finally:
+        producer.close(timeout=5)
+    for change in changes:
+        log.warning("alert %s", change.message)
+
+
+def _post_webhook(settings: Settings, changes: list[AlertChanged]) -> None:
+    import httpx
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+    url = str(settings.monitor.webhook_url)
+    with httpx.Client(timeout=settings.monitor.webhook_timeout_s) as client:
+        for change in changes:
+            body = change.model_dump(mode="json")
+            try:
+                for attempt in Retrying(
+                    stop=stop_after_attempt(settings.monitor.webhook_attempts),
+                    wait=wait_exponential(multiplier=0.5, max=10),
+                    retry=retry_if_exception_type(httpx.HTTPError),
+                    reraise=True,
+                ):
+                    with attempt:
+                        client.post(url, json=body).raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning(
+                    "alert webhook %s failed after %d attempts: %s",
+                    url,
+                    settings.monitor.webhook_attempts,
+                    exc,
+                )
+
+
 async def monitor_once(settings: Settings, embedder: Embedder | None = None) -> MonitorReport:
-    """One monitoring run with the configured embedder (started and closed here unless given).
+    """One monitoring run with the configured embedder (started and closed here unless given),
+    alert changes published by `alert_publisher`.
 
     Query drift is left null, with a warning, when the embedder cannot start: the profile
     and the other drift metrics do not depend on it.
     """
+    publish = alert_publisher(settings)
     if embedder is not None:
-        return await run_monitor(settings, embedder=embedder)
+        return await run_monitor(settings, embedder=embedder, on_alerts=publish)
     own = drift_embedder(settings)
     try:
         await own.start()
     except RagstreamError as exc:
         log.warning("query drift skipped this run: the embedder is unavailable (%s)", exc)
-        return await run_monitor(settings, embedder=None)
+        return await run_monitor(settings, embedder=None, on_alerts=publish)
     try:
-        return await run_monitor(settings, embedder=own)
+        return await run_monitor(settings, embedder=own, on_alerts=publish)
     finally:
         await own.close()
 
@@ -110,7 +170,9 @@ class MonitorLoop:
 
     def run_forever(self) -> None:
         interval_s = self._settings.monitor.interval_s or 60.0
-        next_run = time.monotonic()
+        # The first run waits one interval: at start the stack's other processes load their
+        # models on the same cores, and the audit tables have nothing new yet.
+        next_run = time.monotonic() + interval_s
         worker: threading.Thread | None = None
         while not self._stop.is_set():
             if (worker is None or not worker.is_alive()) and time.monotonic() >= next_run:

@@ -496,3 +496,31 @@ def monitor_drift_schema() -> Any:
         f("value", DoubleType(), "The drift; null when either side had too few rows."),
         f("model", StringType(), "The embedding model, for query embedding drift."),
     )
+
+
+def alert_schema() -> Any:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import DateType, DoubleType, LongType, StringType, TimestamptzType
+
+    f, _ = _fields()
+    return Schema(
+        f("changed_at", TimestamptzType(), "When the alert changed state; event_date is its UTC day.", True),
+        f("alert_id", StringType(), "The rule and its slice: <rule>/<tenant>/<route>.", True),
+        f("rule", StringType(), "The rule's name (monitor.alerts.<name>).", True),
+        f("state", StringType(), "firing or resolved.", True),
+        f("severity", StringType(), "info, warning or critical.", True),
+        f("slice_tenant", StringType(), "The tenant watched, or * for all."),
+        f("slice_route", StringType(), "The route watched, or * for all."),
+        f("metric", StringType(), "The metric the rule watches."),
+        f("stat", StringType(), "Its stat."),
+        f("label", StringType(), "Its label."),
+        f("window_id", StringType(), "The window the condition was evaluated on."),
+        f("value", DoubleType(), "The value measured (a ratio for relative rules)."),
+        f("sample_count", LongType(), "Rows behind the value."),
+        f("threshold", DoubleType(), "The rule's threshold."),
+        f("condition", StringType(), "The rule as text."),
+        f("message", StringType(), "What happened, in words."),
+        f("since", TimestamptzType(), "When the firing began.", True),
+        f("event_id", StringType(), "event_id of the AlertChanged published on the alerts topic.", True),
+        f("event_date", DateType(), "UTC day of changed_at: the partition column.", True),
+    )

@@ -33,6 +33,7 @@ from functools import cache
 from typing import Any
 
 from ragstream.infra.audit.columns import (
+    alert_schema,
     dead_letter_schema,
     evaluation_schema,
     guardrail_schema,
@@ -47,6 +48,7 @@ from ragstream.infra.settings import AuditSettings
 from ragstream.schemas.errors import ConfigError
 
 __all__ = [
+    "ALERTS",
     "DEAD_LETTERS",
     "EVALUATIONS",
     "OFFLINE_TABLES",
@@ -76,6 +78,7 @@ JUDGEMENTS = "judgements"
 EVALUATIONS = "evaluations"
 MONITOR_PROFILE = "monitor_profile"
 MONITOR_DRIFT = "monitor_drift"
+ALERTS = "alerts"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,7 @@ _SCHEMAS: dict[str, Callable[[], Any]] = {
     EVALUATIONS: evaluation_schema,
     MONITOR_PROFILE: monitor_profile_schema,
     MONITOR_DRIFT: monitor_drift_schema,
+    ALERTS: alert_schema,
 }
 
 TABLES: dict[str, TableDef] = {
@@ -153,9 +157,15 @@ OFFLINE_TABLES: dict[str, TableDef] = {
         (),
         "Drift per window against the previous window and the baseline: queries, answers, scores, judges.",
     ),
+    ALERTS: TableDef(
+        ALERTS,
+        "changed_at",
+        (),
+        "Every alert state change (firing, resolved), as published on the alerts topic.",
+    ),
 }
 """Tables written by commands, not by the sink: `ragstream eval` is `evaluations`' only writer,
-the monitoring job (`ragstream monitor run`) the metric tables'."""
+the monitoring job (`ragstream monitor run`) the metric tables' and `alerts`'."""
 
 READABLE_TABLES: dict[str, TableDef] = {**TABLES, **OFFLINE_TABLES}
 

@@ -19,7 +19,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
+import zipfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,17 +145,23 @@ class EmbeddingHead:
         ).hexdigest()[:16]
         cached = self._cache_dir / f"head-{key}.npz" if self._cache_dir else None
         if cached is not None and cached.exists():
-            data = np.load(cached)
-            self._w, self._b, self._cut, self._mean = data["w"], data["b"], data["cut"], data["mean"]
-            return
+            try:
+                with np.load(cached) as data:
+                    self._w, self._b, self._cut, self._mean = data["w"], data["b"], data["cut"], data["mean"]
+                return
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                log.warning("guard head cache %s unreadable (%s): fitting again", cached, exc)
         raw = await self.embed(texts)
         mean = raw.mean(axis=0).astype(np.float32)
         x = _centred(raw, mean)
         w, b, cut = await asyncio.to_thread(_fit_with_cutoffs, x, y, self._benign_fp)
         self._w, self._b, self._cut, self._mean = w, b, cut, mean
         if cached is not None:
+            # Written whole, then renamed: processes starting together may read it.
             cached.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cached, w=w, b=b, cut=cut, mean=mean)
+            partial = cached.with_name(f"{cached.stem}.{os.getpid()}.partial.npz")
+            np.savez(partial, w=w, b=b, cut=cut, mean=mean)
+            os.replace(partial, cached)
         log.info(
             "guard head fitted on %d examples (%s); cut-offs %s",
             len(texts),

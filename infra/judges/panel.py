@@ -202,7 +202,7 @@ async def opened_panel(
             embedder,
             generator=generator,
             names=names,
-            head_cache_dir=str(settings.data_dir / "guard"),
+            head_cache_dir=str(settings.model_cache_dir / "guard"),
         )
         await retry_while_starting(panel.start)
         stack.push_async_callback(panel.close)

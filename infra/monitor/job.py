@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ragstream.infra.audit.tables import (
+    ALERTS,
     DEAD_LETTERS,
     GUARDRAIL_VERDICTS,
     INFERENCE_LOG,
@@ -30,10 +31,12 @@ from ragstream.infra.audit.tables import (
     USAGE,
 )
 from ragstream.infra.embedder import Embedder
+from ragstream.infra.monitor.alerts import AlertStatus, Measured, transitions
 from ragstream.infra.monitor.drift import centroid_cosine_distance, population_stability_index
-from ragstream.infra.monitor.profile import PROFILE_SOURCES, profile_values
-from ragstream.infra.monitor.windows import Window, latest_windows
-from ragstream.infra.settings import Settings
+from ragstream.infra.monitor.profile import PROFILE_SOURCES, ProfileValue, profile_values
+from ragstream.infra.monitor.windows import Window, latest_windows, window_containing
+from ragstream.infra.settings import AlertRule, Settings
+from ragstream.schemas.alerts import AlertChanged
 from ragstream.schemas.errors import DependencyUnavailable, RagstreamError
 
 __all__ = ["MonitorReport", "run_monitor", "windows_to_compute"]
@@ -58,6 +61,8 @@ class MonitorReport:
     drift_rows: int = 0
     requests_read: int = 0
     questions_embedded: int = 0
+    alerts: list[str] = field(default_factory=list)
+    """The alert changes of this run, `<rule>: firing|resolved`."""
     elapsed_s: float = 0.0
 
 
@@ -291,10 +296,15 @@ async def run_monitor(
     now: datetime | None = None,
     windows: Sequence[Window] | None = None,
     embedder: Embedder | None = None,
+    on_alerts: Callable[[list[AlertChanged]], Awaitable[None]] | None = None,
 ) -> MonitorReport:
-    """Compute and write the profile and drift rows of `windows` (default: `windows_to_compute`).
+    """Compute and write the profile and drift rows of `windows` (default: `windows_to_compute`),
+    then evaluate `monitor.alerts` (only for a run of the latest windows, not for a given range).
 
     `embedder` embeds questions for query drift (None: that drift is null). It must be started.
+    `on_alerts` gets the alert changes first (to publish them); only when it returns are they
+    written to the `alerts` table, which holds each alert's state. If it raises, the next run
+    finds the same changes again, with the same event ids.
 
     Raises:
         DependencyUnavailable: the catalog or a table cannot be read or written.
@@ -306,18 +316,22 @@ async def run_monitor(
 
     started = time.monotonic()
     now = now or datetime.now(UTC)
+    latest = windows is None
     windows = list(windows) if windows is not None else windows_to_compute(settings, now)
     if not windows:
         return MonitorReport()
     baseline = _baseline(settings)
+    rules = settings.monitor.alerts if latest else {}
+    # Profile rules look at the last window_s seconds, and relative ones at the window_s before.
+    sliding = sorted({r.window_s for r in rules.values() if r.table == "profile"})
     # Drift compares each window with the one before it, so that one is read too.
-    lo = min(w.previous().start for w in windows)
+    lo = min([w.previous().start for w in windows] + [now - timedelta(seconds=2 * s) for s in sliding])
     hi = max(w.end for w in windows)
     if baseline is not None:
         lo, hi = min(lo, baseline[0]), max(hi, baseline[1])
     catalog = open_catalog(settings)
     try:
-        ensure_tables(settings, catalog, names=[MONITOR_PROFILE, MONITOR_DRIFT])
+        ensure_tables(settings, catalog, names=[MONITOR_PROFILE, MONITOR_DRIFT, ALERTS])
         sources = {name: _read(catalog, settings, name, lo, hi) for name in PROFILE_SOURCES}
     except DependencyUnavailable:
         raise
@@ -329,8 +343,11 @@ async def run_monitor(
     try:
         for name, arrow in sources.items():
             con.register(name, arrow)
-        values = profile_values(con, windows)
+        values = profile_values(con, windows, now)
         drift, embedded = await _drift_rows(con, windows, baseline, embedder, settings, computed_at, now)
+        slide_windows = [Window(s, now - timedelta(seconds=s)) for s in sliding]
+        slide_windows += [w.previous() for w in slide_windows]
+        slide_values = profile_values(con, slide_windows, now) if slide_windows else []
     finally:
         con.close()
     by_id = {w.window_id: w for w in windows}
@@ -351,12 +368,21 @@ async def run_monitor(
         _overwrite(catalog, settings, MONITOR_DRIFT, drift, ids)
     except Exception as exc:  # commit conflicts, catalog transport
         raise DependencyUnavailable(f"monitoring cannot write its tables: {exc}") from exc
+    changes: list[AlertChanged] = []
+    if rules:
+        measured = _measure(rules, slide_values, drift, now)
+        changes = transitions(rules, measured, _alert_states(catalog, settings), now)
+        if changes:
+            if on_alerts is not None:
+                await on_alerts(changes)
+            _append_alerts(catalog, settings, changes, measured)
     report = MonitorReport(
         windows=ids,
         profile_rows=len(profile),
         drift_rows=len(drift),
         requests_read=sources[INFERENCE_LOG].num_rows,
         questions_embedded=embedded,
+        alerts=[f"{c.rule}: {c.state}" for c in changes],
         elapsed_s=time.monotonic() - started,
     )
     log.info(
@@ -368,3 +394,95 @@ async def run_monitor(
         report.elapsed_s,
     )
     return report
+
+
+def _measure(
+    rules: Mapping[str, AlertRule],
+    slide_values: list[ProfileValue],
+    drift: list[dict[str, Any]],
+    now: datetime,
+) -> dict[str, Measured]:
+    """Each rule's value: profile rules on the last `window_s` seconds (divided by the window
+    before for relative rules), drift rules on the latest window of `window_s`."""
+    profile = {(v[0], v[1], v[2], v[3], v[4], v[5]): (v[6], v[7]) for v in slide_values}
+    out: dict[str, Measured] = {}
+    for name, rule in rules.items():
+        if rule.table == "drift":
+            wid = window_containing(rule.window_s, now).window_id
+            row = next(
+                (
+                    d
+                    for d in drift
+                    if (
+                        d["window_id"],
+                        d["tenant"],
+                        d["route"],
+                        d["metric"],
+                        d["stat"],
+                        d["label"],
+                        d["comparison"],
+                    )
+                    == (wid, rule.tenant, rule.route, rule.metric, rule.stat, rule.label, rule.comparison)
+                ),
+                None,
+            )
+            out[name] = Measured(
+                None if row is None else row["value"],
+                0 if row is None else int(row["sample_count"] or 0),
+                wid,
+            )
+            continue
+        current = Window(rule.window_s, now - timedelta(seconds=rule.window_s))
+        key = (rule.tenant, rule.route, rule.metric, rule.stat, rule.label)
+        value, count = profile.get((current.window_id, *key), (None, 0))
+        if rule.relative_to_previous:
+            before, _ = profile.get((current.previous().window_id, *key), (None, 0))
+            value = None if value is None or not before else value / before
+        out[name] = Measured(value, count, f"last {rule.window_s}s to {now.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    return out
+
+
+def _alert_states(catalog: Any, settings: Settings) -> dict[str, AlertStatus]:
+    """Each alert's latest state, from the alerts table."""
+    table = catalog.load_table((settings.iceberg.namespace, ALERTS))
+    rows = table.scan(selected_fields=("alert_id", "state", "since", "changed_at")).to_arrow().to_pylist()
+    latest: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["changed_at"]):
+        latest[row["alert_id"]] = row
+    return {aid: AlertStatus(r["state"], r["since"]) for aid, r in latest.items()}
+
+
+def _append_alerts(
+    catalog: Any, settings: Settings, changes: list[AlertChanged], measured: Mapping[str, Measured]
+) -> None:
+    from ragstream.infra.audit.buffer import rows_to_arrow
+
+    rows = [
+        {
+            "changed_at": c.produced_at,
+            "alert_id": c.alert_id,
+            "rule": c.rule,
+            "state": c.state,
+            "severity": c.severity,
+            "slice_tenant": c.slice_tenant,
+            "slice_route": c.slice_route,
+            "metric": c.metric,
+            "stat": c.stat,
+            "label": c.label,
+            "window_id": c.window_id,
+            "value": c.value,
+            "sample_count": measured[c.rule].sample_count if c.rule in measured else None,
+            "threshold": c.threshold,
+            "condition": c.condition,
+            "message": c.message,
+            "since": c.since,
+            "event_id": c.event_id,
+            "event_date": c.produced_at.date(),
+        }
+        for c in changes
+    ]
+    try:
+        table = catalog.load_table((settings.iceberg.namespace, ALERTS))
+        table.append(rows_to_arrow(rows, table.schema().as_arrow()))
+    except Exception as exc:  # commit conflicts, catalog transport
+        raise DependencyUnavailable(f"monitoring cannot write the alerts table: {exc}") from exc

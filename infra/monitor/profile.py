@@ -27,6 +27,7 @@ from one GROUPING SETS query per source table. A tenant or route the audit row l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from ragstream.infra.audit.columns import LATENCY_STAGES
@@ -73,15 +74,16 @@ ProfileValue = tuple[str, str, str, str, str, str, float | None, int]
 _QUANTILES = ((0.5, "p50"), (0.95, "p95"), (0.99, "p99"))
 
 
-def profile_values(con: Any, windows: Sequence[Window]) -> list[ProfileValue]:
+def profile_values(con: Any, windows: Sequence[Window], now: datetime) -> list[ProfileValue]:
     """Every profile value of `windows`, from the tables registered on the DuckDB connection
     `con` under their audit names (Arrow tables with at least `PROFILE_SOURCES`' columns).
+    Rates per minute of a window still open at `now` are over its elapsed part.
     """
     con.register(
         "monitor_windows",
         _windows_arrow(windows),
     )
-    minutes = {w.window_id: w.length_s / 60.0 for w in windows}
+    minutes = {w.window_id: max(1.0, (min(now, w.end) - w.start).total_seconds()) / 60.0 for w in windows}
     out: list[ProfileValue] = []
     out += _requests(con, minutes)
     out += _costs(con)

@@ -24,6 +24,7 @@ from ragstream import acls
 from ragstream.acls import (
     ADMIN_USER,
     BROKER_USER,
+    MONITOR_USER,
     SINK_USER,
     SUPER_USERS,
     AclBinding,
@@ -428,6 +429,8 @@ def test_every_ragstream_service_logs_in_as_its_own_principal(services: dict[str
             assert user == stage_user(name.removeprefix("worker-")), name
         elif name.startswith("audit-sink"):
             assert user == SINK_USER, name
+        elif name == "monitor":
+            assert user == MONITOR_USER, name
         else:
             assert name == "ragstream-init" and user == ADMIN_USER, name
         if user == ADMIN_USER:
@@ -458,7 +461,7 @@ def test_workers_start_after_the_acl_job_which_runs_the_checked_in_script(
     needed = set(re.findall(r"\$\{(\w+):\?", SERVICE_SCRIPT.read_text()))
     assert needed and needed <= env.keys()
     for name, service in services.items():
-        if name.startswith(("worker-", "audit-sink")):
+        if name.startswith(("worker-", "audit-sink", "monitor")):
             assert service["depends_on"]["kafka-acls"]["condition"] == "service_completed_successfully", name
 
 

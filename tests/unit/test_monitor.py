@@ -320,3 +320,137 @@ def test_monitor_tables_have_the_window_key() -> None:
         assert {"window_id", "window_start", "tenant", "route", "metric", "stat", "label", "value"} <= set(
             names
         )
+
+
+# -- alerts ----------------------------------------------------------------------------------
+def _rule(**kw: Any) -> Any:
+    from ragstream.infra.settings import AlertRule
+
+    base: dict[str, Any] = {
+        "metric": "status",
+        "stat": "rate",
+        "label": "blocked",
+        "op": ">",
+        "threshold": 0.3,
+    }
+    return AlertRule(**(base | kw))
+
+
+def test_alert_transitions_fire_once_and_resolve_on_no_data() -> None:
+    from ragstream.infra.monitor.alerts import AlertStatus, Measured, transitions
+
+    rules = {"blocks": _rule(min_samples=3, severity="critical")}
+    fired = transitions(rules, {"blocks": Measured(0.5, 10, "w")}, {}, NOW)
+    assert [(c.state, c.severity, c.since) for c in fired] == [("firing", "critical", NOW)]
+    state = {fired[0].alert_id: AlertStatus("firing", NOW)}
+    assert transitions(rules, {"blocks": Measured(0.9, 10, "w")}, state, NOW) == []  # still firing: no event
+    assert transitions(rules, {"blocks": Measured(0.5, 2, "w")}, {}, NOW) == []  # too few samples
+    later = NOW + timedelta(minutes=5)
+    resolved = transitions(rules, {}, state, later)  # no data resolves
+    assert [(c.state, c.since, c.produced_at) for c in resolved] == [("resolved", NOW, later)]
+    again = transitions(rules, {"blocks": Measured(0.5, 10, "w")}, {}, NOW)
+    assert again[0].event_id == fired[0].event_id, "the same change has the same id"
+
+
+def test_a_malformed_alert_rule_fails_with_a_clear_message() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        Settings(monitor={"alerts": {"x": {"metric": "judge_pass", "stat": "rate", "op": "<"}}})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="op"):
+        Settings(
+            monitor={"alerts": {"x": {"metric": "judge_pass", "stat": "rate", "op": "<>", "threshold": 1}}}
+        )  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="window_s"):
+        Settings(
+            monitor={
+                "alerts": {
+                    "x": {
+                        "metric": "answer_chars",
+                        "stat": "psi",
+                        "table": "drift",
+                        "op": ">",
+                        "threshold": 0.2,
+                        "window_s": 120,
+                    }
+                }
+            }  # type: ignore[arg-type]
+        )
+
+
+async def test_an_alert_fires_on_the_real_catalog_is_recorded_after_publishing_and_resolves(
+    tmp_path: Path,
+) -> None:
+    from ragstream.infra.audit.query import audit_sql
+
+    rules = {
+        "blocks": {
+            "metric": "status",
+            "stat": "rate",
+            "label": "blocked",
+            "op": ">",
+            "threshold": 0.3,
+            "window_s": 300,
+        },
+        "block_jump": {
+            "metric": "status",
+            "stat": "rate",
+            "label": "blocked",
+            "op": ">",
+            "threshold": 2,
+            "window_s": 300,
+            "relative_to_previous": True,
+        },
+    }
+    settings = _settings(tmp_path, alerts=rules)
+    start = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)
+    rows = [
+        _inference_row(
+            i,
+            start + timedelta(seconds=10 * i),
+            EN[0],
+            tenant="acme",
+            status="blocked" if i % 10 == 0 else "ok",
+        )
+        for i in range(30)
+    ]
+    rows += [
+        _inference_row(
+            100 + i,
+            start + timedelta(minutes=5, seconds=10 * i),
+            EN[0],
+            tenant="acme",
+            status="blocked" if i % 2 else "ok",
+        )
+        for i in range(30)
+    ]
+    _append(settings, "inference_log", rows)
+    now = start + timedelta(minutes=10)
+
+    published: list[Any] = []
+
+    async def broken(changes: list[Any]) -> None:
+        raise RuntimeError("broker down")
+
+    with pytest.raises(RuntimeError):
+        await run_monitor(settings, now=now, on_alerts=broken)
+    assert audit_sql(settings, "SELECT * FROM alerts").num_rows == 0, "not recorded when not published"
+
+    async def publish(changes: list[Any]) -> None:
+        published.extend(changes)
+
+    report = await run_monitor(settings, now=now, on_alerts=publish)
+    # Last 5 min: 15 of 30 blocked (0.5); the 5 min before: 3 of 30 (0.1), a jump of x5.
+    assert sorted(report.alerts) == ["block_jump: firing", "blocks: firing"]
+    by_rule = {c.rule: c for c in published}
+    assert by_rule["blocks"].value == pytest.approx(0.5) and by_rule["block_jump"].value == pytest.approx(5.0)
+    again = await run_monitor(settings, now=now + timedelta(seconds=30), on_alerts=publish)
+    assert again.alerts == [], "a firing alert is not re-announced"
+    quiet = await run_monitor(settings, now=now + timedelta(minutes=6), on_alerts=publish)
+    assert sorted(quiet.alerts) == ["block_jump: resolved", "blocks: resolved"]
+    table = audit_sql(settings, "SELECT rule, state, since FROM alerts ORDER BY changed_at, rule").to_pylist()
+    assert [(r["rule"], r["state"]) for r in table] == [
+        ("block_jump", "firing"),
+        ("blocks", "firing"),
+        ("block_jump", "resolved"),
+        ("blocks", "resolved"),
+    ]
+    assert table[1]["since"] == table[3]["since"] == now

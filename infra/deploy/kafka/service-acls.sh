@@ -16,6 +16,7 @@ ADMIN_CONFIG="${KAFKA_ADMIN_CONFIG:-/opt/ragstream/kafka/admin.properties}"
 "$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_GENERATE:?set SCRAM_PASSWORD_RAGSTREAM_GENERATE}]" --entity-type users --entity-name ragstream-generate
 "$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_JUDGE:?set SCRAM_PASSWORD_RAGSTREAM_JUDGE}]" --entity-type users --entity-name ragstream-judge
 "$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_SINK:?set SCRAM_PASSWORD_RAGSTREAM_SINK}]" --entity-type users --entity-name ragstream-sink
+"$BIN/kafka-configs.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --alter --add-config "SCRAM-SHA-512=[password=${SCRAM_PASSWORD_RAGSTREAM_MONITOR:?set SCRAM_PASSWORD_RAGSTREAM_MONITOR}]" --entity-type users --entity-name ragstream-monitor
 
 # ACLs (the broker denies anything not granted here).
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-embed --operation Read --group ragstream-embed --resource-pattern-type LITERAL
@@ -35,6 +36,7 @@ ADMIN_CONFIG="${KAFKA_ADMIN_CONFIG:-/opt/ragstream/kafka/admin.properties}"
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-judge --operation Read --group ragstream-judge --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-judge --operation Read --topic ragstream.responses --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-judge --operation Write --topic ragstream.deadletter --topic ragstream.judgements --resource-pattern-type LITERAL
+"$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-monitor --operation Write --topic ragstream.alerts --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-retrieve --operation Read --group ragstream-retrieve --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-retrieve --operation Read --topic ragstream.queries --resource-pattern-type LITERAL
 "$BIN/kafka-acls.sh" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add --allow-principal User:ragstream-retrieve --operation Read --operation Write --topic ragstream.responses --resource-pattern-type LITERAL
