@@ -41,10 +41,13 @@ class Stack:
     settings: Settings
     env: dict[str, str]
 
-    def cli(self, *args: str, timeout_s: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout_s: float = 600, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`ragstream ARGS` against this stack; `env` adds to (or overrides) its environment."""
         proc = subprocess.run(
             [sys.executable, "-m", "ragstream", *args],
-            env=self.env,
+            env=self.env | (env or {}),
             capture_output=True,
             text=True,
             timeout=timeout_s,

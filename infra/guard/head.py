@@ -148,6 +148,8 @@ class EmbeddingHead:
             try:
                 with np.load(cached) as data:
                     self._w, self._b, self._cut, self._mean = data["w"], data["b"], data["cut"], data["mean"]
+                # Started means the embedder answers too (the caller retries while it loads).
+                await self.embed([texts[0]])
                 return
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
                 log.warning("guard head cache %s unreadable (%s): fitting again", cached, exc)

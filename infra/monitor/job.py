@@ -274,20 +274,39 @@ def _key(window: Window, tenant: str, route: str, computed_at: datetime, now: da
     }
 
 
+def _committed(fn: Callable[[], None]) -> None:
+    """Run a commit, again on a conflict (a second writer, e.g. `ragstream monitor run` beside
+    the stack's monitor, committed first): each attempt reloads the table."""
+    from pyiceberg.exceptions import CommitFailedException
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
+
+    for attempt in Retrying(
+        stop=stop_after_attempt(5),
+        wait=wait_random(0.05, 0.5),
+        retry=retry_if_exception_type(CommitFailedException),
+        reraise=True,
+    ):
+        with attempt:
+            fn()
+
+
 def _overwrite(
     catalog: Any, settings: Settings, name: str, rows: list[dict[str, Any]], window_ids: list[str]
 ) -> None:
     from ragstream.infra.audit.buffer import rows_to_arrow
 
-    table = catalog.load_table((settings.iceberg.namespace, name))
-    data = rows_to_arrow(rows, table.schema().as_arrow())
-    with warnings.catch_warnings():
-        # A window computed for the first time has nothing to replace: not worth a warning.
-        warnings.filterwarnings("ignore", message="Delete operation did not match any records")
-        # Window ids are made here (`granularity:ISO time`), never from input: safe to quote.
-        table.overwrite(
-            data, overwrite_filter="window_id IN (" + ", ".join(f"'{w}'" for w in window_ids) + ")"
-        )
+    def commit() -> None:
+        table = catalog.load_table((settings.iceberg.namespace, name))
+        data = rows_to_arrow(rows, table.schema().as_arrow())
+        with warnings.catch_warnings():
+            # A window computed for the first time has nothing to replace: not worth a warning.
+            warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+            # Window ids are made here (`granularity:ISO time`), never from input: safe to quote.
+            table.overwrite(
+                data, overwrite_filter="window_id IN (" + ", ".join(f"'{w}'" for w in window_ids) + ")"
+            )
+
+    _committed(commit)
 
 
 async def run_monitor(
@@ -482,7 +501,11 @@ def _append_alerts(
         for c in changes
     ]
     try:
-        table = catalog.load_table((settings.iceberg.namespace, ALERTS))
-        table.append(rows_to_arrow(rows, table.schema().as_arrow()))
+
+        def commit() -> None:
+            table = catalog.load_table((settings.iceberg.namespace, ALERTS))
+            table.append(rows_to_arrow(rows, table.schema().as_arrow()))
+
+        _committed(commit)
     except Exception as exc:  # commit conflicts, catalog transport
         raise DependencyUnavailable(f"monitoring cannot write the alerts table: {exc}") from exc
