@@ -57,7 +57,7 @@ ragstream search "BLUEHERON reorganisation" --tenant larkspur --group hr -k 3
 step "...and another tenant never sees Larkspur's documents"
 ragstream search "LX-4471 Lynx" --tenant globex -k 3
 
-step "Ask a question: tokens stream from SmolLM2 on Triton, then the sources"
+step "Ask a question: tokens stream from SmolLM2-135M on Triton, then the sources (a small CPU model: its answers can be wrong; the extractive route below quotes the documents)"
 ragstream ask "How many days of holiday do I get each year?" --tenant larkspur --top-k 3 --max-tokens 60
 
 step "The same question from Globex gets Globex's answer"
