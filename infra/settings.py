@@ -618,7 +618,7 @@ class MonitorSettings(_Section):
     """Profile and drift metrics over the audit tables (`ragstream.infra.monitor`), like
     Lakehouse Monitoring's metric tables: `ragstream monitor run` computes them."""
 
-    interval_s: float = Field(default=60.0, ge=0.0)
+    interval_s: float = Field(default=30.0, ge=0.0)
     """How often the stack's monitor process (`ragstream.workers.monitor`) runs the job; 0:
     `ragstream up` runs no monitor (run `ragstream monitor run` yourself)."""
     granularities_s: tuple[int, ...] = Field(default=(300, 3600, 86_400), min_length=1)

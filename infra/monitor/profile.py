@@ -15,6 +15,7 @@ from one GROUPING SETS query per source table. A tenant or route the audit row l
 | prompt_tokens, completion_tokens, total_tokens | sum | | inference_log |
 | answer_chars | mean, p50 | | inference_log, answered requests |
 | retrieval_top_score | mean, p50 | | inference_log, best retrieved score |
+| audit_lag_ms | p50, p95 | | logged_at - completed_at: how far the audit sink is behind |
 | estimated_cost | sum | | usage (by event_time) |
 | guardrail_findings | count | the category (or rail) | guardrail_verdicts |
 | guardrail_actions | count | flag, mask, block | guardrail_verdicts |
@@ -49,6 +50,8 @@ PROFILE_SOURCES: dict[str, tuple[str, ...]] = {
         "question",
         "answer",
         "retrieved_scores",
+        "completed_at",
+        "logged_at",
         *(f"latency_{stage}_ms" for stage in LATENCY_STAGES),
     ),
     "usage": ("request_id", "event_time", "tenant", "route", "estimated_cost"),
@@ -147,7 +150,8 @@ def _requests(con: Any, minutes: dict[str, float]) -> list[ProfileValue]:
         WITH r AS (
             SELECT *, coalesce(route, 'unknown') AS route_,
                    list_extract(retrieved_scores, 1) AS top_score,
-                   CASE WHEN status = 'ok' THEN length(coalesce(answer, '')) END AS answer_chars
+                   CASE WHEN status = 'ok' THEN length(coalesce(answer, '')) END AS answer_chars,
+                   epoch_ms(logged_at) - epoch_ms(coalesce(completed_at, submitted_at)) AS audit_lag_ms
             FROM ({_joined("inference_log", "submitted_at")})
         )
         SELECT window_id, {select},
@@ -165,6 +169,7 @@ def _requests(con: Any, minutes: dict[str, float]) -> list[ProfileValue]:
                count(answer_chars) AS n_answer,
                avg(top_score) AS score_mean, quantile_cont(top_score, 0.5) AS score_p50,
                count(top_score) AS n_score,
+               quantile_cont(audit_lag_ms, [0.5, 0.95]) AS q_audit, count(audit_lag_ms) AS n_audit,
                {", ".join(latency)}
         FROM r GROUP BY {group}
     """
@@ -191,6 +196,8 @@ def _requests(con: Any, minutes: dict[str, float]) -> list[ProfileValue]:
         put("answer_chars", "p50", "", rec["answer_p50"], int(rec["n_answer"]))
         put("retrieval_top_score", "mean", "", rec["score_mean"], int(rec["n_score"]))
         put("retrieval_top_score", "p50", "", rec["score_p50"], int(rec["n_score"]))
+        for stat, value in zip(("p50", "p95"), rec["q_audit"] or [None, None], strict=True):
+            put("audit_lag_ms", stat, "", value, int(rec["n_audit"]))
         for stage in LATENCY_STAGES:
             qs = rec[f"q_{stage}"] or [None, None, None]
             for (_, stat), value in zip(_QUANTILES, qs, strict=True):

@@ -129,7 +129,7 @@ def _inference_row(i: int, at: datetime, question: str, *, tenant: str, status: 
         "latency_total_ms": 1000.0 + i % 100,
         "latency_time_to_first_token_ms": 500.0,
         "event_date": at.date(),
-        "logged_at": at,
+        "logged_at": at + timedelta(seconds=3),
     }
 
 
@@ -232,6 +232,7 @@ async def test_profile_counts_equal_sql_and_a_rerun_replaces_its_windows(tmp_pat
     assert value(hour, "status", "rate", "blocked", tenant="acme") == pytest.approx(sql["blocked"])
     assert value(hour, "latency_total_ms", "p95", tenant="acme") == pytest.approx(sql["p95"])
     assert value(hour, "total_tokens", "sum") == 60 * 120
+    assert value(hour, "audit_lag_ms", "p95") == pytest.approx(1000.0)  # logged 1 s after completion
     judged = audit_sql(
         settings, "SELECT avg((rating = 'yes')::INT) AS r FROM judgements WHERE judge = 'groundedness'"
     ).to_pylist()[0]["r"]
