@@ -31,7 +31,9 @@ test-unit: install
 test-integration: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
 
+# The benches also compare generator candidates that the tests never need (~250 MB).
 bench: install
+	$(BIN)/python -m pip install -q -r requirements/bench.txt
 	$(BIN)/python -m bench.run
 
 lint: install

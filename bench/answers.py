@@ -120,6 +120,7 @@ async def _ask_all(stack: BenchStack, qa: list[dict[str, Any]], per_lang: int) -
                         first = first or time.perf_counter()
                     else:
                         final = item
+                end = time.perf_counter()
                 sources = [c.document_id for c in sorted(final.citations, key=lambda c: c.number)]
                 cited = [c.document_id for c in final.citations if c.cited]
                 rel = None
@@ -134,6 +135,7 @@ async def _ask_all(stack: BenchStack, qa: list[dict[str, Any]], per_lang: int) -
                 out.append(
                     {
                         "request_id": row["request_id"],
+                        "response_id": final.request_id,
                         "route": route,
                         "lang": row["lang"],
                         "doc_lang": row["doc_lang"],
@@ -146,9 +148,57 @@ async def _ask_all(stack: BenchStack, qa: list[dict[str, Any]], per_lang: int) -
                         "fact_hit": fact_hit(final.answer, row["expected_facts"]),
                         "relevance": rel,
                         "ttft_s": (first - t0) if first else None,
+                        "tokens_per_s": (
+                            final.usage.completion_tokens / (end - first)
+                            if first and end > first and final.usage.completion_tokens > 1
+                            else None
+                        ),
                     }
                 )
     return out
+
+
+def _generator_rss_bytes(stack: BenchStack) -> int:
+    """RSS of the generator's model server process tree (the `--models generate` server)."""
+    import psutil
+
+    total = 0
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            env = p.info["environ"] or {}
+            if "--models generate" in cmd and str(stack.settings.data_dir) in env.get(
+                "RAGSTREAM_CONFIG_FILE", ""
+            ):
+                total += sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def _add_groundedness(stack: BenchStack, got: list[dict[str, Any]], wait_s: float = 600.0) -> None:
+    """Each answer's groundedness rating from the `judgements` table (the stack judges every
+    answer off the response path), waiting up to `wait_s` for the judge to catch up."""
+    from ragstream.infra.audit.query import audit_sql
+    from ragstream.schemas.errors import RagstreamError
+
+    wanted = {g["response_id"] for g in got if g["status"] == "ok" and g["answer"].strip()}
+    ratings: dict[str, bool] = {}
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            table = audit_sql(
+                stack.settings, "SELECT request_id, rating FROM judgements WHERE judge = 'groundedness'"
+            )
+        except RagstreamError:
+            table = None
+        if table is not None:
+            ratings = {r["request_id"]: r["rating"] == "yes" for r in table.to_pylist() if r["rating"]}
+        if wanted <= ratings.keys():
+            break
+        time.sleep(5)
+    for g in got:
+        g["grounded"] = ratings.get(g["response_id"])
 
 
 def _rate(values: list[bool]) -> str:
@@ -167,12 +217,16 @@ def main(argv: list[str] | None = None) -> None:
             RAGSTREAM_GENERATION__MIN_CONTEXT_RELEVANCE="0",
             RAGSTREAM_GENERATION__ROUTES=json.dumps(routes),
             RAGSTREAM_GENERATION__PROMPT_SENTENCES=json.dumps({"short": SHORT_SENTENCES}),
+            # Groundedness comes from the stack's own judge stage, the only judge it runs here.
+            RAGSTREAM_JUDGES__JUDGES=json.dumps(["groundedness"]),
         )
         stack.up()
         try:
             for root, tenant, groups in CORPORA:
                 ingest(stack.settings, [root], tenant=tenant, groups=groups, timeout_s=600)
             got = asyncio.run(_ask_all(stack, rows(), per_lang))
+            generator_rss = _generator_rss_bytes(stack)
+            _add_groundedness(stack, got)
         finally:
             stack.down()
     res = Results()
@@ -204,8 +258,16 @@ def main(argv: list[str] | None = None) -> None:
                 verdict(sum(hits) / max(len(hits), 1) >= target),
             )
             res.add(f"citation accuracy, {name}, {lang}", _rate([bool(g["cited_right"]) for g in answerable]))
+            grounded = [g["grounded"] for g in answerable if g.get("grounded") is not None]
+            res.add(
+                f"grounded (groundedness judge), {name}, {lang}",
+                _rate(grounded) + f", {len(grounded)} of {len(answerable)} judged",
+            )
         cross = [g["fact_hit"] for g in items if not g["unanswerable"] and g["lang"] != g["doc_lang"]]
         res.add(f"answer hit, {name}, question and document in different languages", _rate(cross))
+        speeds = [g["tokens_per_s"] for g in items if g.get("tokens_per_s")]
+        if speeds:
+            res.add(f"tokens/s p50 while streaming, {name}", f"{statistics.median(speeds):.1f}")
         ttft = [g["ttft_s"] for g in items if g["ttft_s"] is not None]
         if ttft:
             res.add(
@@ -214,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"<= {TARGET_TTFT_S} s" if name != "extractive" else "",
                 verdict(statistics.median(ttft) <= TARGET_TTFT_S) if name != "extractive" else "",
             )
+    res.add(
+        "generator model server RSS (SmolLM2-135M Q4 in llama.cpp, Triton and its stubs)",
+        f"{generator_rss / 2**20:.0f} MiB",
+    )
     g_settings = GenerationSettings()
     sim_t, cov_t = g_settings.min_context_relevance, g_settings.min_context_term_coverage
     answerable_rel = [g["relevance"] for g in ext if not g["unanswerable"] and g["relevance"] is not None]

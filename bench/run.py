@@ -10,6 +10,7 @@ from bench import (
     audit,
     auth,
     embedders,
+    generators,
     guard_latency,
     guardrails,
     ingestion,
@@ -31,6 +32,7 @@ BENCHES = {
     "reliability": reliability.main,
     "embedders": embedders.main,
     "answers": answers.main,
+    "generators": generators.main,
 }
 
 
