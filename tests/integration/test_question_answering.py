@@ -137,6 +137,20 @@ def _docs_in_scope(scope: str) -> set[str]:
 
 
 async def test_a_deadline_shorter_than_generation_yields_an_error_not_a_hang(client: AsyncClient) -> None:
+    # `judge` has no fallback route: too short a deadline is an error, in time.
+    started = time.monotonic()
+    r = await client.ask(
+        "Write a long essay about every policy in the handbook.",
+        tenant="larkspur",
+        max_tokens=512,
+        deadline_ms=1500,
+        route="judge",
+    )
+    elapsed = time.monotonic() - started
+    assert r.status == "error"
+    assert r.error_reason and r.error_reason.startswith("deadline_exceeded"), r.error_reason
+    assert elapsed < 1.5 + 2.5, f"caller waited {elapsed:.1f}s"
+    # `default` falls back to the extractive route when the deadline is too short to generate.
     started = time.monotonic()
     r = await client.ask(
         "Write a long essay about every policy in the handbook.",
@@ -145,8 +159,7 @@ async def test_a_deadline_shorter_than_generation_yields_an_error_not_a_hang(cli
         deadline_ms=1500,
     )
     elapsed = time.monotonic() - started
-    assert r.status == "error"
-    assert r.error_reason and r.error_reason.startswith("deadline_exceeded"), r.error_reason
+    assert (r.status, r.route, r.finish_reason) == ("ok", "extractive", "fallback:deadline"), r
     assert elapsed < 1.5 + 2.5, f"caller waited {elapsed:.1f}s"
 
 
@@ -166,8 +179,11 @@ def _wait_for(stack: Stack, topic: str, match: Any, timeout_s: float = 30) -> di
         while time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=200).values():
                 for r in records:
-                    value = json.loads(r.value)
-                    if match(value):
+                    try:
+                        value = json.loads(r.value)
+                    except ValueError:
+                        continue  # other tests publish junk on purpose (e.g. onto responses)
+                    if isinstance(value, dict) and match(value):
                         return value
         raise AssertionError(f"nothing matched on {full} within {timeout_s}s")
     finally:

@@ -326,7 +326,7 @@ def test_the_script_creates_every_service_user_with_its_password_from_the_env() 
             pairs = dict(zip(words[1::1], words[2::1], strict=False))
             assert pairs["--entity-type"] == "users" and "--alter" in words
             created[pairs["--entity-name"]] = pairs["--add-config"]
-    assert set(created) == set(service_users()) == {*(stage_user(s) for s in STAGES), SINK_USER}
+    assert set(created) == set(service_users()) == {*(stage_user(s) for s in STAGES), SINK_USER, MONITOR_USER}
     for user, config in created.items():
         env = password_env(user)
         # No password in the file: the shell expands it, and stops if it is unset.
@@ -531,3 +531,13 @@ def test_kafka_start_formats_the_storage_with_the_admin_and_broker_users(
     calls.unlink()
     subprocess.run(start, env=env, check=True, timeout=60, capture_output=True)
     assert not calls.exists()
+
+
+def test_the_monitor_may_publish_alerts_and_nothing_else() -> None:
+    from ragstream.acls import monitor_acls
+
+    acls = monitor_acls(P)
+    assert [(a.principal, a.name, a.operation) for a in acls] == [
+        (f"User:{MONITOR_USER}", f"{P}.alerts", Operation.WRITE)
+    ]
+    assert set(acls) <= set(service_acls(P))

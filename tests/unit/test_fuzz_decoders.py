@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from ragstream.infra.settings import Settings
+from ragstream.schemas.alerts import AlertChanged
 from ragstream.schemas.errors import SchemaViolation
 from ragstream.schemas.events import (
     Chunk,
@@ -345,6 +346,25 @@ EVENTS: dict[type[Event], st.SearchStrategy[Event]] = {
         source=st.sampled_from(["stream", "backfill", "eval"]),
         source_ref=text,
         response_event_id=st.none() | st.text(max_size=20),
+    ),
+    AlertChanged: st.builds(
+        AlertChanged,
+        **envelope,
+        alert_id=st.text(min_size=1, max_size=40),
+        rule=st.text(min_size=1, max_size=20),
+        state=st.sampled_from(["firing", "resolved"]),
+        severity=st.sampled_from(["info", "warning", "critical"]),
+        slice_tenant=st.text(min_size=1, max_size=20),
+        slice_route=st.text(min_size=1, max_size=20),
+        metric=st.text(min_size=1, max_size=20),
+        stat=st.text(min_size=1, max_size=20),
+        label=text,
+        window_id=st.text(min_size=1, max_size=40),
+        value=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+        threshold=st.floats(allow_nan=False, allow_infinity=False),
+        condition=text,
+        message=text,
+        since=produced_at,
     ),
 }
 
