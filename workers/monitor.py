@@ -29,7 +29,15 @@ from ragstream.schemas.alerts import AlertChanged
 from ragstream.schemas.errors import RagstreamError
 from ragstream.workers.stages import heartbeat_path
 
-__all__ = ["MONITOR", "MonitorLoop", "alert_publisher", "drift_embedder", "main", "monitor_once"]
+__all__ = [
+    "MONITOR",
+    "MonitorLoop",
+    "alert_publisher",
+    "drift_embedder",
+    "main",
+    "monitor_once",
+    "post_webhook",
+]
 
 log = logging.getLogger("ragstream.workers.monitor")
 
@@ -53,7 +61,7 @@ def alert_publisher(settings: Settings) -> Callable[[list[AlertChanged]], Awaita
     async def publish(changes: list[AlertChanged]) -> None:
         await asyncio.to_thread(_publish_blocking, settings, changes)
         if settings.monitor.webhook_url:
-            await asyncio.to_thread(_post_webhook, settings, changes)
+            await asyncio.to_thread(post_webhook, settings, changes)
 
     return publish
 
@@ -75,7 +83,7 @@ def _publish_blocking(settings: Settings, changes: list[AlertChanged]) -> None:
         log.warning("alert %s", change.message)
 
 
-def _post_webhook(settings: Settings, changes: list[AlertChanged]) -> None:
+def post_webhook(settings: Settings, changes: list[AlertChanged]) -> None:
     import httpx
     from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 

@@ -455,3 +455,41 @@ async def test_an_alert_fires_on_the_real_catalog_is_recorded_after_publishing_a
         ("blocks", "resolved"),
     ]
     assert table[1]["since"] == table[3]["since"] == now
+
+
+def test_the_webhook_is_retried_until_it_takes_the_alert_and_a_dead_one_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from ragstream.infra.monitor.alerts import Measured, transitions
+    from ragstream.workers.monitor import post_webhook
+
+    bodies: list[dict[str, Any]] = []
+    statuses = [503, 200]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(statuses.pop(0) if statuses else 500)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        settings = Settings(monitor={"webhook_url": url, "webhook_attempts": 3})  # type: ignore[arg-type]
+        changes = transitions({"blocks": _rule()}, {"blocks": Measured(0.9, 5, "w")}, {}, NOW)
+        post_webhook(settings, changes)
+        assert len(bodies) == 2 and bodies[1]["state"] == "firing" and bodies[1]["rule"] == "blocks"
+        # Every answer from now on is 500: three attempts, then a warning, no exception.
+        post_webhook(settings, changes)
+        assert len(bodies) == 5
+        assert "alert webhook" in caplog.text
+    finally:
+        server.shutdown()
