@@ -493,3 +493,45 @@ def test_the_webhook_is_retried_until_it_takes_the_alert_and_a_dead_one_is_logge
         assert "alert webhook" in caplog.text
     finally:
         server.shutdown()
+
+
+def test_monitor_run_refuses_bad_times_and_backfills_a_range(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ragstream.cli import app
+
+    env = {"RAGSTREAM_DATA_DIR": str(tmp_path), "RAGSTREAM_MONITOR__GRANULARITIES_S": "[3600]"}
+    runner = CliRunner()
+    bad = runner.invoke(app, ["monitor", "run", "--since", "yesterday"], env=env)
+    assert bad.exit_code == 2 and "expected an ISO time" in bad.output
+    backwards = runner.invoke(
+        app, ["monitor", "run", "--since", "2026-12-06T10:00:00Z", "--until", "2026-12-06T09:00:00Z"], env=env
+    )
+    assert backwards.exit_code == 2 and "before --until" in backwards.output
+    wide = runner.invoke(app, ["monitor", "run", "--since", "1990-01-01T00:00:00Z"], env=env)
+    assert wide.exit_code == 2 and "narrow the range" in wide.output
+    ok = runner.invoke(
+        app,
+        [
+            "monitor",
+            "run",
+            "--since",
+            "2026-12-06T08:30:00Z",
+            "--until",
+            "2026-12-06T11:00:00Z",
+            "--json",
+            "--no-query-drift",
+        ],
+        env=env,
+    )
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.stdout)
+    # 08:00, 09:00, 10:00: every hour the range touches, each with zero requests, no alerts.
+    assert report["windows"] == [
+        "1h:2026-12-06T08:00:00Z",
+        "1h:2026-12-06T09:00:00Z",
+        "1h:2026-12-06T10:00:00Z",
+    ]
+    assert report["requests_read"] == 0 and report["profile_rows"] == 6 and report["alerts"] == []
