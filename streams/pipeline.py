@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -123,12 +124,42 @@ class BatchPipeline:
             slots.release()
 
 
+class _InOrderAcks:
+    """Acks each partition's events in offset order, whatever order they finish in.
+
+    faust-streaming's commit can move past an un-acked event that sits right after the
+    committed offset once later events are acked (the judge stage lost requests to it under
+    kill -9, and the query path once in the chaos test). Acking only the finished prefix of
+    each partition never leaves such a gap: a crash redelivers everything from the oldest
+    unfinished event on, and the completions gate drops what was already answered.
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[tuple[str, int], collections.deque[list[Any]]] = {}
+
+    def started(self, event: Any) -> list[Any]:
+        """Register an event in its partition's order; returns its slot for `finished`."""
+        m = event.message
+        slot = [event, False]
+        self._queues.setdefault((m.topic, m.partition), collections.deque()).append(slot)
+        return slot
+
+    def finished(self, slot: list[Any]) -> None:
+        """Mark the event done, then ack the partition's finished prefix."""
+        slot[1] = True
+        m = slot[0].message
+        queue = self._queues[(m.topic, m.partition)]
+        while queue and queue[0][1]:
+            queue.popleft()[0].ack()
+
+
 class ConcurrentPipeline:
     """Independent requests, processed concurrently (up to `concurrency`), each published
-    and acked as soon as it is done.
+    as soon as it is done, and acked in offset order (`_InOrderAcks`).
 
-    For the query path: one slow answer must not hold back a quick one. Out-of-order acks
-    are safe; Faust commits only up to the lowest offset not yet acked.
+    For the query path: one slow answer must not hold back a quick one. Its commit waits
+    for the slow one; a crash then redelivers the quick ones too, and the completions gate
+    drops them as already answered.
     """
 
     def __init__(
@@ -146,6 +177,7 @@ class ConcurrentPipeline:
         self._tasks: set[asyncio.Task[None]] = set()
         self.inflight = runner.inflight
         self._failed: asyncio.Future[None] | None = None
+        self._acks = _InOrderAcks()
 
     async def run(self, events: AsyncIterator[Any]) -> None:
         """Consume `events` until cancelled.
@@ -169,18 +201,19 @@ class ConcurrentPipeline:
     async def _consume(self, events: AsyncIterator[Any], slots: asyncio.Semaphore) -> None:
         async for event in events:
             await slots.acquire()
-            task = asyncio.create_task(self._one(event, slots))
+            slot = self._acks.started(event)
+            task = asyncio.create_task(self._one(event, slot, slots))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         raise RuntimeError("input stream ended")
 
-    async def _one(self, event: Any, slots: asyncio.Semaphore) -> None:
+    async def _one(self, event: Any, slot: list[Any], slots: asyncio.Semaphore) -> None:
         token = self.inflight.begin()
         try:
             message = Message.from_faust(event)
             outputs = await self.runner.process_batch(self.spec, [message], self.handler)
             await self.runner.deliver([message], outputs)
-            event.ack()
+            self._acks.finished(slot)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - not acked: the stage fails, the request is redelivered

@@ -192,6 +192,48 @@ async def test_a_pipeline_whose_delivery_gives_up_fails_instead_of_hanging() -> 
         await asyncio.wait_for(pipeline.run(stream()), timeout=10)
 
 
+async def test_concurrent_requests_are_acked_in_offset_order_whatever_order_they_finish_in() -> None:
+    """A slow request at offset 0 and quick ones after it: the quick ones are published at
+    once, but nothing is acked past the slow one until it is done (faust-streaming could
+    otherwise commit over it, and a crash would lose it)."""
+    broker = Broker()
+    r = StageRunner(settings(), "generate", broker.send)
+    release = asyncio.Event()
+    queries = [QuerySubmitted(question=f"q{i}?") for i in range(4)]
+
+    async def answer(events: Sequence[Event]) -> Sequence[Event]:
+        (q,) = events
+        assert isinstance(q, QuerySubmitted)
+        if q.question == "q0?":
+            await release.wait()
+        return [ResponseCompleted(request_id=q.request_id, trace_id=q.request_id, status="ok")]
+
+    events = [FakeEvent(encode(q), i) for i, q in enumerate(queries)]
+
+    async def stream() -> Any:
+        for e in events:
+            yield e
+        await asyncio.sleep(3600)
+
+    pipeline = ConcurrentPipeline(r, QUERIES, answer, concurrency=4)
+    run = asyncio.create_task(pipeline.run(stream()))
+    for _ in range(200):
+        if len(broker.sent) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(broker.sent) == 3, "the quick answers are not held back"
+    assert [e.acked for e in events] == [False, False, False, False]
+    release.set()
+    for _ in range(200):
+        if all(e.acked for e in events):
+            break
+        await asyncio.sleep(0.01)
+    assert [e.acked for e in events] == [True, True, True, True]
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+
 async def test_a_poison_message_is_retried_then_dead_lettered_as_internal_error() -> None:
     calls = 0
 
