@@ -37,12 +37,14 @@ __all__ = [
     "RailSettings",
     "ModelPrice",
     "ChunkingSettings",
+    "DashboardSettings",
     "EmbedSettings",
     "GenerationSettings",
     "IcebergSettings",
     "KafkaSettings",
     "MonitorSettings",
     "Settings",
+    "TelemetrySettings",
     "TritonSettings",
     "VectorStoreSettings",
     "load_settings",
@@ -678,6 +680,44 @@ class MonitorSettings(_Section):
         return self
 
 
+class DashboardSettings(_Section):
+    """The monitoring dashboard (`ragstream dashboard`; `ragstream up` starts it)."""
+
+    enabled: bool = True
+    """Whether `ragstream up` runs the dashboard as a component of the embedded stack."""
+    host: str = "127.0.0.1"
+    """Bound to loopback by default: set `0.0.0.0` only behind your own TLS and network policy."""
+    port: int = Field(default=8765, ge=0, le=65535)
+    default_range_s: int = Field(default=86_400, ge=60)
+    """The time range a page shows when the URL names none (the last day)."""
+    max_range_s: int = Field(default=90 * 86_400, ge=60)
+    """The widest range a page may ask for; wider is a 400."""
+    cache_s: float = Field(default=5.0, ge=0)
+    """How long a table read is reused while its Iceberg snapshot is unchanged and this young."""
+    session_ttl_s: float = Field(default=12 * 3600.0, gt=0)
+    """How long the session cookie made from a token lasts (never past the token's expiry)."""
+    explorer_limit: int = Field(default=50, ge=1, le=1000)
+    """Rows a request-explorer search shows at most."""
+
+
+class TelemetrySettings(_Section):
+    """Prometheus metrics and OpenTelemetry traces of every process."""
+
+    metrics_enabled: bool = True
+    """Every worker, sink, the monitor and the dashboard serve Prometheus `/metrics`."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """0: an ephemeral port, written to the process's heartbeat and shown by `ragstream status`
+    (the embedded stack runs many processes on one host); compose sets a fixed port (9464)."""
+    otlp_endpoint: str | None = Field(default=None, pattern=r"^https?://")
+    """OTLP/HTTP collector base URL (e.g. `http://jaeger:4318`); spans go to
+    `<endpoint>/v1/traces`. Unset: tracing is off and costs nothing."""
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Head sampling of new traces (a request's first span); later stages follow its decision."""
+    service_name: str = "ragstream"
+    """`service.name` of the spans; each process adds its component as `service.instance.id`."""
+
+
 class Settings(BaseSettings):
     """All of ragstream's configuration."""
 
@@ -709,6 +749,8 @@ class Settings(BaseSettings):
     guardrails: GuardrailsSettings = GuardrailsSettings()
     judges: JudgesSettings = JudgesSettings()
     monitor: MonitorSettings = MonitorSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     workers: tuple[str, ...] = ("ingest,embed,index,judge", "retrieve,generate")
     audit_sink: bool = True
     """Run the audit sink (Kafka -> Iceberg) in the embedded stack."""
