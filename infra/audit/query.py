@@ -13,13 +13,78 @@ namespace looks empty.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from typing import Any
 
 from ragstream.infra.audit.tables import READABLE_TABLES, VIEWS
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import AuditQueryError, DependencyUnavailable
 
-__all__ = ["audit_sql", "load_table", "read_table"]
+__all__ = ["TIME_COLUMNS", "audit_sql", "load_table", "read_between", "read_table"]
+
+
+TIME_COLUMNS: dict[str, str] = {
+    "inference_log": "submitted_at",
+    "usage": "event_time",
+    "ingestion_log": "event_time",
+    "guardrail_verdicts": "event_time",
+    "judgements": "judged_at",
+    "dead_letters": "event_time",
+    "evaluations": "evaluated_at",
+    "alerts": "changed_at",
+    "monitor_profile": "window_start",
+    "monitor_drift": "window_start",
+}
+"""The event time of each table, whose UTC day is its `event_date` partition."""
+
+
+def read_between(
+    catalog: Any,
+    settings: Settings,
+    name: str,
+    columns: tuple[str, ...],
+    start: datetime,
+    end: datetime,
+    *,
+    tenant: str | None = None,
+) -> Any:
+    """`columns` of the rows of table `name` whose event time is in [start, end), read from
+    the day partitions that can hold them only (and one tenant's rows only, when given); an
+    empty table with those columns if the table does not exist yet.
+
+    Raises:
+        DependencyUnavailable: the table exists but cannot be read.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ragstream.infra.audit.tables import arrow_schema
+
+    ident = (settings.iceberg.namespace, name)
+    time_column = TIME_COLUMNS[name]
+    try:
+        exists = catalog.table_exists(ident)
+        if exists:
+            table = catalog.load_table(ident)
+    except Exception as exc:  # catalog transport errors
+        raise DependencyUnavailable(f"cannot load audit table {name}: {exc}") from exc
+    if not exists:
+        schema = arrow_schema(name)
+        return pa.table({c: pa.array([], schema.field(c).type) for c in columns})
+    first, last = start.date(), (end - timedelta(microseconds=1)).date()
+    row_filter = f"event_date >= '{first.isoformat()}' AND event_date <= '{last.isoformat()}'"
+    if tenant is not None:
+        row_filter += " AND tenant = '" + tenant.replace("'", "''") + "'"
+    selected = columns if time_column in columns else (*columns, time_column)
+    try:
+        arrow = table.scan(row_filter=row_filter, selected_fields=selected).to_arrow()
+    except Exception as exc:  # object store and file errors
+        raise DependencyUnavailable(f"cannot read audit table {name}: {exc}") from exc
+    when = arrow[time_column]
+    keep = pc.and_(
+        pc.greater_equal(when, pa.scalar(start, when.type)), pc.less(when, pa.scalar(end, when.type))
+    )
+    return arrow.filter(keep).select(list(columns))
 
 
 def load_table(settings: Settings, name: str) -> Any:

@@ -20,15 +20,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ragstream.infra.audit.query import read_between
 from ragstream.infra.audit.tables import (
     ALERTS,
-    DEAD_LETTERS,
-    GUARDRAIL_VERDICTS,
     INFERENCE_LOG,
-    JUDGEMENTS,
     MONITOR_DRIFT,
     MONITOR_PROFILE,
-    USAGE,
 )
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.monitor.alerts import AlertStatus, Measured, transitions
@@ -42,14 +39,6 @@ from ragstream.schemas.errors import DependencyUnavailable, RagstreamError
 __all__ = ["MonitorReport", "run_monitor", "windows_to_compute"]
 
 log = logging.getLogger(__name__)
-
-_TIME_COLUMNS = {
-    INFERENCE_LOG: "submitted_at",
-    USAGE: "event_time",
-    GUARDRAIL_VERDICTS: "event_time",
-    JUDGEMENTS: "judged_at",
-    DEAD_LETTERS: "event_time",
-}
 
 
 @dataclass
@@ -82,30 +71,8 @@ def _baseline(settings: Settings) -> tuple[datetime, datetime] | None:
 
 
 def _read(catalog: Any, settings: Settings, name: str, start: datetime, end: datetime) -> Any:
-    """The source table's monitoring columns for rows in [start, end) (by its event time),
-    pruned to the day partitions that can hold them; an empty table if it does not exist yet."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from ragstream.infra.audit.tables import arrow_schema
-
-    columns = PROFILE_SOURCES[name]
-    ident = (settings.iceberg.namespace, name)
-    if not catalog.table_exists(ident):
-        schema = arrow_schema(name)
-        return pa.table({c: pa.array([], schema.field(c).type) for c in columns})
-    table = catalog.load_table(ident)
-    first, last = start.date(), (end - timedelta(microseconds=1)).date()
-    scan = table.scan(
-        row_filter=f"event_date >= '{first.isoformat()}' AND event_date <= '{last.isoformat()}'",
-        selected_fields=columns,
-    )
-    arrow = scan.to_arrow()
-    when = arrow[_TIME_COLUMNS[name]]
-    keep = pc.and_(
-        pc.greater_equal(when, pa.scalar(start, when.type)), pc.less(when, pa.scalar(end, when.type))
-    )
-    return arrow.filter(keep)
+    """The source table's monitoring columns for rows in [start, end) (by its event time)."""
+    return read_between(catalog, settings, name, PROFILE_SOURCES[name], start, end)
 
 
 def _sample(request_ids: Sequence[str], limit: int) -> list[int]:
