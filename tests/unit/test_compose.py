@@ -3,19 +3,24 @@
 No Docker engine runs here, so these tests read the files: every service exists and is pinned,
 dependencies and healthchecks line up, the workers' environment builds a real `Settings` that
 points at the compose services, and the Triton model repository parses as Triton's own
-ModelConfig with the tensors our client sends.
+ModelConfig with the tensors our client sends. Observability: Prometheus scrapes exactly the
+processes that serve /metrics, Grafana's provisioning parses and its dashboard queries only
+metrics that exist, and traces go to Jaeger over OTLP/HTTP.
 """
 
 from __future__ import annotations
 
 import ast
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +39,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 WORKER_DOCKERFILE = ROOT / "infra" / "deploy" / "Dockerfile"
 TRITON_DOCKERFILE = ROOT / "infra" / "deploy" / "triton" / "Dockerfile"
 MODEL_SERVER = ROOT / "infra" / "model_server.py"
+PROMETHEUS_DIR = ROOT / "infra" / "deploy" / "prometheus"
+GRAFANA_DIR = ROOT / "infra" / "deploy" / "grafana"
 
 REQUIRED_SERVICES = {
     "kafka",
@@ -50,6 +57,10 @@ REQUIRED_SERVICES = {
     "worker-retrieve",
     "worker-generate",
     "audit-sink",
+    "dashboard",
+    "prometheus",
+    "grafana",
+    "jaeger",
 }
 BUILT_IMAGES = {"ragstream/workers", "ragstream/triton"}
 HEALTHCHECKED = {
@@ -58,6 +69,10 @@ HEALTHCHECKED = {
     "weaviate": "127.0.0.1:8080/v1/.well-known/ready",
     "minio": None,
     "iceberg-rest": "127.0.0.1:8181/v1/config",
+    "dashboard": "127.0.0.1:8765/metrics",
+    "prometheus": "127.0.0.1:9090/-/ready",
+    "grafana": "127.0.0.1:3000/api/health",
+    "jaeger": "127.0.0.1:13133/status",
 }
 ONE_SHOT = {"ragstream-init", "minio-init", "kafka-acls"}
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
@@ -328,6 +343,12 @@ def test_worker_env_builds_settings_that_point_at_compose_services(
     assert settings.iceberg.s3_access_key_id == minio["MINIO_ROOT_USER"]
     assert settings.iceberg.s3_secret_access_key.get_secret_value() == minio["MINIO_ROOT_PASSWORD"]
     assert _env(services["iceberg-rest"])["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    # Telemetry: /metrics on all interfaces at the fixed port Prometheus scrapes, spans to Jaeger.
+    assert settings.telemetry.metrics_enabled
+    assert settings.telemetry.metrics_host == "0.0.0.0"
+    assert settings.telemetry.metrics_port == 9464
+    assert urlsplit(settings.telemetry.otlp_endpoint or "").hostname == "jaeger"
+    assert settings.dashboard.host == "0.0.0.0"
 
 
 def test_worker_env_names_only_existing_settings(services: dict[str, dict[str, Any]]) -> None:
@@ -506,6 +527,391 @@ def test_triton_models_are_placed_on_the_gpu(services: dict[str, dict[str, Any]]
         config = _model_config(model_dir / "config.pbtxt")
         kinds = [group.kind for group in config.instance_group]
         assert kinds == [model_config_pb2.ModelInstanceGroup.KIND_GPU], model_dir.name
+
+
+# -- Observability: Prometheus, Grafana, Jaeger, the dashboard ---------------------------------
+
+# Triton's own metrics (server/metrics docs); the dashboard may chart any of these.
+TRITON_METRICS = frozenset(
+    {
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_pending_request_count",
+        "nv_inference_request_duration_us",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_input_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_compute_output_duration_us",
+        "nv_gpu_utilization",
+        "nv_gpu_memory_total_bytes",
+        "nv_gpu_memory_used_bytes",
+        "nv_gpu_power_usage",
+        "nv_gpu_power_limit",
+        "nv_energy_consumption",
+        "nv_cpu_utilization",
+        "nv_cpu_memory_total_bytes",
+        "nv_cpu_memory_used_bytes",
+    }
+)
+# Series Prometheus writes itself for every target.
+PROMETHEUS_SERIES = frozenset({"up"})
+# What an operator opens the dashboard for; each needs at least one panel.
+DASHBOARD_FAMILIES = (
+    "ragstream_stage_events_total",
+    "ragstream_stage_handle_seconds",
+    "ragstream_consumer_lag_messages",
+    "ragstream_triton_request_seconds",
+    "ragstream_guardrail_verdicts_total",
+    "ragstream_judgements_total",
+    "ragstream_generated_tokens_total",
+    "ragstream_audit_lag_seconds",
+    "ragstream_alerts_firing",
+)
+TRITON_METRICS_PORT = 8002
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    """The `Settings` a process started with exactly `env` (and no other RAGSTREAM_ variable) builds."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith("RAGSTREAM_")]:
+            patch.delenv(key)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        return Settings()
+
+
+def _container_ports(service: dict[str, Any]) -> set[int]:
+    """The ports a service listens on inside the network, as its `ports` and `expose` declare."""
+    declared = [str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])]
+    declared += [str(p) for p in service.get("expose", [])]
+    return {int(port.split("/")[0]) for port in declared}
+
+
+def _host_path(service: dict[str, Any], container_path: str) -> Path:
+    """The checked-in file or folder a bind mount shows at `container_path`."""
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if source.startswith((".", "/")) and (container_path + "/").startswith(target.rstrip("/") + "/"):
+            return (ROOT / source).resolve() / Path(container_path).relative_to(target)
+    raise AssertionError(f"nothing is mounted at {container_path}")
+
+
+def _metrics_endpoints(services: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Every long-running ragstream service and the port it serves /metrics on."""
+    endpoints = {}
+    for name, service in _ragstream_services(services).items():
+        if name in ONE_SHOT:
+            continue
+        settings = _settings(_env(service))
+        assert settings.telemetry.metrics_enabled, name
+        if service["command"] == ["ragstream", "dashboard"]:
+            # The dashboard serves /metrics next to its pages.
+            assert settings.dashboard.host == "0.0.0.0", name
+            endpoints[name] = settings.dashboard.port
+        else:
+            assert settings.telemetry.metrics_host == "0.0.0.0", f"{name}: Prometheus could not reach it"
+            assert settings.telemetry.metrics_port > 0, f"{name}: an ephemeral port cannot be scraped"
+            endpoints[name] = settings.telemetry.metrics_port
+    return endpoints
+
+
+@pytest.fixture(scope="module")
+def prometheus_config(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    prometheus = services["prometheus"]
+    [flag] = [arg for arg in prometheus["command"] if arg.startswith("--config.file=")]
+    path = _host_path(prometheus, flag.removeprefix("--config.file="))
+    assert path == PROMETHEUS_DIR / "prometheus.yml"
+    config = yaml.safe_load(path.read_text())
+    assert isinstance(config, dict)
+    return config
+
+
+def _scrape_jobs(config: dict[str, Any]) -> dict[str, set[tuple[str, int]]]:
+    """{job name: {(host, port)}} from static and DNS-A service discovery."""
+    jobs: dict[str, set[tuple[str, int]]] = {}
+    for job in config["scrape_configs"]:
+        name = job["job_name"]
+        assert name not in jobs, f"job {name} twice"
+        assert not job.keys() - {"job_name", "static_configs", "dns_sd_configs"}, f"{name}: {sorted(job)}"
+        targets = set()
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = str(target).rsplit(":", 1)
+                targets.add((host, int(port)))
+        for dns in job.get("dns_sd_configs", []):
+            # Docker's resolver answers A records (one per replica), no SRV.
+            assert dns["type"] == "A", name
+            targets |= {(host, int(dns["port"])) for host in dns["names"]}
+        assert targets, f"{name} scrapes nothing"
+        jobs[name] = targets
+    return jobs
+
+
+def test_prometheus_scrapes_every_process_that_serves_metrics_and_nothing_else(
+    services: dict[str, dict[str, Any]], prometheus_config: dict[str, Any]
+) -> None:
+    jobs = _scrape_jobs(prometheus_config)
+    endpoints = _metrics_endpoints(services)
+    # Every worker, the sink, the monitor and the dashboard; not the one-shot init job.
+    assert set(_workers(services)) | set(_sinks(services)) | {"monitor", "dashboard"} <= endpoints.keys()
+    scraped = set().union(*jobs.values())
+    assert scraped == {*endpoints.items(), ("triton", TRITON_METRICS_PORT)}
+    for job, targets in jobs.items():
+        # One job per compose service, named like it: `job` in Grafana is the service.
+        assert {host for host, _ in targets} == {job}, job
+        assert job in services, f"{job} is not a compose service"
+    # Triton serves its metrics on the port Prometheus scrapes (and does not switch them off).
+    assert TRITON_METRICS_PORT in _container_ports(services["triton"])
+    assert not [arg for arg in services["triton"]["command"] if arg.startswith("--allow-metrics=false")]
+
+
+def test_prometheus_and_grafana_keep_their_data_on_volumes(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    volumes = compose["volumes"]
+    for name, path in (("prometheus", "/prometheus"), ("grafana", "/var/lib/grafana")):
+        named = [str(v).split(":")[0] for v in services[name]["volumes"] if str(v).split(":")[1] == path]
+        assert named and named[0] in volumes, f"{name} keeps {path} on no named volume"
+    command = services["prometheus"]["command"]
+    assert "--storage.tsdb.path=/prometheus" in command
+
+
+@pytest.fixture(scope="module")
+def grafana_datasources(services: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    folder = _host_path(services["grafana"], "/etc/grafana/provisioning/datasources")
+    assert folder == GRAFANA_DIR / "provisioning" / "datasources"
+    datasources = []
+    for path in sorted(folder.glob("*.y*ml")):
+        provisioning = yaml.safe_load(path.read_text())
+        assert provisioning["apiVersion"] == 1, path.name
+        datasources += provisioning["datasources"]
+    return datasources
+
+
+@pytest.fixture(scope="module")
+def grafana_dashboards(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    grafana = services["grafana"]
+    folder = _host_path(grafana, "/etc/grafana/provisioning/dashboards")
+    assert folder == GRAFANA_DIR / "provisioning" / "dashboards"
+    dashboards: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.y*ml")):
+        provisioning = yaml.safe_load(path.read_text())
+        assert provisioning["apiVersion"] == 1, path.name
+        for provider in provisioning["providers"]:
+            assert provider["type"] == "file", provider["name"]
+            # The provider's folder is the checked-in dashboards, mounted into the container.
+            source = _host_path(grafana, provider["options"]["path"])
+            assert source == GRAFANA_DIR / "dashboards", provider["name"]
+            for dashboard_path in sorted(source.glob("*.json")):
+                dashboard = json.loads(dashboard_path.read_text())
+                assert isinstance(dashboard, dict)
+                dashboards[dashboard_path.name] = dashboard
+    assert "ragstream.json" in dashboards
+    return dashboards
+
+
+def test_grafana_datasource_is_the_prometheus_service(
+    services: dict[str, dict[str, Any]], grafana_datasources: list[dict[str, Any]]
+) -> None:
+    [datasource] = grafana_datasources
+    assert datasource["type"] == "prometheus"
+    assert datasource["access"] == "proxy", "Grafana's server queries Prometheus, not the browser"
+    assert datasource["isDefault"] is True
+    url = urlsplit(datasource["url"])
+    assert url.hostname == "prometheus" and url.scheme == "http"
+    assert url.port in _container_ports(services["prometheus"])
+    assert not [arg for arg in services["prometheus"]["command"] if arg.startswith("--web.listen-address")]
+
+
+def test_grafana_admin_password_comes_from_the_environment_and_visitors_only_view(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    grafana = services["grafana"]
+    assert re.fullmatch(
+        r"\$\{GRAFANA_ADMIN_PASSWORD:-[^}]+\}", grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    )
+    env = _env(grafana)
+    if env.get("GF_AUTH_ANONYMOUS_ENABLED") == "true":
+        assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert env.get("GF_USERS_ALLOW_SIGN_UP", "false") == "false"
+    home = env.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    assert home is None or _host_path(grafana, home).is_file()
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+
+def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those inside (collapsed) rows."""
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def _dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel query and every query variable."""
+    queries = []
+    for panel in _panels(dashboard):
+        for target in panel.get("targets", []):
+            queries.append((f"panel {panel['title']!r} {target['refId']}", target["expr"]))
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable["type"] != "query":
+            continue
+        query = variable["query"]
+        text = query["query"] if isinstance(query, dict) else query
+        match = re.fullmatch(r"label_values\((.+),\s*\w+\)", text.strip())
+        assert match, f"variable {variable['name']}: only label_values(series, label) is checked"
+        queries.append((f"variable {variable['name']!r}", match.group(1)))
+    return queries
+
+
+_PROMQL_ELIDED = (
+    re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\''),  # string literals
+    re.compile(r"\$\{[^}]*\}|\$\w+"),  # Grafana variables ($__rate_interval, $stage)
+    re.compile(r"\{[^{}]*\}"),  # label matchers
+    re.compile(r"\[[^\[\]]*\]"),  # range and subquery windows
+    re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)"),  # label lists
+)
+_PROMQL_IDENTIFIER = re.compile(r"(?<![\w:.])[A-Za-z_:][\w:]*")
+_PROMQL_KEYWORDS = frozenset(
+    {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"}
+    | {"inf", "nan"}
+)
+
+
+def _promql_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (no functions, labels, keywords or numbers)."""
+    for pattern in _PROMQL_ELIDED:
+        expr = pattern.sub(" ", expr)
+    names = set()
+    for match in _PROMQL_IDENTIFIER.finditer(expr):
+        if expr[match.end() :].lstrip().startswith("("):
+            continue  # a function or an aggregation
+        if match.group().lower() not in _PROMQL_KEYWORDS:
+            names.add(match.group())
+    return names
+
+
+def _family(name: str) -> str:
+    """A metric's family: a histogram's `_bucket`/`_sum`/`_count` and a counter's `_total` off."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix)
+            break
+    return name.removesuffix("_total")
+
+
+def test_promql_metric_names_are_the_selected_series_only() -> None:
+    expr = (
+        'histogram_quantile(0.95, sum by (stage, le) (rate(a_seconds_bucket{stage=~"$stage"}[$__rate_interval])))'
+        ' / on (stage) group_left sum without (x) (b_total{c="d{e}"} offset 5m) * 1e6 > bool 0 or up'
+    )
+    assert _promql_metrics(expr) == {"a_seconds_bucket", "b_total", "up"}
+    assert _promql_metrics("sum(rate(c[1h])) by (x)") == {"c"}
+    assert _family("a_seconds_bucket") == _family("a_seconds_count") == "a_seconds"
+    assert _family("b_total") == "b"
+
+
+def test_dashboard_panels_cover_what_operators_watch(grafana_dashboards: dict[str, dict[str, Any]]) -> None:
+    dashboard = grafana_dashboards["ragstream.json"]
+    queries = _dashboard_queries(dashboard)
+    for where, expr in queries:
+        assert _promql_metrics(expr), f"{where}: selects no metric: {expr}"
+    charted = {_family(name) for _, expr in queries for name in _promql_metrics(expr)}
+    missing = [family for family in DASHBOARD_FAMILIES if _family(family) not in charted]
+    assert not missing, f"no panel charts {missing}"
+    assert charted & {_family(name) for name in TRITON_METRICS}, "no panel charts Triton's own metrics"
+
+
+def test_dashboards_use_the_provisioned_datasource(
+    grafana_dashboards: dict[str, dict[str, Any]], grafana_datasources: list[dict[str, Any]]
+) -> None:
+    uids = {datasource["uid"] for datasource in grafana_datasources}
+    seen_uids: set[str] = set()
+    for file_name, dashboard in grafana_dashboards.items():
+        assert dashboard["uid"] not in seen_uids, f"{file_name}: uid {dashboard['uid']} twice"
+        seen_uids.add(dashboard["uid"])
+        ids = [panel["id"] for panel in _panels(dashboard)]
+        assert len(ids) == len(set(ids)), f"{file_name}: panel ids repeat"
+        for panel in _panels(dashboard):
+            if panel["type"] == "row":
+                continue
+            assert panel["targets"], f"{file_name}: panel {panel['title']!r} has no query"
+            for source in [panel.get("datasource"), *(t.get("datasource") for t in panel["targets"])]:
+                if source is not None:
+                    assert source["type"] == "prometheus" and source["uid"] in uids, panel["title"]
+
+
+def test_dashboard_queries_name_only_metrics_ragstream_or_triton_export(
+    grafana_dashboards: dict[str, dict[str, Any]],
+) -> None:
+    try:
+        from ragstream.infra.telemetry import METRIC_NAMES
+    except ImportError as exc:
+        pytest.skip(f"ragstream.infra.telemetry.METRIC_NAMES is not importable yet ({exc})")
+    exported = {_family(name) for name in METRIC_NAMES}
+    assert exported, "METRIC_NAMES is empty"
+    for dashboard in grafana_dashboards.values():
+        for where, expr in _dashboard_queries(dashboard):
+            for name in _promql_metrics(expr):
+                if name.startswith("nv_"):
+                    assert name in TRITON_METRICS, f"{where}: {name} is not a Triton metric"
+                else:
+                    assert name in PROMETHEUS_SERIES or _family(name) in exported, (
+                        f"{where}: {name} is not in ragstream.infra.telemetry.METRIC_NAMES"
+                    )
+
+
+def test_every_process_sends_traces_to_jaeger_over_otlp_http(services: dict[str, dict[str, Any]]) -> None:
+    jaeger = services["jaeger"]
+    assert _image_name(jaeger) in {"jaegertracing/jaeger", "jaegertracing/all-in-one"}
+    assert "127.0.0.1:16686:16686" in jaeger["ports"], "the Jaeger UI, on the host's loopback"
+    for name, service in _ragstream_services(services).items():
+        endpoint = urlsplit(_settings(_env(service)).telemetry.otlp_endpoint or "")
+        assert endpoint.scheme == "http" and endpoint.hostname == "jaeger", name
+        # 4318 is OTLP/HTTP (4317 is gRPC, which the HTTP exporter does not speak).
+        assert endpoint.port == 4318 and endpoint.port in _container_ports(jaeger), name
+        # A base URL: the exporter appends /v1/traces itself.
+        assert endpoint.path in ("", "/"), name
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """/metrics answers 200, anything else 404: a stand-in for the dashboard."""
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/metrics" else 404)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_dashboard_service_is_published_on_loopback_and_probes_its_metrics(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    dashboard = services["dashboard"]
+    assert dashboard["command"] == ["ragstream", "dashboard"]
+    assert dashboard["restart"] == "unless-stopped"
+    assert {"ragstream-init", "iceberg-rest"} <= dashboard["depends_on"].keys()
+    port = _settings(_env(dashboard)).dashboard.port
+    assert f"127.0.0.1:{port}:{port}" in dashboard["ports"]
+    command = _healthcheck_command(dashboard)
+    assert command[-1] == f"http://127.0.0.1:{port}/metrics"
+
+    # Run the check itself against a server that answers /metrics only.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MetricsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        probe = command[:-1]
+        assert subprocess.run([*probe, f"{base}/metrics"], capture_output=True, timeout=30).returncode == 0
+        assert subprocess.run([*probe, f"{base}/missing"], capture_output=True, timeout=30).returncode != 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    # Nothing listening at all (the server is gone): unhealthy too.
+    assert subprocess.run([*probe, f"{base}/metrics"], capture_output=True, timeout=30).returncode != 0
 
 
 def _compose_command() -> list[str] | None:
