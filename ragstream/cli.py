@@ -20,6 +20,8 @@ from rich.table import Table
 from ragstream.acls_cli import acls_app
 from ragstream.audit_cli import audit_app
 from ragstream.audit_cli import sql as audit_sql_command
+from ragstream.dashboard_cli import dashboard as dashboard_command
+from ragstream.dashboard_cli import login_url
 from ragstream.eval_cli import evaluate
 from ragstream.guard_cli import guard_app
 from ragstream.health import stack_health
@@ -52,6 +54,7 @@ app.add_typer(acls_app, name="acls")
 app.add_typer(guard_app, name="guard")
 app.add_typer(judge_app, name="judge")
 app.add_typer(monitor_app, name="monitor")
+app.command(name="dashboard")(dashboard_command)
 app.command("eval")(evaluate)
 
 console = Console()
@@ -117,6 +120,7 @@ def up(
         raise typer.Exit(130) from None
     console.print(f"[green]ragstream is up[/] in {ready_s:.1f}s (data dir {settings.data_dir})")
     _print_status(settings)
+    _print_dashboard(settings)
     console.print("Ctrl-C to stop.")
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     try:
@@ -158,6 +162,13 @@ def _up_detached(settings: Settings, config: Path | None) -> None:
         f"(supervisor pid {proc.pid}, logs in {settings.log_dir})"
     )
     _print_status(settings)
+    _print_dashboard(settings)
+
+
+def _print_dashboard(settings: Settings) -> None:
+    if settings.dashboard.enabled:
+        console.print("dashboard (this link signs you in as the stack's admin; keep it private):")
+        print(login_url(settings))
 
 
 @app.command()

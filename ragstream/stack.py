@@ -132,6 +132,21 @@ def crash_reason(settings: Settings, stages: tuple[str, ...]) -> str | None:
     return "; ".join(reasons) or None
 
 
+def dashboard_health(settings: Settings, timeout_s: float = 1.0) -> bool:
+    """Whether the dashboard answers `/healthz`."""
+    import httpx
+
+    host = settings.dashboard.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    try:
+        return (
+            httpx.get(f"http://{host}:{settings.dashboard.port}/healthz", timeout=timeout_s).status_code
+            == 200
+        )
+    except httpx.HTTPError:
+        return False
+
+
 def _worker_ready(settings: Settings, stage: str) -> bool:
     hb = worker_health(settings, stage)
     return bool(hb and hb.get("ready"))
@@ -238,6 +253,18 @@ def build_supervisor(settings: Settings, *, with_models: bool = True) -> Supervi
                 env=child_env,
                 ready=lambda: worker_health(settings, MONITOR) is not None,
                 liveness=lambda: worker_health(settings, MONITOR) is not None,
+                wave=1,
+            )
+        )
+
+    if settings.dashboard.enabled:
+        components.append(
+            Component(
+                name="dashboard",
+                argv=[sys.executable, "-m", "ragstream", "dashboard"],
+                env=child_env,
+                ready=lambda: dashboard_health(settings),
+                liveness=lambda: dashboard_health(settings),
                 wave=1,
             )
         )

@@ -28,6 +28,8 @@ __all__ = [
     "FencedError",
     "Forbidden",
     "GenerationTimeout",
+    "InvalidParameter",
+    "NotFound",
     "RagstreamError",
     "SchemaViolation",
     "StartupError",
@@ -118,6 +120,20 @@ class Forbidden(BadInputError):
     def __init__(self, message: str, *, principal: Principal | None = None) -> None:
         super().__init__(message)
         self.principal = principal
+
+
+class InvalidParameter(BadInputError):
+    """A query parameter of a page or API call is malformed or out of range (a bad time
+    range, an unknown page size). Nothing is retried; the caller gets a 400 naming it."""
+
+    kind = "invalid_parameter"
+
+
+class NotFound(BadInputError):
+    """What the caller asked for does not exist, or is not theirs to see (an unknown request
+    id). The caller gets a 404; whether it exists for someone else is not revealed."""
+
+    kind = "not_found"
 
 
 class AuditQueryError(BadInputError):
