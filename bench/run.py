@@ -16,6 +16,7 @@ from bench import (
     ingestion,
     judge_lag,
     judges,
+    monitoring,
     qa,
     reliability,
 )
@@ -33,6 +34,7 @@ BENCHES = {
     "embedders": embedders.main,
     "answers": answers.main,
     "generators": generators.main,
+    "monitoring": monitoring.main,
 }
 
 

@@ -149,7 +149,10 @@ def _scope(request: web.Request) -> Scope:
     settings = request.app[_SETTINGS]
     if settings.auth.mode == "off":
         return Scope(viewer="anyone (auth.mode=off)", tenant=None)
-    principal = request.app[_VERIFIER].verify(_token(request))
+    token = _token(request)
+    if not token:
+        raise Unauthenticated("sign in with a ragstream token to see the dashboard")
+    principal = request.app[_VERIFIER].verify(token)
     if "admin" in principal.scopes:
         return Scope(viewer=f"{principal.user} @ {principal.tenant} (admin)", tenant=None)
     return Scope(
@@ -175,7 +178,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error_page(request, 404, "Not found", str(exc))
     except Unauthenticated as exc:
         status = 401
-        return _render(request, "login.html", status=401, message=str(exc), next=request.path_qs)
+        return _render(
+            request,
+            "login.html",
+            status=401,
+            title="Sign in",
+            message=str(exc),
+            next=_safe_next(request.path_qs),
+        )
     except Forbidden as exc:
         status = 403
         return _error_page(request, 403, "Forbidden", str(exc))
@@ -527,12 +537,14 @@ async def login(request: web.Request) -> web.StreamResponse:
         form = await request.post()
         token, target = str(form.get("token", "")).strip(), str(form.get("next", "/"))
     else:
-        params = parse_params(request.query, ("token", "next")) if len(request.query_string) < 16_384 else {}
+        params = parse_params(
+            request.query, ("token", "next"), max_chars={"token": settings.auth.max_token_bytes}
+        )
         token, target = params.get("token", ""), params.get("next", "/")
     if settings.auth.mode == "off":
         raise web.HTTPSeeOther(_safe_next(target))
     if not token:
-        return _render(request, "login.html", message="", next=_safe_next(target))
+        return _render(request, "login.html", title="Sign in", message="", next=_safe_next(target))
     principal = request.app[_VERIFIER].verify(token)
     remaining = (
         (principal.expires_at.timestamp() - time.time())

@@ -120,7 +120,9 @@ def time_range(
     return TimeRange(start=start, end=end, bucket_s=_bucket_for(seconds), label=label)
 
 
-def parse_params(query: Mapping[str, str], allowed: tuple[str, ...]) -> dict[str, str]:
+def parse_params(
+    query: Mapping[str, str], allowed: tuple[str, ...], *, max_chars: Mapping[str, int] | None = None
+) -> dict[str, str]:
     """The page's parameters, each given once, known, and plain text of sane length; the
     values of `tenant`, `status` and `user` are checked here too.
 
@@ -128,14 +130,16 @@ def parse_params(query: Mapping[str, str], allowed: tuple[str, ...]) -> dict[str
         InvalidParameter: an unknown, repeated, overlong or malformed parameter.
     """
     out: dict[str, str] = {}
-    for key in list(query):  # a multidict yields a repeated key once per value
+    getall = getattr(query, "getall", None)  # a multidict (the URL's query) holds repeats
+    for key in list(query.keys()):
         if key not in allowed:
             raise InvalidParameter(f"unknown parameter {key[:64]!r}; this page takes: {', '.join(allowed)}")
-        if key in out:
+        if key in out or (getall is not None and len(getall(key)) > 1):
             raise InvalidParameter(f"parameter {key!r} is given twice")
         value = query[key]
-        if len(value) > _MAX_TEXT_CHARS:
-            raise InvalidParameter(f"{key} is {len(value)} characters; at most {_MAX_TEXT_CHARS}")
+        limit = (max_chars or {}).get(key, _MAX_TEXT_CHARS)
+        if len(value) > limit:
+            raise InvalidParameter(f"{key} is {len(value)} characters; at most {limit}")
         if any(ord(c) < 32 for c in value):
             raise InvalidParameter(f"{key} holds control characters")
         out[key] = value
