@@ -266,7 +266,17 @@ async def test_query_drift_rises_for_a_shifted_stream_and_not_for_an_unshifted_o
     from ragstream.infra.audit.query import audit_sql
     from ragstream.infra.embedder import InProcessEmbedder
 
-    settings = _settings(tmp_path)
+    # The rule a user would write on query drift, per tenant: centroid distance over 0.4.
+    rule = {
+        "table": "drift",
+        "metric": "query_embedding",
+        "stat": "centroid_cosine_distance",
+        "op": ">",
+        "threshold": 0.4,
+        "window_s": 3600,
+    }
+    rules = {f"query_drift_{t}": {**rule, "tenant": t} for t in ("acme", "globex")}
+    settings = _settings(tmp_path, alerts=rules)
     base = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
     rows = []
     # 09:00-10:00 English HR and product questions; 10:00-11:00 the same kind for tenant
@@ -288,21 +298,29 @@ async def test_query_drift_rises_for_a_shifted_stream_and_not_for_an_unshifted_o
     _append(settings, "inference_log", rows)
     embedder = InProcessEmbedder(settings)
     await embedder.start()
+    changes: list[Any] = []
+
+    async def publish(batch: list[Any]) -> None:
+        changes.extend(batch)
+
     try:
+        # A scheduled run at 10:59: the latest hour windows are 09:00 and 10:00.
         report = await run_monitor(
-            settings,
-            windows=[Window(3600, base + timedelta(hours=1))],
-            embedder=embedder,
-            now=base + timedelta(hours=2),
+            settings, embedder=embedder, now=base + timedelta(hours=1, minutes=59), on_alerts=publish
         )
     finally:
         await embedder.close()
-    assert report.questions_embedded == 160
+    assert report.questions_embedded >= 160
+    # The shifted tenant's rule fires; the unshifted one's does not.
+    assert [(c.rule, c.state, c.slice_tenant) for c in changes] == [
+        ("query_drift_globex", "firing", "globex")
+    ]
     drift = {
         r["tenant"]: r
         for r in audit_sql(
             settings,
-            "SELECT * FROM monitor_drift WHERE metric = 'query_embedding' AND comparison = 'previous'",
+            "SELECT * FROM monitor_drift WHERE metric = 'query_embedding' AND comparison = 'previous' "
+            "AND window_id = '1h:2026-12-06T10:00:00Z'",
         ).to_pylist()
     }
     shifted, unshifted = drift["globex"]["value"], drift["acme"]["value"]
