@@ -15,7 +15,6 @@ import pytest
 
 from ragstream.infra.audit.tables import arrow_schema
 from ragstream.infra.monitor import (
-    Window,
     centroid_cosine_distance,
     granularity_name,
     latest_windows,
