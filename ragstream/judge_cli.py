@@ -9,30 +9,19 @@ Register in `ragstream.cli`:
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import Progress
 
+from ragstream.cli_args import iso_time
 from ragstream.infra.settings import load_settings
 
 __all__ = ["judge_app"]
 
 judge_app = typer.Typer(help="Judges: re-judge history.", no_args_is_help=True)
 err = Console(stderr=True)
-
-
-def _time(value: str, option: str) -> datetime:
-    try:
-        t = datetime.fromisoformat(value)
-    except ValueError:
-        err.print(
-            f"[red]{option} {value!r}[/]: expected an ISO time, e.g. 2026-12-01 or 2026-12-01T08:00:00Z"
-        )
-        raise typer.Exit(2) from None
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 @judge_app.command("backfill")
@@ -70,8 +59,8 @@ def backfill_command(
             report = asyncio.run(
                 backfill(
                     settings,
-                    since=_time(since, "--since"),
-                    until=_time(until, "--until") if until else None,
+                    since=iso_time(since, "--since"),
+                    until=iso_time(until, "--until") if until else None,
                     snapshot_id=snapshot,
                     judges=names or None,
                     version=version.strip(),

@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ragstream.cli_args import iso_time
 from ragstream.infra.settings import Settings, load_settings
 
 __all__ = ["monitor_app"]
@@ -27,15 +28,6 @@ err = Console(stderr=True)
 console = Console()
 
 _MAX_WINDOWS = 10_000
-
-
-def _time(value: str, option: str) -> datetime:
-    try:
-        t = datetime.fromisoformat(value)
-    except ValueError:
-        err.print(f"[red]{option} {value!r}[/]: expected an ISO time, e.g. 2026-12-01T08:00:00Z")
-        raise typer.Exit(2) from None
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 @monitor_app.command("run")
@@ -64,10 +56,10 @@ def run_command(
     settings: Settings = load_settings(config)
     configure_logging(settings)
     now = datetime.now(UTC)
-    end = _time(until, "--until") if until else now
+    end = iso_time(until, "--until") if until else now
     windows: list[Window] | None = None
     if since is not None:
-        start = _time(since, "--since")
+        start = iso_time(since, "--since")
         if start >= end:
             err.print("[red]--since[/] must be before --until")
             raise typer.Exit(2)
