@@ -12,6 +12,10 @@ rm -rf "$RAGSTREAM_DATA_DIR"
 step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
 
 cleanup() {
+  if [ "${RAGSTREAM_DEMO_KEEP:-0}" = "1" ]; then
+    step "The stack is left running (RAGSTREAM_DEMO_KEEP=1): open the dashboard link above; \`ragstream down\` stops it"
+    return
+  fi
   step "Stopping the stack"
   ragstream down
   left=$(pgrep -f "$RAGSTREAM_DATA_DIR" || true)
@@ -155,3 +159,23 @@ ragstream status
 step "The guardrail verdicts, queried from the Iceberg audit trail"
 sleep 4  # the audit sink commits every audit.flush_interval_s
 ragstream sql "SELECT status, guardrail.verdict AS verdict, guardrail.categories AS categories, question FROM inference_log WHERE guardrail.verdict IS NOT NULL AND guardrail.verdict <> 'allow' ORDER BY submitted_at"
+
+step "The monitoring dashboard: its overview, read over HTTP as a browser would"
+python - <<'PY'
+import re
+import httpx
+from ragstream.dashboard_cli import login_url
+from ragstream.infra.settings import Settings
+url = login_url(Settings())
+with httpx.Client(follow_redirects=True, timeout=60) as http:
+    page = http.get(url)
+    page.raise_for_status()
+    kpis = dict(re.findall(r'data-kpi="([a-z0-9_]+)" data-value="([^"]*)"', page.text))
+    print("overview, last 24 h:", ", ".join(f"{k} {v or '-'}" for k, v in kpis.items()))
+    for path in ("/guardrails", "/judges", "/usage", "/drift", "/alerts", "/requests"):
+        print(f"  {path:<12} HTTP {http.get(str(page.url).rstrip('/') + path).status_code}")
+print()
+print("Dashboard (this link signs you in as the stack's admin; it works while the stack runs,")
+print("so run `RAGSTREAM_DEMO_KEEP=1 make demo` to keep it up, or `ragstream up` later):")
+print(url)
+PY
