@@ -391,26 +391,16 @@ def _measure(
     """Each rule's value: profile rules on the last `window_s` seconds (divided by the window
     before for relative rules), drift rules on the latest window of `window_s`."""
     profile = {(v[0], v[1], v[2], v[3], v[4], v[5]): (v[6], v[7]) for v in slide_values}
+    drifts = {
+        (d["window_id"], d["tenant"], d["route"], d["metric"], d["stat"], d["label"], d["comparison"]): d
+        for d in drift
+    }
     out: dict[str, Measured] = {}
     for name, rule in rules.items():
         if rule.table == "drift":
             wid = window_containing(rule.window_s, now).window_id
-            row = next(
-                (
-                    d
-                    for d in drift
-                    if (
-                        d["window_id"],
-                        d["tenant"],
-                        d["route"],
-                        d["metric"],
-                        d["stat"],
-                        d["label"],
-                        d["comparison"],
-                    )
-                    == (wid, rule.tenant, rule.route, rule.metric, rule.stat, rule.label, rule.comparison)
-                ),
-                None,
+            row = drifts.get(
+                (wid, rule.tenant, rule.route, rule.metric, rule.stat, rule.label, rule.comparison)
             )
             out[name] = Measured(
                 None if row is None else row["value"],
