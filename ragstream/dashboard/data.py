@@ -34,6 +34,9 @@ from ragstream.schemas.ids import IDENTIFIER_RE
 __all__ = ["PageData", "Scope", "Warehouse"]
 
 _CACHE_ENTRIES = 32
+_CACHE_BYTES = 512 * 2**20
+"""Reads kept at most (Arrow bytes), oldest dropped first: a few full-day reads of a busy
+stack, not every range anyone ever opened."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,10 @@ class Warehouse:
         with self._lock:
             self._cache[key] = (now, snapshot, table)
             self._cache.move_to_end(key)
-            while len(self._cache) > _CACHE_ENTRIES:
+            while len(self._cache) > 1 and (
+                len(self._cache) > _CACHE_ENTRIES
+                or sum(int(entry[2].nbytes) for entry in self._cache.values()) > _CACHE_BYTES
+            ):
                 self._cache.popitem(last=False)
         return table
 
@@ -170,25 +176,35 @@ class Warehouse:
             kpi["dead_letters"] = con.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
             page.kpis = kpi
             b = rng.bucket_s
-            page.series["by_status"] = self._rows(
-                con,
-                f"""SELECT time_bucket(INTERVAL {b} SECOND, submitted_at) AS t, status, count(*) AS n
-                    FROM inference_log GROUP BY ALL ORDER BY t, status""",
-            )
-            page.series["latency"] = self._rows(
+            # One pass over the rows for every per-bucket series.
+            buckets = self._rows(
                 con,
                 f"""SELECT time_bucket(INTERVAL {b} SECOND, submitted_at) AS t,
-                           quantile_cont(latency_total_ms, 0.5) AS p50,
-                           quantile_cont(latency_total_ms, 0.95) AS p95,
-                           quantile_cont(latency_time_to_first_token_ms, 0.5) AS ttft_p50
-                    FROM inference_log GROUP BY ALL ORDER BY t""",
-            )
-            page.series["tokens"] = self._rows(
-                con,
-                f"""SELECT time_bucket(INTERVAL {b} SECOND, submitted_at) AS t,
+                           count(*) FILTER (WHERE status = 'ok') AS ok,
+                           count(*) FILTER (WHERE status = 'blocked') AS blocked,
+                           count(*) FILTER (WHERE status = 'error') AS error,
+                           count(*) FILTER (WHERE status = 'no_response') AS no_response,
+                           quantile_cont(latency_total_ms, [0.5, 0.95]) AS total_q,
+                           quantile_cont(latency_time_to_first_token_ms, 0.5) AS ttft_p50,
                            coalesce(sum(total_tokens), 0) AS tokens
                     FROM inference_log GROUP BY ALL ORDER BY t""",
             )
+            page.series["by_status"] = [
+                {"t": r["t"], "status": status, "n": r[status]}
+                for r in buckets
+                for status in ("ok", "blocked", "error", "no_response")
+                if r[status]
+            ]
+            page.series["latency"] = [
+                {
+                    "t": r["t"],
+                    "p50": (r["total_q"] or [None, None])[0],
+                    "p95": (r["total_q"] or [None, None])[1],
+                    "ttft_p50": r["ttft_p50"],
+                }
+                for r in buckets
+            ]
+            page.series["tokens"] = [{"t": r["t"], "tokens": r["tokens"]} for r in buckets]
             page.series["cost"] = self._rows(
                 con,
                 f"""SELECT time_bucket(INTERVAL {b} SECOND, event_time) AS t, sum(estimated_cost) AS cost
