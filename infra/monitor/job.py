@@ -75,6 +75,12 @@ def _read(catalog: Any, settings: Settings, name: str, start: datetime, end: dat
     return read_between(catalog, settings, name, PROFILE_SOURCES[name], start, end)
 
 
+def _values(column: Any) -> npt.NDArray[np.float64]:
+    """A fetched numeric column without its nulls (fetched as NaN)."""
+    values: npt.NDArray[np.float64] = np.asarray(column, dtype=np.float64)
+    return values[~np.isnan(values)]
+
+
 def _sample(request_ids: Sequence[str], limit: int) -> list[int]:
     """Indices of a stable sample of at most `limit` requests: the smallest hashes of their ids."""
     if len(request_ids) <= limit:
@@ -99,12 +105,26 @@ class _Sides:
     def rows(self, start: datetime, end: datetime, tenant: str) -> dict[str, Any]:
         tenant_filter = "" if tenant == "*" else "AND coalesce(tenant, 'unknown') = ?"
         params: list[Any] = [start, end] + ([] if tenant == "*" else [tenant])
-        inf = self._con.execute(
-            f"""SELECT request_id, question, status, length(coalesce(answer, '')) AS chars,
-                       list_extract(retrieved_scores, 1) AS top
-                FROM inference_log WHERE submitted_at >= ? AND submitted_at < ? {tenant_filter}""",
+        where = f"FROM inference_log WHERE submitted_at >= ? AND submitted_at < ? {tenant_filter}"
+        # Numbers as arrays, never as a Python tuple per row (a window can hold millions).
+        numbers = self._con.execute(
+            f"""SELECT coalesce(CASE WHEN status = 'ok' THEN length(coalesce(answer, '')) END::DOUBLE,
+                                'NaN'::DOUBLE) AS chars,
+                       coalesce(list_extract(retrieved_scores, 1)::DOUBLE, 'NaN'::DOUBLE) AS top,
+                       (question IS NOT NULL AND question <> '') AS asked
+                {where}""",
             params,
-        ).fetchall()
+        ).fetchnumpy()
+        chars, top = _values(numbers["chars"]), _values(numbers["top"])
+        asked = int(np.asarray(numbers["asked"], dtype=bool).sum()) if len(numbers["asked"]) else 0
+        # Only the questions query drift embeds: a stable sample by request id, in SQL.
+        requests: list[tuple[str, str]] = []
+        if self._embedder is not None and asked:
+            requests = self._con.execute(
+                f"""SELECT request_id, question {where} AND question IS NOT NULL AND question <> ''
+                    ORDER BY md5(request_id), request_id LIMIT {int(self._limit)}""",
+                params,
+            ).fetchall()
         judged = self._con.execute(
             f"""SELECT avg(CASE WHEN rating = 'yes' THEN 1.0 WHEN rating = 'no' THEN 0.0 END), count(rating)
                 FROM judgements WHERE source = 'stream' AND judge = 'overall'
@@ -112,9 +132,10 @@ class _Sides:
             params,
         ).fetchone()
         return {
-            "requests": [(r[0], r[1]) for r in inf if r[1]],
-            "answer_chars": [float(r[3]) for r in inf if r[2] == "ok"],
-            "top_scores": [float(r[4]) for r in inf if r[4] is not None],
+            "asked": asked,
+            "requests": requests,
+            "answer_chars": chars,
+            "top_scores": top,
             "pass_rate": judged[0] if judged else None,
             "judged": int(judged[1]) if judged else 0,
         }
@@ -163,7 +184,7 @@ async def _drift_rows(
             comparisons.append(("baseline", *baseline))
         for tenant in tenants:
             cur = sides.rows(window.start, window.end, tenant)
-            if not cur["requests"] and tenant != "*":
+            if not cur["asked"] and tenant != "*":
                 continue
             for comparison, b_start, b_end in comparisons:
                 base = sides.rows(b_start, b_end, tenant)
