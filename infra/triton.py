@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ragstream.infra import telemetry
 from ragstream.infra.settings import Settings
 from ragstream.schemas.errors import DeadlineExceeded, DependencyUnavailable
 
@@ -151,15 +152,24 @@ class TritonClient:
         text_input = grpcclient_aio.InferInput(_TEXT_INPUT, list(data.shape), "BYTES")
         text_input.set_data_from_numpy(data)
         output = grpcclient_aio.InferRequestedOutput(_EMBEDDING_OUTPUT)
+        started = time.perf_counter()
+        outcome = "error"
         try:
-            result: Any = await client.infer(
-                model,
-                [text_input],
-                outputs=[output],
-                client_timeout=self._timeout_s,
-            )
+            with telemetry.child_span("triton.infer", model=model, batch=len(texts)):
+                result: Any = await client.infer(
+                    model,
+                    [text_input],
+                    outputs=[output],
+                    client_timeout=self._timeout_s,
+                )
+            outcome = "ok"
         except _vendor_errors() as exc:
             raise DependencyUnavailable(f"Triton embedding request to {self._url} failed: {exc}") from exc
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            telemetry.TRITON_REQUEST_SECONDS.labels(model, outcome).observe(time.perf_counter() - started)
         vectors = result.as_numpy(_EMBEDDING_OUTPUT)
         if vectors is None or vectors.shape[0] != len(texts):
             raise DependencyUnavailable(

@@ -442,10 +442,16 @@ class AsyncClient:
     async def _publish(self, query: QuerySubmitted, timeout_s: float) -> None:
         from aiokafka.errors import KafkaError
 
+        # The caller's current span (any OpenTelemetry provider) becomes the query's parent;
+        # without one the pipeline derives the trace from the request id.
+        from ragstream.infra.telemetry import caller_headers
+
         topic = QUERIES.full_name(self._settings.kafka.topic_prefix)
         try:
             await asyncio.wait_for(
-                self._producer.send_and_wait(topic, key=query.kafka_key(), value=encode(query)),
+                self._producer.send_and_wait(
+                    topic, key=query.kafka_key(), value=encode(query), headers=caller_headers()
+                ),
                 timeout=max(timeout_s, 0.1),
             )
         except (KafkaError, TimeoutError) as exc:

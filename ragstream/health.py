@@ -83,6 +83,7 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
                 if hb.get("responses_gate_behind")
                 else ""
             )
+            + _metrics(hb)
             if hb
             else "no recent heartbeat"
         )
@@ -101,6 +102,7 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
                 "component": component,
                 "healthy": bool(hb and hb.get("ready")),
                 "detail": f"tables={','.join(tables)} live={hb.get('live')} pending_queries={hb.get('pending_queries')}"
+                + _metrics(hb)
                 if hb
                 else "no recent heartbeat",
                 **proc_info(component),
@@ -115,6 +117,7 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
                 detail += f" last_run={hb['last_elapsed_s']}s"
             if hb.get("last_error"):
                 detail += f" last_error={hb['last_error']}"
+            detail += _metrics(hb)
         rows.append(
             {
                 "component": "monitor",
@@ -136,6 +139,12 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
     )
     rows.append(_catalog_row(settings))
     return rows
+
+
+def _metrics(hb: dict[str, Any]) -> str:
+    """` metrics=<url>` when the process serves Prometheus metrics (its heartbeat says where)."""
+    url = hb.get("metrics_url")
+    return f" metrics={url}" if isinstance(url, str) and url else ""
 
 
 def _process_of(components: dict[str, Any], stage: str) -> str:

@@ -151,6 +151,12 @@ class _TableState:
     committed_offsets: dict[TP, int] | None = None
     """What the table's current snapshot says (None: no snapshot yet)."""
     inflight: bool = False
+    oldest_at: float | None = None
+    """When (epoch s) the event behind the oldest buffered row was produced."""
+    taken_oldest_at: float | None = None
+    """The same for the batch being committed."""
+    commit_lag_s: float = 0.0
+    """Age of the oldest row of the last commit when it landed (`ragstream_audit_lag_seconds`)."""
 
 
 @dataclass(slots=True)
@@ -249,6 +255,8 @@ class AuditWriter:
         }
         self.live = False
         """Set by the sink once it has caught up with the responses topic since starting."""
+        self._event_at = 0.0
+        """When the event being processed was produced (epoch s): the age of its rows."""
 
     # -- input ---------------------------------------------------------------------------
     def table_inputs(self) -> dict[str, frozenset[str]]:
@@ -259,6 +267,8 @@ class AuditWriter:
         self.counters.records += 1
         tp = (topic, partition)
         src = Source(topic, partition, offset)
+        if event is not None:
+            self._event_at = event.produced_at.timestamp()
         for t in self._readers.get(topic, ()):
             if offset < t.floors.get(tp, -1):
                 continue
@@ -370,6 +380,7 @@ class AuditWriter:
         if not self.live:
             return 0
         n = 0
+        self._event_at = now.timestamp()  # a no_response row is due now, not when its query came
         while self._expiry and self._expiry[0][0] <= now:
             _, rid = heapq.heappop(self._expiry)
             pending = self._pending.pop(rid, None)
@@ -393,6 +404,8 @@ class AuditWriter:
         t = self.tables[table]
         if not t.rows:
             t.first_row_mono = time.monotonic()
+        if t.oldest_at is None or self._event_at < t.oldest_at:
+            t.oldest_at = self._event_at
         t.rows.append(row)
         self.counters.rows += 1
 
@@ -478,6 +491,7 @@ class AuditWriter:
         batch = Batch(table, t.rows, props, t.committed_offsets)
         t.rows = RowBuffer(t.rows.schema, t.rows.chunk_rows)
         t.first_row_mono = None
+        t.taken_oldest_at, t.oldest_at = t.oldest_at, None
         t.inflight = True
         if since is not None and self.live:
             # Not while catching up: re-read queries must still find the ids loaded at start.
@@ -492,6 +506,8 @@ class AuditWriter:
         t.committed_props = batch.properties
         t.floors = decode_offsets(batch.properties[OFFSETS_KEY])
         t.committed_offsets = dict(t.floors)
+        t.commit_lag_s = max(time.time() - t.taken_oldest_at, 0.0) if t.taken_oldest_at is not None else 0.0
+        t.taken_oldest_at = None
         self.counters.commits += 1
 
     def reset_partition(self, tp: TP) -> None:

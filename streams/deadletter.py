@@ -34,11 +34,13 @@ class Message:
     offset: int | None
     key: bytes | None
     value: bytes | None
+    headers: Any = None
+    """The record's headers as the client gave them (read only for trace context)."""
 
     @classmethod
     def from_faust(cls, event: Any) -> Message:
         m = event.message
-        return cls(m.topic, m.partition, m.offset, m.key, m.value)
+        return cls(m.topic, m.partition, m.offset, m.key, m.value, m.headers)
 
 
 _TOKEN_FIELD = re.compile(rb'("token"\s*:\s*)"(?:[^"\\]|\\.)*(?:"|\\?\Z)')

@@ -24,6 +24,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ragstream.infra import telemetry
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.guard.base import detect_language, fold
 from ragstream.infra.guard.detectors import GuardDetectors
@@ -188,14 +189,19 @@ class Guardrails:
             whole = whole[:half] + " " + whole[-half:]
             context = ""
         lang = lang or detect_language(whole)
-        ran = await asyncio.gather(
-            *(
-                self._run(name, rail, whole, len(context), direction, lang, window)
-                for name, rail in rails.items()
+        with telemetry.child_span(f"ragstream.guardrails.{direction}", rails=",".join(rails)) as span:
+            ran = await asyncio.gather(
+                *(
+                    self._run(name, rail, whole, len(context), direction, lang, window)
+                    for name, rail in rails.items()
+                )
             )
-        )
-        verdicts = [v for v, _ in ran]
-        action = strongest([v.action for v in verdicts])
+            verdicts = [v for v, _ in ran]
+            action = strongest([v.action for v in verdicts])
+            if span is not None:
+                span.set_attribute("action", action)
+        for v in verdicts:
+            telemetry.GUARDRAIL_VERDICTS.labels(direction, v.rail, v.action).inc()
         out = text
         masks = [f for v, acting in ran if v.action == "mask" for f in acting if f.start is not None]
         if masks and action == "mask":

@@ -18,6 +18,13 @@ broker's size limit dead-letter their input (`output_rejected`) before anything 
 record the broker refuses for good does the same; retriable broker errors back off until
 `kafka.publish_retry_budget_s`, during which the runner reports itself `stalled`, and then
 raise `PublishStalled` so the worker exits and is restarted.
+
+Telemetry (`ragstream.infra.telemetry`): every outcome is counted in
+`ragstream_stage_events_total` and each handler call timed. With tracing on, each decoded
+event gets a span `ragstream.<stage>` (child of its record's `traceparent`, or of a parent
+derived from its request id), active while a single-event batch is handled, and every record
+published for it carries that span's context in its headers. With tracing off, no header is
+read or written.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
+from ragstream.infra import telemetry
 from ragstream.infra.settings import Settings
+from ragstream.infra.telemetry import TRACING
 from ragstream.schemas.errors import (
     BadInputError,
     Forbidden,
@@ -60,18 +69,20 @@ _RECORD_OVERHEAD_BYTES = 1024
 
 
 class Emit(NamedTuple):
-    """An event with the topic it is published to."""
+    """An event with the topic it is published to (and, with tracing on, its trace headers)."""
 
     topic: TopicSpec
     event: Event
+    headers: telemetry.Headers | None = None
 
 
 Handler = Callable[[Sequence[Event]], Awaitable[Sequence[Event]]]
 """A stage's `handle(events, deps)` with its deps bound."""
 
 
-Sender = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
-"""(topic, key, value) -> an awaitable that resolves when the broker has the record."""
+Sender = Callable[..., Awaitable[Awaitable[Any]]]
+"""(topic, key, value[, headers]) -> an awaitable that resolves when the broker has the
+record. `headers` (a list of `(name, bytes)`) is passed only when there are any (tracing on)."""
 
 
 @dataclass(slots=True)
@@ -81,6 +92,7 @@ class _Record:
     key: bytes
     value: bytes
     is_dead_letter: bool = False
+    headers: telemetry.Headers | None = None
 
 
 class InFlight:
@@ -160,6 +172,13 @@ class StageRunner:
         """Creates reply streams on first use; returns the names that cannot be used."""
         self.rejected = 0
         """Inputs refused as `unauthenticated` or `forbidden`."""
+        events = telemetry.STAGE_EVENTS
+        self._m_ok = events.labels(stage, "ok")
+        self._m_dead = events.labels(stage, "dead_lettered")
+        self._m_retried = events.labels(stage, "retried")
+        self._m_failed = events.labels(stage, "failed")
+        self._m_skipped = events.labels(stage, "skipped")
+        self._m_seconds = telemetry.STAGE_HANDLE_SECONDS.labels(stage)
 
     # -- processing (no publishing) ------------------------------------------------------
     async def process_batch(
@@ -210,6 +229,49 @@ class StageRunner:
             good = [(m, e) for m, e in good if self._claim(m, e)]
         if not good:
             return out
+        if not TRACING.on:
+            return await self._handle(good, out, handler)
+        spans = [self._span(m, e) for m, e in good]
+        try:
+            if len(spans) == 1:
+                from opentelemetry.trace import use_span
+
+                with use_span(spans[0], end_on_exit=False):
+                    out = await self._handle(good, out, handler)
+            else:
+                out = await self._handle(good, out, handler)
+            return _with_trace_headers(out, good, spans)
+        finally:
+            for span in spans:
+                span.end()
+
+    def _span(self, m: Message, e: Event) -> Any:
+        return telemetry.start_stage_span(
+            self.stage,
+            m.headers,
+            getattr(e, "request_id", None) or e.trace_id,
+            {
+                "ragstream.stage": self.stage,
+                "ragstream.request_id": getattr(e, "request_id", None) or e.trace_id,
+                "messaging.destination.name": m.topic,
+                "messaging.destination.partition.id": str(m.partition),
+                "messaging.kafka.offset": -1 if m.offset is None else m.offset,
+            },
+        )
+
+    async def _handle(
+        self, good: list[tuple[Message, Event]], out: list[Emit], handler: Handler
+    ) -> list[Emit]:
+        """Call the handler on the decoded events; `out` already holds the batch's dead letters."""
+        started = time.perf_counter()
+        try:
+            return await self._call_handler(good, out, handler)
+        finally:
+            self._m_seconds.observe(time.perf_counter() - started)
+
+    async def _call_handler(
+        self, good: list[tuple[Message, Event]], out: list[Emit], handler: Handler
+    ) -> list[Emit]:
         try:
             # A batch of several is split at once on an unexpected error: only the culprit
             # should pay for the retries.
@@ -243,6 +305,7 @@ class StageRunner:
             return True
         if not self.completions.claim(self.stage, request_id):
             self.duplicates_skipped += 1
+            self._m_skipped.inc()
             log.info(
                 "%s: request %s already answered or in flight; %s[%s]@%s skipped",
                 self.stage,
@@ -258,6 +321,7 @@ class StageRunner:
     # -- shared -------------------------------------------------------------------------
     def _progress(self, n: int) -> None:
         self.processed += n
+        self._m_ok.inc(n)
 
     def _routed(self, events: Sequence[Event]) -> list[Emit]:
         return [Emit(self.route(e), e) for e in events]
@@ -280,6 +344,7 @@ class StageRunner:
                 delay = min(exc.retry_after_s * (2 ** (attempt - 1)), self.max_retry_delay_s)
                 if time.monotonic() + delay > deadline:
                     raise RetriesExhausted(f"gave up after {attempt} attempts: {exc}") from exc
+                self._m_retried.inc()
                 log.warning(
                     "%s: transient failure (attempt %d, retry in %.2fs): %s", self.stage, attempt, delay, exc
                 )
@@ -288,6 +353,7 @@ class StageRunner:
                 unexpected += 1
                 if unexpected > internal_retries:
                     raise
+                self._m_retried.inc()
                 log.warning(
                     "%s: unexpected %s (try %d of %d): %s",
                     self.stage,
@@ -305,11 +371,15 @@ class StageRunner:
         prefix = self.settings.kafka.topic_prefix
         named = [(self.route(e), e) for e in events]
         unusable = await self._reply_streams({t.topic_name(prefix, e) for t, e in named if t.per_principal})
+        headers = telemetry.inject_headers() if TRACING.on else None  # the current stage span
         out: list[Awaitable[Any]] = []
         for t, e in named:
             name = t.topic_name(prefix, e)
             if name not in unusable:
-                out.append(await self._send(name, e.kafka_key(), encode(e)))
+                if headers:
+                    out.append(await self._send(name, e.kafka_key(), encode(e), headers))
+                else:
+                    out.append(await self._send(name, e.kafka_key(), encode(e)))
         return out
 
     async def _reply_streams(self, names: set[str]) -> set[str]:
@@ -356,6 +426,7 @@ class StageRunner:
             retry, refused = await self._send_round(pending)
             for rec, exc in refused:
                 if rec.is_dead_letter:
+                    self._m_failed.inc(len(messages))
                     raise PublishStalled(f"the dead-letter topic refused a record: {exc}")
             if refused:
                 refused_traces = {rec.emit.event.trace_id: _describe(exc) for rec, exc in refused}
@@ -364,6 +435,7 @@ class StageRunner:
             if not retry:
                 break
             if time.monotonic() + delay > deadline:
+                self._m_failed.inc(len(messages))
                 raise PublishStalled(f"publishing failed for {budget_s:.0f}s: {self.stalled_reason}")
             if self.stalled_since is None:
                 self.stalled_since = time.time()
@@ -396,7 +468,10 @@ class StageRunner:
         sent: list[tuple[_Record, Awaitable[Any] | BaseException]] = []
         for rec in records:
             try:
-                sent.append((rec, await self._send(rec.topic, rec.key, rec.value)))
+                if rec.headers:
+                    sent.append((rec, await self._send(rec.topic, rec.key, rec.value, rec.headers)))
+                else:
+                    sent.append((rec, await self._send(rec.topic, rec.key, rec.value)))
             except asyncio.CancelledError:
                 raise
             except Exception as send_error:  # noqa: BLE001 - classified below
@@ -442,7 +517,12 @@ class StageRunner:
                 continue
             records.append(
                 _Record(
-                    o, o.topic.topic_name(prefix, o.event), key, value, is_dead_letter=o.topic is DEADLETTER
+                    o,
+                    o.topic.topic_name(prefix, o.event),
+                    key,
+                    value,
+                    is_dead_letter=o.topic is DEADLETTER,
+                    headers=o.headers,
                 )
             )
         return records, rejected
@@ -506,7 +586,34 @@ class StageRunner:
         if kind != "internal_error":
             log.info("%s: dead-lettered %s: %s", self.stage, kind, record.message[:300])
         self.dead_lettered += 1
+        self._m_dead.inc()
         return Emit(DEADLETTER, record)
+
+
+def _with_trace_headers(
+    out: list[Emit], good: Sequence[tuple[Message, Event]], spans: Sequence[Any]
+) -> list[Emit]:
+    """Each output with the context of the span of the input it came from (matched by trace
+    id, as `deliver` matches them; else the batch's first). A dead letter marks its span."""
+    by_trace = {e.trace_id: span for (_, e), span in zip(good, spans, strict=True)}
+    headers: dict[int, telemetry.Headers | None] = {}
+    result: list[Emit] = []
+    for o in out:
+        span = by_trace.get(o.event.trace_id)
+        if span is None:
+            if o.topic is DEADLETTER:  # a neighbour that did not decode: not this trace
+                result.append(o)
+                continue
+            span = spans[0]
+        if o.topic is DEADLETTER and isinstance(o.event, DeadLettered):
+            from opentelemetry.trace import Status, StatusCode
+
+            span.set_status(Status(StatusCode.ERROR, o.event.error_kind))
+        key = id(span)
+        if key not in headers:
+            headers[key] = telemetry.inject_headers(span)
+        result.append(o._replace(headers=headers[key]) if o.headers is None else o)
+    return result
 
 
 _REFUSED_FOR_GOOD = frozenset(

@@ -2,18 +2,23 @@
 
 `stack` starts the real embedded stack once per test session, through the real commands
 (`ragstream up --detach`, `ragstream down`), on free ports and a temporary data dir, and
-checks at the end that `down` left no process behind.
+checks at the end that `down` left no process behind. Its processes export their spans to
+`otlp_receiver`, a real OTLP/HTTP endpoint in the test process (tracing costs little, and
+one stack start is spared).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -144,10 +149,132 @@ def processes_using(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
+@dataclass(frozen=True)
+class ReceivedSpan:
+    """One span as an OTLP/HTTP exporter sent it (ids as lowercase hex)."""
+
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    service: str
+    component: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    status_code: int = 0
+
+
+class OtlpReceiver:
+    """A real OTLP/HTTP trace endpoint: `POST /v1/traces` with an `ExportTraceServiceRequest`
+    (protobuf, gzip or not). Every span received is kept in `spans`."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self.requests = 0
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if self.path != "/v1/traces":
+                    self.send_error(404)
+                    return
+                receiver._take(body)
+                from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+                    ExportTraceServiceResponse,
+                )
+
+                out = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> OtlpReceiver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _take(self, body: bytes) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        got: list[ReceivedSpan] = []
+        for rs in request.resource_spans:
+            resource = {kv.key: _any_value(kv.value) for kv in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    got.append(
+                        ReceivedSpan(
+                            name=span.name,
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_span_id=span.parent_span_id.hex(),
+                            service=str(resource.get("service.name", "")),
+                            component=str(resource.get("service.instance.id", "")),
+                            attributes={kv.key: _any_value(kv.value) for kv in span.attributes},
+                            status_code=int(span.status.code),
+                        )
+                    )
+        with self._lock:
+            self.requests += 1
+            self.spans.extend(got)
+
+    def wait_for(
+        self, predicate: Callable[[list[ReceivedSpan]], bool], timeout_s: float, where: str = ""
+    ) -> list[ReceivedSpan]:
+        """The spans received so far, once `predicate` holds for them.
+
+        Raises:
+            AssertionError: it did not hold within `timeout_s`.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                spans = list(self.spans)
+            if predicate(spans):
+                return spans
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"no such spans {where} after {timeout_s:.0f}s; got "
+                    f"{[(s.name, s.trace_id) for s in spans][-20:]}"
+                )
+            time.sleep(0.2)
+
+
+def _any_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("ragstream-data")
-    env = stack_env(data_dir)
+    env = stack_env(data_dir) | {"RAGSTREAM_TELEMETRY__OTLP_ENDPOINT": otlp_receiver.url}
     s = Stack(settings_from_env(env), env)
     try:
         s.cli("up", "--detach", timeout_s=300)

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from ragstream.infra import telemetry
 from ragstream.infra.embedder import Embedder
 from ragstream.infra.lifecycle import started
 from ragstream.infra.settings import GuardPolicy, Settings
@@ -395,7 +396,20 @@ async def handle(events: Sequence[Event], deps: GenerationDeps) -> list[Event]:
     for e in events:
         assert isinstance(e, ContextRetrieved)  # the topic's contract guarantees it
         out.extend(await handle_context(e, deps))
+    _observe(out)
     return out
+
+
+def _observe(out: Sequence[Event]) -> None:
+    """Tokens and time to first token of the final responses (their internal record only,
+    not the caller's copy of the same answer)."""
+    for r in out:
+        if isinstance(r, ResponseCompleted) and r.reply_to is None and r.route:
+            if r.usage.completion_tokens:
+                telemetry.GENERATED_TOKENS.labels(r.route).inc(r.usage.completion_tokens)
+            ttft_ms = r.latency_ms.get("time_to_first_token")
+            if ttft_ms is not None:
+                telemetry.TIME_TO_FIRST_TOKEN.labels(r.route).observe(ttft_ms / 1000.0)
 
 
 @asynccontextmanager

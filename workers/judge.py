@@ -31,6 +31,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ragstream.infra import telemetry
 from ragstream.infra.judges.base import JudgeCase, Verdict
 from ragstream.infra.judges.panel import JudgePanel, opened_panel
 from ragstream.infra.settings import JudgesSettings, Settings
@@ -190,16 +191,17 @@ async def handle(events: Sequence[Event], deps: JudgeDeps) -> list[Event]:
             continue
         await yield_to_queries(deps)
         result = await deps.panel.judge(case_of(e, deps.settings.guidelines))
-        out.extend(
-            judgements_of(
-                e,
-                result.verdicts,
-                result.overall,
-                result.root_cause,
-                source="stream",
-                source_ref=f"response:{e.event_id}",
-            )
+        judged = judgements_of(
+            e,
+            result.verdicts,
+            result.overall,
+            result.root_cause,
+            source="stream",
+            source_ref=f"response:{e.event_id}",
         )
+        for j in judged:
+            telemetry.JUDGEMENTS.labels(j.judge, j.rating or "error").inc()
+        out.extend(judged)
     return out
 
 

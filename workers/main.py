@@ -3,8 +3,8 @@
 Each stage's declaration (`STAGE` at the end of its module, listed in `workers.stages`)
 becomes a thin agent: it opens the stage's deps, takes messages off its input topic and
 hands them to the `StageRunner` with the stage's `handle`. A timer writes a heartbeat file
-(liveness, partition assignment, counters, crash and stall reasons) that the supervisor and
-`ragstream status` read.
+(liveness, partition assignment, counters, crash and stall reasons, the `/metrics` URL) that
+the supervisor and `ragstream status` read, and updates the consumer-lag gauge.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ragstream.infra import telemetry
 from ragstream.infra.files import write_json_atomic
 from ragstream.infra.kafka import ReplyStreams
 from ragstream.infra.settings import Settings
@@ -56,11 +57,13 @@ def build_worker_app(
     )
     topics: dict[str, Any] = {}
 
-    async def send(topic: str, key: bytes, value: bytes) -> Awaitable[Any]:
+    async def send(
+        topic: str, key: bytes, value: bytes, headers: telemetry.Headers | None = None
+    ) -> Awaitable[Any]:
         t = topics.get(topic)
         if t is None:
             t = topics[topic] = app.topic(topic, value_serializer="raw", key_serializer="raw")
-        fut: Awaitable[Any] = await t.send(key=key, value=value)
+        fut: Awaitable[Any] = await t.send(key=key, value=value, headers=headers)
         return fut
 
     # One gate per topic that finishes requests (responses; judgements), shared by the
@@ -86,12 +89,14 @@ def build_worker_app(
                     await gate.completions.caught_up()
 
     beats = [(heartbeat_path(settings, r.stage), r) for r in runners]
+    lag = ConsumerLag({d.consumes.full_name(settings.kafka.topic_prefix): d.name for d in defs})
 
     @app.timer(0.5)  # type: ignore[untyped-decorator]
     async def heartbeat() -> None:
-        assigned = bool(app.consumer.assignment())
+        assignment = app.consumer.assignment()
         for path, runner in beats:
-            write_heartbeat(path, runner.stage, runner, assigned)
+            write_heartbeat(path, runner.stage, runner, bool(assignment))
+        lag.update(app.consumer, assignment)
 
     return app, runners
 
@@ -172,6 +177,39 @@ def _register_stage(
     return runner
 
 
+class ConsumerLag:
+    """`ragstream_consumer_lag_messages` for the partitions the worker holds: the highwater
+    aiokafka last fetched minus the offset Faust last committed (negative readings, which the
+    embedded broker's under-reported end offsets can give, count as 0)."""
+
+    def __init__(self, stages_by_topic: dict[str, str]) -> None:
+        self._stages = stages_by_topic
+        self._shown: set[tuple[str, str, str]] = set()
+
+    def update(self, consumer: Any, assignment: Any) -> None:
+        # Faust keeps what it committed per partition (the next offset to read) in
+        # `_committed_offset`; a partition never committed counts from 0.
+        committed = getattr(consumer, "_committed_offset", None) or {}
+        shown: set[tuple[str, str, str]] = set()
+        for tp in assignment:
+            stage = self._stages.get(tp.topic)
+            if stage is None:
+                continue
+            try:
+                highwater = consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - not fetched yet (or the consumer is restarting)
+                continue
+            if highwater is None:
+                continue
+            labels = (stage, tp.topic, str(tp.partition))
+            position = committed.get(tp) or 0
+            telemetry.CONSUMER_LAG.labels(*labels).set(max(int(highwater) - int(position), 0))
+            shown.add(labels)
+        for labels in self._shown - shown:  # revoked partitions
+            telemetry.CONSUMER_LAG.remove(*labels)
+        self._shown = shown
+
+
 def _bound(
     stage: Stage[Any], deps: Any
 ) -> tuple[Callable[[Event], Event] | None, Callable[[bytes | None], Principal | None] | None]:
@@ -228,6 +266,7 @@ def write_heartbeat(path: Path, stage: str, runner: StageRunner, assigned: bool)
             "duplicates_skipped": runner.duplicates_skipped,
             "rejected": runner.rejected,
             "responses_gate_behind": runner.completions.behind if runner.completions else None,
+            "metrics_url": telemetry.metrics_url(),
         },
     )
 
@@ -239,6 +278,8 @@ def run_worker(settings: Settings, stages: str | Sequence[str]) -> None:
     app, runners = build_worker_app(settings, stages)
     for r in runners:
         heartbeat_path(settings, r.stage).unlink(missing_ok=True)
+    telemetry.start_metrics_server(settings)
+    telemetry.setup_tracing(settings, "worker-" + "+".join(r.stage for r in runners))
     worker = faust.Worker(
         app,
         loglevel=settings.log_level,

@@ -1,6 +1,6 @@
 """The monitor process: runs the monitoring job (`ragstream.infra.monitor.run_monitor`) every
-`monitor.interval_s`, and beats a heartbeat (`run/worker-monitor.json`) for the supervisor
-and `ragstream status`.
+`monitor.interval_s`, and beats a heartbeat (`run/worker-monitor.json`, with its `/metrics`
+URL) for the supervisor and `ragstream status`.
 
 Run it as `python -m ragstream.workers.monitor`; `ragstream up` starts it when
 `monitor.interval_s > 0`. Each run happens on a thread of its own (DuckDB and the Iceberg
@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ragstream.infra import telemetry
 from ragstream.infra.embedder import Embedder, InProcessEmbedder, TritonEmbedder
 from ragstream.infra.files import write_json_atomic
 from ragstream.infra.logs import configure_logging
@@ -60,6 +61,10 @@ def alert_publisher(settings: Settings) -> Callable[[list[AlertChanged]], Awaita
 
     async def publish(changes: list[AlertChanged]) -> None:
         await asyncio.to_thread(_publish_blocking, settings, changes)
+        for change in changes:
+            telemetry.ALERTS_FIRING.labels(change.rule, change.severity).set(
+                1.0 if change.state == "firing" else 0.0
+            )
         if settings.monitor.webhook_url:
             await asyncio.to_thread(post_webhook, settings, changes)
 
@@ -148,15 +153,19 @@ class MonitorLoop:
 
     def _run_once(self) -> None:
         self._running_since = time.time()
+        started = time.perf_counter()
         try:
             self.last = asyncio.run(monitor_once(self._settings))
             self.last_error = None
             self.runs += 1
+            telemetry.MONITOR_RUNS.labels("ok").inc()
         except Exception as exc:  # noqa: BLE001 - counted, logged, retried next interval; never fatal
             self.failures += 1
+            telemetry.MONITOR_RUNS.labels("failed").inc()
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("monitoring run failed (next in %.0f s): %s", self._settings.monitor.interval_s, exc)
         finally:
+            telemetry.MONITOR_RUN_SECONDS.observe(time.perf_counter() - started)
             self._running_since = None
 
     def _beat(self) -> None:
@@ -171,6 +180,7 @@ class MonitorLoop:
             "failures": self.failures,
             "last_error": self.last_error,
             "running_since": self._running_since,
+            "metrics_url": telemetry.metrics_url(),
         }
         if last is not None:
             hb |= {"windows": len(last.windows), "last_elapsed_s": round(last.elapsed_s, 3)}
@@ -196,6 +206,7 @@ class MonitorLoop:
 def main() -> None:
     settings = load_settings()
     configure_logging(settings)
+    telemetry.start_metrics_server(settings)
     loop = MonitorLoop(settings)
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())

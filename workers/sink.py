@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from ragstream.infra import telemetry
 from ragstream.infra.audit.commits import load_written_ids, read_committed
 from ragstream.infra.audit.creation import ensure_tables
 from ragstream.infra.audit.tables import (
@@ -230,6 +231,7 @@ async def run_sink(
         FencedError: a second sink writes the same tables.
     """
     sink = AuditSink(settings, audit, tables)
+    telemetry.start_metrics_server(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sink.stop)

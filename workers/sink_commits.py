@@ -8,11 +8,13 @@ consuming into the next micro-batch.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+from ragstream.infra import telemetry
 from ragstream.infra.audit.commits import Batch, commit_batch
 from ragstream.streams.audit import AuditWriter
 
@@ -68,6 +70,7 @@ class Commits:
                     self.failed = True
                 batch = fut.result()  # raises the commit's error: the process must restart
                 self._writer.committed(batch)
+                telemetry.AUDIT_LAG.labels(name).set(self._writer.tables[name].commit_lag_s)
 
     async def flush(self) -> None:
         """Commit everything buffered and wait for it; nothing after a failed commit."""
@@ -83,7 +86,10 @@ class Commits:
         self._inflight[name] = asyncio.ensure_future(self._thread.call(self._commit, batch))
 
     def _commit(self, batch: Batch) -> Batch:
+        started = time.perf_counter()
         commit_batch(self._tables[batch.table], batch)
+        telemetry.AUDIT_COMMIT_SECONDS.labels(batch.table).observe(time.perf_counter() - started)
+        telemetry.AUDIT_ROWS.labels(batch.table).inc(len(batch.rows))
         return batch
 
     async def _drain(self) -> None:

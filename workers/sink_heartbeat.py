@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ragstream.infra import telemetry
 from ragstream.infra.files import write_json_atomic
 from ragstream.streams.audit import AuditWriter
 
@@ -57,5 +58,6 @@ class SinkHeartbeat:
                 "no_response": c.no_response,
                 "undecodable": c.undecodable,
                 "buffered": writer.buffered(),
+                "metrics_url": telemetry.metrics_url(),
             },
         )

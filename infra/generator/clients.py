@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
+from ragstream.infra import telemetry
 from ragstream.infra.generator import wire
 from ragstream.infra.generator.engine import LlamaEngine
 from ragstream.infra.generator.interface import GenerationDelta
@@ -124,6 +126,9 @@ class TritonGenerator:
         )
         decoder = Utf8DeltaDecoder()
         finished = False
+        started = time.perf_counter()
+        outcome = "cancelled"  # left before the end (a blocked window, the caller's deadline)
+        span = telemetry.start_child_span("triton.generate", model=model, stream_id=stream_id)
         responses = self._client.stream_infer(model, inputs, request_id=stream_id, timeout_s=timeout_s)
         try:
             async with contextlib.aclosing(responses):
@@ -143,6 +148,7 @@ class TritonGenerator:
                             raise DependencyUnavailable(f"{model} failed: {text}")
                         if finish_reason:
                             finished = True
+                            outcome = "ok"
                             yield GenerationDelta(
                                 text=text + decoder.flush(),
                                 final=True,
@@ -155,12 +161,21 @@ class TritonGenerator:
                     if final:
                         break
         except GenerationTimeout:
+            outcome = "timeout"
             raise
         except DeadlineExceeded as exc:
+            outcome = "timeout"
             raise GenerationTimeout(f"{model} did not finish within {timeout_s} s") from exc
+        except (BadInputError, DependencyUnavailable):
+            outcome = "error"
+            raise
         finally:
             if not finished:
                 self._send_cancel(model, stream_id)
+            telemetry.TRITON_REQUEST_SECONDS.labels(model, outcome).observe(time.perf_counter() - started)
+            if span is not None:
+                span.set_attribute("outcome", outcome)
+                span.end()
         if not finished:
             raise DependencyUnavailable(f"the stream from {model} ended without a finish reason")
 
