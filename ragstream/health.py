@@ -126,6 +126,20 @@ def stack_health(settings: Settings) -> list[dict[str, Any]]:
                 **proc_info("monitor"),
             }
         )
+    if settings.dashboard.enabled:
+        from ragstream.dashboard_cli import base_url
+        from ragstream.stack import dashboard_health
+
+        up = dashboard_health(settings)
+        rows.append(
+            {
+                "component": "dashboard",
+                "healthy": up,
+                "detail": f"{base_url(settings)}/ (`ragstream dashboard --url` signs you in)"
+                + (f" metrics={base_url(settings)}/metrics" if up else " not answering /healthz"),
+                **proc_info("dashboard"),
+            }
+        )
     lance = Path(settings.lancedb_uri)
     rows.append(
         {

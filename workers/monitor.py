@@ -24,7 +24,7 @@ from ragstream.infra import telemetry
 from ragstream.infra.embedder import Embedder, InProcessEmbedder, TritonEmbedder
 from ragstream.infra.files import write_json_atomic
 from ragstream.infra.logs import configure_logging
-from ragstream.infra.monitor import MonitorReport, run_monitor
+from ragstream.infra.monitor import MonitorReport, firing_alerts, run_monitor
 from ragstream.infra.settings import Settings, load_settings
 from ragstream.schemas.alerts import AlertChanged
 from ragstream.schemas.errors import RagstreamError
@@ -136,6 +136,14 @@ async def monitor_once(settings: Settings, embedder: Embedder | None = None) -> 
         await own.close()
 
 
+def set_firing_gauges(settings: Settings) -> None:
+    """`ragstream_alerts_firing` for every configured rule, from the alerts table: right after
+    a restart too, not only once this process has published a change."""
+    firing = firing_alerts(settings)
+    for name, rule in settings.monitor.alerts.items():
+        telemetry.ALERTS_FIRING.labels(name, rule.severity).set(1.0 if name in firing else 0.0)
+
+
 class MonitorLoop:
     """Runs `monitor_once` every `interval_s` on a worker thread and keeps the heartbeat."""
 
@@ -156,6 +164,7 @@ class MonitorLoop:
         started = time.perf_counter()
         try:
             self.last = asyncio.run(monitor_once(self._settings))
+            set_firing_gauges(self._settings)
             self.last_error = None
             self.runs += 1
             telemetry.MONITOR_RUNS.labels("ok").inc()
@@ -207,6 +216,11 @@ def main() -> None:
     settings = load_settings()
     configure_logging(settings)
     telemetry.start_metrics_server(settings)
+    if settings.monitor.alerts:
+        try:
+            set_firing_gauges(settings)
+        except RagstreamError as exc:  # the first run sets them once the catalog answers
+            log.warning("alert gauges not set at start: %s", exc)
     loop = MonitorLoop(settings)
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())

@@ -36,7 +36,7 @@ from ragstream.infra.settings import AlertRule, Settings
 from ragstream.schemas.alerts import AlertChanged
 from ragstream.schemas.errors import DependencyUnavailable, RagstreamError
 
-__all__ = ["MonitorReport", "run_monitor", "windows_to_compute"]
+__all__ = ["MonitorReport", "firing_alerts", "run_monitor", "windows_to_compute"]
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +437,26 @@ def _measure(
             value = None if value is None or not before else value / before
         out[name] = Measured(value, count, f"last {rule.window_s}s to {now.strftime('%Y-%m-%dT%H:%M:%SZ')}")
     return out
+
+
+def firing_alerts(settings: Settings) -> set[str]:
+    """The configured rules whose alert is firing, by the alerts table (which holds each
+    alert's state across restarts).
+
+    Raises:
+        DependencyUnavailable: the catalog cannot be read.
+    """
+    from ragstream.infra.audit.creation import ensure_tables
+    from ragstream.infra.iceberg import open_catalog
+    from ragstream.infra.monitor.alerts import alert_id
+
+    ensure_tables(settings, names=[ALERTS])
+    states = _alert_states(open_catalog(settings), settings)
+    return {
+        name
+        for name, rule in settings.monitor.alerts.items()
+        if (status := states.get(alert_id(name, rule))) is not None and status.state == "firing"
+    }
 
 
 def _alert_states(catalog: Any, settings: Settings) -> dict[str, AlertStatus]:

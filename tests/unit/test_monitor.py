@@ -462,8 +462,19 @@ async def test_an_alert_fires_on_the_real_catalog_is_recorded_after_publishing_a
     assert by_rule["blocks"].value == pytest.approx(0.5) and by_rule["block_jump"].value == pytest.approx(5.0)
     again = await run_monitor(settings, now=now + timedelta(seconds=30), on_alerts=publish)
     assert again.alerts == [], "a firing alert is not re-announced"
+    # A restarted monitor knows what fires from the table (its Prometheus gauge starts right).
+    from prometheus_client import REGISTRY
+
+    from ragstream.infra.monitor import firing_alerts
+    from ragstream.workers.monitor import set_firing_gauges
+
+    assert firing_alerts(settings) == {"blocks", "block_jump"}
+    set_firing_gauges(settings)
+    labels = {"alert": "blocks", "severity": "warning"}
+    assert REGISTRY.get_sample_value("ragstream_alerts_firing", labels) == 1.0
     quiet = await run_monitor(settings, now=now + timedelta(minutes=6), on_alerts=publish)
     assert sorted(quiet.alerts) == ["block_jump: resolved", "blocks: resolved"]
+    assert firing_alerts(settings) == set()
     table = audit_sql(settings, "SELECT rule, state, since FROM alerts ORDER BY changed_at, rule").to_pylist()
     assert [(r["rule"], r["state"]) for r in table] == [
         ("block_jump", "firing"),
