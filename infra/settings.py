@@ -698,6 +698,9 @@ class DashboardSettings(_Section):
     """How long the session cookie made from a token lasts (never past the token's expiry)."""
     explorer_limit: int = Field(default=50, ge=1, le=1000)
     """Rows a request-explorer search shows at most."""
+    trace_url: str | None = Field(default=None, pattern=r"^https?://[^ ]*\{trace_id\}")
+    """A trace backend's page for one trace, e.g. `http://127.0.0.1:16686/trace/{trace_id}`
+    (Jaeger): the trace view links each request to its OpenTelemetry trace."""
 
 
 class TelemetrySettings(_Section):

@@ -470,6 +470,10 @@ async def trace_page(request: web.Request) -> web.Response:
     row = found["row"]
     latency = _latency_map(row)
     figures = {"waterfall": charts.waterfall(_spans(latency), title="Stages")}
+    from ragstream.infra.telemetry import trace_id_for
+
+    trace_id = trace_id_for(request_id)
+    template = request.app[_SETTINGS].dashboard.trace_url
     return _render(
         request,
         "trace.html",
@@ -480,6 +484,8 @@ async def trace_page(request: web.Request) -> web.Response:
         verdicts=found["verdicts"],
         judgements=found["judgements"],
         dead_letters=found["dead_letters"],
+        trace_id=trace_id,
+        trace_link=template.replace("{trace_id}", trace_id) if template else None,
         figures=figures,
         scope=scope,
     )

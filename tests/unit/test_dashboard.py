@@ -118,7 +118,11 @@ async def test_the_explorer_shows_a_non_admin_their_own_requests_only(
     assert users == [{"tenant": "globex", "user": "user03"}]
     mine = await client.get(f"/requests/{ids[0]}", headers=_bearer(token))
     assert mine.status == 200
-    assert 'data-field="question"' in await mine.text()
+    html = await mine.text()
+    assert 'data-field="question"' in html
+    from ragstream.infra.telemetry import trace_id_for
+
+    assert trace_id_for(ids[0]) in html
     other = audit_sql(
         settings,
         "SELECT request_id FROM inference_log WHERE tenant = 'globex' AND \"user\" <> 'user03' LIMIT 1",
