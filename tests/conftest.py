@@ -64,6 +64,11 @@ class Stack:
             )
         return proc
 
+    def sql(self, query: str) -> list[dict[str, Any]]:
+        """`ragstream sql QUERY --format json` against this stack, as row dicts."""
+        out = self.cli("sql", query, "--format", "json").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]  # JSON lines
+
     def token(
         self,
         tenant: str,

@@ -16,11 +16,6 @@ from tests.conftest import Stack
 pytestmark = pytest.mark.integration
 
 
-def _sql(stack: Stack, query: str) -> list[dict[str, Any]]:
-    out = stack.cli("sql", query, "--format", "json").stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 async def test_an_injection_is_blocked_before_any_token_is_generated(
     stack: Stack, corpus_reports: list[Any]
 ) -> None:
@@ -72,8 +67,7 @@ async def test_an_email_in_the_question_is_masked_in_the_prompt_and_in_the_audit
     rows: list[dict[str, Any]] = []
     deadline = time.monotonic() + 90
     while not rows and time.monotonic() < deadline:
-        rows = _sql(
-            stack,
+        rows = stack.sql(
             f"SELECT question, prompt_messages, answer, guardrail FROM inference_log WHERE request_id = '{r.request_id}'",
         )
         if not rows:

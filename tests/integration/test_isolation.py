@@ -289,11 +289,6 @@ def test_documents_and_deletions_into_a_tenant_the_token_does_not_allow_are_forb
     assert not any("planted" in h["document_id"] for h in larkspur)
 
 
-def _sql(stack: Stack, query: str) -> list[dict[str, Any]]:
-    out = stack.cli("sql", query, "--format", "json").stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]  # JSON lines
-
-
 async def test_the_audit_trail_records_the_verified_identity_and_the_rejections(
     stack: Stack, corpus_reports: list[Any]
 ) -> None:
@@ -310,7 +305,7 @@ async def test_the_audit_trail_records_the_verified_identity_and_the_rejections(
     rows: list[dict[str, Any]] = []
     deadline = time.monotonic() + 90
     while len(rows) < 2 and time.monotonic() < deadline:
-        rows = _sql(stack, sql)
+        rows = stack.sql(sql)
         if len(rows) < 2:
             time.sleep(2)
     by_id = {r["request_id"]: r for r in rows}
@@ -326,7 +321,7 @@ async def test_the_audit_trail_records_the_verified_identity_and_the_rejections(
     )
     dls: list[dict[str, Any]] = []
     while not dls and time.monotonic() < deadline + 30:
-        dls = _sql(stack, dl_sql)
+        dls = stack.sql(dl_sql)
         if not dls:
             time.sleep(2)
     assert dls and dls[0]["error_kind"] == "forbidden" and dls[0]["principal_client"] == "audit-check"

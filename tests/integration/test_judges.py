@@ -19,16 +19,11 @@ from tests.conftest import Stack
 pytestmark = pytest.mark.integration
 
 
-def _sql(stack: Stack, query: str) -> list[dict[str, Any]]:
-    out = stack.cli("sql", query, "--format", "json").stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 def _wait_rows(stack: Stack, query: str, want: int, timeout_s: float = 120) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        rows = _sql(stack, query)
+        rows = stack.sql(query)
         if len(rows) >= want:
             return rows
         time.sleep(2)
@@ -70,8 +65,7 @@ async def test_every_answered_request_is_judged_once_per_judge_with_its_passages
         assert "no passages" not in grounded["rationale"], "the judge sees the passages the model was given"
         overall = next(g for g in got if g["judge"] == "overall")
         assert (overall["rating"] == "no") == (overall["root_cause"] is not None)
-    joined = _sql(
-        stack,
+    joined = stack.sql(
         f"SELECT request_id, judge, judge_lag_ms FROM judged_requests WHERE request_id IN ({ids}) AND judge = 'overall'",
     )
     assert len(joined) == len(answered) and all(j["judge_lag_ms"] is not None for j in joined)
@@ -119,7 +113,7 @@ def test_ragstream_eval_rates_the_same_twice_and_refuses_bad_input(stack: Stack,
     no_answer.write_text('{"request": "When are forklifts inspected?"}\n')
     r = _eval(stack, str(no_answer))
     assert r.returncode == 2 and "--run-pipeline" in r.stderr
-    runs = _sql(stack, "SELECT run_id, count(*) AS n FROM evaluations GROUP BY run_id")
+    runs = stack.sql("SELECT run_id, count(*) AS n FROM evaluations GROUP BY run_id")
     assert len(runs) >= 2 and all(run["n"] >= len(rows) for run in runs)
 
 
@@ -152,12 +146,12 @@ async def test_a_backfill_rerun_of_one_snapshot_and_version_adds_nothing_twice(
 
     published = int(re.search(r"(\d+) judgements published", first.stderr).group(1))  # type: ignore[union-attr]
     _wait_rows(stack, query, want=published)  # every judgement of the first run has landed
-    before = {(row["request_id"], row["judge"]): row["n"] for row in _sql(stack, query)}
+    before = {(row["request_id"], row["judge"]): row["n"] for row in stack.sql(query)}
     assert sum(before.values()) == published
     second = stack.cli(*args)
     assert "0 judgements published" in second.stderr, second.stderr
     time.sleep(5)
-    after = {(row["request_id"], row["judge"]): row["n"] for row in _sql(stack, query)}
+    after = {(row["request_id"], row["judge"]): row["n"] for row in stack.sql(query)}
     assert after == before and set(after.values()) == {1}
     bad = stack.cli("judge", "backfill", "--since", "yesterday", "--version", "v", check=False)
     assert bad.returncode == 2 and "ISO time" in bad.stderr
@@ -222,8 +216,7 @@ def test_eval_runs_the_pipeline_and_llm_judges_custom_and_guidelines_rate_the_sa
             verdict = row["judges"][name]
             assert verdict["rating"] in ("yes", "no") and verdict["error"] is None, verdict
             assert verdict["rationale"], verdict
-    recorded = _sql(
-        stack,
+    recorded = stack.sql(
         "SELECT row_id, response, answered_by FROM evaluations "
         "WHERE row_id IN ('pipe-en', 'pipe-fr') AND judge = 'overall'",
     )

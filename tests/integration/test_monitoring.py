@@ -16,11 +16,6 @@ from tests.conftest import Stack
 pytestmark = pytest.mark.integration
 
 
-def _sql(stack: Stack, query: str) -> list[dict[str, Any]]:
-    out = stack.cli("sql", query, "--format", "json").stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 async def test_monitor_run_counts_what_sql_counts_and_replaces_its_windows(
     stack: Stack, corpus_reports: list[Any]
 ) -> None:
@@ -34,7 +29,7 @@ async def test_monitor_run_counts_what_sql_counts_and_replaces_its_windows(
     assert answered.status == "ok" and blocked.status == "blocked"
     ids = f"'{answered.request_id}', '{blocked.request_id}'"
     deadline = time.monotonic() + 120
-    while len(_sql(stack, f"SELECT request_id FROM inference_log WHERE request_id IN ({ids})")) < 2:
+    while len(stack.sql(f"SELECT request_id FROM inference_log WHERE request_id IN ({ids})")) < 2:
         assert time.monotonic() < deadline, "the audit rows never landed"
         time.sleep(1)
 
@@ -46,14 +41,12 @@ async def test_monitor_run_counts_what_sql_counts_and_replaces_its_windows(
         if w.startswith("1d:") and w.endswith(time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime()))
     )
     start = day.split(":", 1)[1]
-    truth = _sql(
-        stack,
+    truth = stack.sql(
         "SELECT coalesce(tenant, 'unknown') AS tenant, count(*)::BIGINT AS n, "
         "count_if(status = 'blocked')::BIGINT AS blocked FROM inference_log "
         f"WHERE submitted_at >= TIMESTAMPTZ '{start}' GROUP BY ALL",
     )
-    profile = _sql(
-        stack,
+    profile = stack.sql(
         "SELECT tenant, metric, stat, label, value, sample_count FROM monitor_profile "
         f"WHERE window_id = '{day}' AND route = '*' AND metric IN ('requests', 'status') AND stat IN ('count', 'rate')",
     )
@@ -64,19 +57,17 @@ async def test_monitor_run_counts_what_sql_counts_and_replaces_its_windows(
         assert rate == pytest.approx(t["blocked"] / t["n"]), (t, rate)
     assert got[("*", "requests", "")]["value"] == sum(t["n"] for t in truth)
 
-    rows_before = _sql(stack, f"SELECT count(*) AS n FROM monitor_profile WHERE window_id = '{day}'")[0]["n"]
+    rows_before = stack.sql(f"SELECT count(*) AS n FROM monitor_profile WHERE window_id = '{day}'")[0]["n"]
     stack.cli("monitor", "run", "--json", "--no-query-drift")
-    keys = _sql(
-        stack,
+    keys = stack.sql(
         "SELECT window_id, tenant, route, metric, stat, label, count(*) AS n FROM monitor_profile "
         "GROUP BY ALL HAVING count(*) > 1",
     )
     assert keys == [], f"a re-run duplicated rows: {keys[:5]}"
-    rows_after = _sql(stack, f"SELECT count(*) AS n FROM monitor_profile WHERE window_id = '{day}'")[0]["n"]
+    rows_after = stack.sql(f"SELECT count(*) AS n FROM monitor_profile WHERE window_id = '{day}'")[0]["n"]
     assert rows_after >= rows_before > 0
 
-    drift = _sql(
-        stack,
+    drift = stack.sql(
         f"SELECT metric, stat, comparison, model FROM monitor_drift WHERE window_id = '{day}' AND tenant = '*'",
     )
     assert {(d["metric"], d["stat"]) for d in drift} >= {
@@ -150,7 +141,7 @@ async def test_an_alert_rule_fires_on_the_alerts_topic_and_table_and_resolves_wh
     assert all(r.status == "ok" for r in answered)
     ids = ", ".join(f"'{r.request_id}'" for r in [*got, *answered])
     deadline = time.monotonic() + 60
-    while len(_sql(stack, f"SELECT request_id FROM inference_log WHERE request_id IN ({ids})")) < 4:
+    while len(stack.sql(f"SELECT request_id FROM inference_log WHERE request_id IN ({ids})")) < 4:
         assert time.monotonic() < deadline, "the audit rows never landed"
         time.sleep(1)
     induced = time.monotonic()
@@ -169,8 +160,8 @@ async def test_an_alert_rule_fires_on_the_alerts_topic_and_table_and_resolves_wh
     time.sleep(max(0.0, 62 - (time.monotonic() - induced)))  # the minute slides past the blocks
     resolved = json.loads(stack.cli("monitor", "run", "--json", "--no-query-drift", env=env).stdout)
     assert sorted(resolved["alerts"]) == ["tenant_blocks: resolved", "tenant_slow: resolved"], resolved
-    rows = _sql(
-        stack, "SELECT state, since, event_id FROM alerts WHERE rule = 'tenant_blocks' ORDER BY changed_at"
+    rows = stack.sql(
+        "SELECT state, since, event_id FROM alerts WHERE rule = 'tenant_blocks' ORDER BY changed_at"
     )
     assert [r["state"] for r in rows] == ["firing", "resolved"]
     assert rows[0]["since"] == rows[1]["since"]
