@@ -265,3 +265,27 @@ def test_auth_off_serves_everyone_as_admin(tmp_path: Path) -> None:
     req: Any = _Req()
     req.app = app
     assert _scope(req).admin
+
+
+def test_a_malformed_alert_rule_stops_the_dashboard_at_start_naming_the_field(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGSTREAM_")}
+    env |= {
+        "RAGSTREAM_DATA_DIR": str(tmp_path),
+        "RAGSTREAM_MONITOR__ALERTS": json.dumps(
+            {"slow": {"metric": "latency_total_ms", "op": "~", "threshold": 1}}
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "ragstream", "dashboard", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "monitor.alerts.slow.op" in proc.stderr and "monitor.alerts.slow.stat" in proc.stderr
