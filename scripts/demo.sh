@@ -40,7 +40,7 @@ step "Ingesting another company's documents (tenant globex)"
 ragstream ingest samples/corpus/globex --tenant globex
 
 step "Ingesting ragstream's own docs (tenant larkspur)"
-ragstream ingest docs --tenant larkspur
+ragstream ingest docs/*.md --tenant larkspur  # the Markdown pages (docs/images holds screenshots)
 
 step "Re-ingesting unchanged documents is a no-op"
 ragstream ingest samples/corpus/larkspur/public --tenant larkspur
@@ -171,7 +171,8 @@ with httpx.Client(follow_redirects=True, timeout=60) as http:
     page = http.get(url)
     page.raise_for_status()
     kpis = dict(re.findall(r'data-kpi="([a-z0-9_]+)" data-value="([^"]*)"', page.text))
-    print("overview, last 24 h:", ", ".join(f"{k} {v or '-'}" for k, v in kpis.items()))
+    shown = {k: (v if "." not in v else f"{float(v):.4g}") for k, v in kpis.items()}
+    print("overview, last 24 h:", ", ".join(f"{k} {v or '-'}" for k, v in shown.items()))
     for path in ("/guardrails", "/judges", "/usage", "/drift", "/alerts", "/requests"):
         print(f"  {path:<12} HTTP {http.get(str(page.url).rstrip('/') + path).status_code}")
 print()
