@@ -246,15 +246,31 @@ def _context(request: web.Request, scope: Scope, params: dict[str, str], rng: Ti
     }
 
 
-async def _data(fn: Callable[..., PageData], *args: Any, **kwargs: Any) -> Any:
-    return await asyncio.to_thread(fn, *args, **kwargs)
+def _page(
+    template: str, title: str, figures: Callable[[PageData], dict[str, Any]]
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A page of the range, the tenant and charts: `Warehouse.<template name>` gives its data."""
+    name = template.removesuffix(".html")
+
+    async def handler(request: web.Request) -> web.Response:
+        scope = _scope(request)
+        params, rng = _page_params(request)
+        fetch = getattr(request.app[_WAREHOUSE], name)
+        page: PageData = await asyncio.to_thread(fetch, rng, scope, params.get("tenant") or None)
+        return _render(
+            request,
+            template,
+            title=title,
+            page=page,
+            figures=figures(page),
+            **_context(request, scope, params, rng),
+        )
+
+    return handler
 
 
-async def overview(request: web.Request) -> web.Response:
-    scope = _scope(request)
-    params, rng = _page_params(request)
-    page = await _data(request.app[_WAREHOUSE].overview, rng, scope, params.get("tenant") or None)
-    figures = {
+def _overview_figures(page: PageData) -> dict[str, Any]:
+    return {
         "requests": charts.stacked(
             page.series["by_status"],
             x="t",
@@ -285,21 +301,10 @@ async def overview(request: web.Request) -> web.Response:
             y_title="messages",
         ),
     }
-    return _render(
-        request,
-        "overview.html",
-        title="Overview",
-        page=page,
-        figures=figures,
-        **_context(request, scope, params, rng),
-    )
 
 
-async def guardrails(request: web.Request) -> web.Response:
-    scope = _scope(request)
-    params, rng = _page_params(request)
-    page = await _data(request.app[_WAREHOUSE].guardrails, rng, scope, params.get("tenant") or None)
-    figures = {
+def _guardrails_figures(page: PageData) -> dict[str, Any]:
+    return {
         "actions": charts.stacked(
             page.series["actions"],
             x="t",
@@ -316,21 +321,10 @@ async def guardrails(request: web.Request) -> web.Response:
             title="Findings by category",
         ),
     }
-    return _render(
-        request,
-        "guardrails.html",
-        title="Guardrails",
-        page=page,
-        figures=figures,
-        **_context(request, scope, params, rng),
-    )
 
 
-async def judges(request: web.Request) -> web.Response:
-    scope = _scope(request)
-    params, rng = _page_params(request)
-    page = await _data(request.app[_WAREHOUSE].judges, rng, scope, params.get("tenant") or None)
-    figures = {
+def _judges_figures(page: PageData) -> dict[str, Any]:
+    return {
         "pass_rate": charts.lines(
             page.series["pass_rate"],
             x="t",
@@ -344,21 +338,10 @@ async def judges(request: web.Request) -> web.Response:
             page.series["root_causes"], label="root_cause", value="n", title="Root causes of failed answers"
         ),
     }
-    return _render(
-        request,
-        "judges.html",
-        title="Judges",
-        page=page,
-        figures=figures,
-        **_context(request, scope, params, rng),
-    )
 
 
-async def usage(request: web.Request) -> web.Response:
-    scope = _scope(request)
-    params, rng = _page_params(request)
-    page = await _data(request.app[_WAREHOUSE].usage, rng, scope, params.get("tenant") or None)
-    figures = {
+def _usage_figures(page: PageData) -> dict[str, Any]:
+    return {
         "tokens": charts.stacked(
             page.series["tokens_by_route"],
             x="t",
@@ -377,14 +360,12 @@ async def usage(request: web.Request) -> web.Response:
             title="Estimated cost by user (top 15)",
         ),
     }
-    return _render(
-        request,
-        "usage.html",
-        title="Usage and cost",
-        page=page,
-        figures=figures,
-        **_context(request, scope, params, rng),
-    )
+
+
+overview = _page("overview.html", "Overview", _overview_figures)
+guardrails = _page("guardrails.html", "Guardrails", _guardrails_figures)
+judges = _page("judges.html", "Judges", _judges_figures)
+usage = _page("usage.html", "Usage and cost", _usage_figures)
 
 
 async def drift(request: web.Request) -> web.Response:
@@ -395,7 +376,9 @@ async def drift(request: web.Request) -> web.Response:
     granularity = params.get("granularity") or choices[0]
     if granularity not in choices:
         raise InvalidParameter(f"granularity={granularity[:16]!r}: one of {', '.join(choices)}")
-    page = await _data(request.app[_WAREHOUSE].drift, rng, scope, granularity, params.get("tenant") or None)
+    page = await asyncio.to_thread(
+        request.app[_WAREHOUSE].drift, rng, scope, granularity, params.get("tenant") or None
+    )
     figures = {
         "drift": charts.lines(
             page.series["drift"],
@@ -422,7 +405,7 @@ async def drift(request: web.Request) -> web.Response:
 async def alerts(request: web.Request) -> web.Response:
     scope = _scope(request)
     params, rng = _page_params(request)
-    page = await _data(request.app[_WAREHOUSE].alerts, rng, scope, params.get("tenant") or None)
+    page = await asyncio.to_thread(request.app[_WAREHOUSE].alerts, rng, scope, params.get("tenant") or None)
     rules = request.app[_SETTINGS].monitor.alerts
     return _render(
         request,
