@@ -1163,6 +1163,9 @@ class KillResult:
     """Extra final responses on the topic (sum over requests of count - 1)."""
     requests_with_duplicates: int = 0
     real_not_ok: int = 0
+    not_ok_reasons: dict[str, int] = field(default_factory=dict)
+    """Why the requests that were neither answered nor refused for their unknown route ended
+    as they did (the response's reason, up to its first 120 characters)."""
     cheap_latency_s: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """p50, p95 and max of what a cheap question took (publish -> final response)."""
     audit_rows_min: int = 0
@@ -1284,6 +1287,13 @@ def kills(stack: BenchStack, *, rounds: int = 2, tail_s: float = 4.0) -> KillRes
     res.sdk_outcomes = dict(Counter(_outcome_label(a) for a in asked))
     res.raised = sum(1 for a in asked if a.raised)
     res.real_not_ok = sum(1 for a in asked if a.kind == "real" and a.status != "ok")
+    res.not_ok_reasons = dict(
+        Counter(
+            f"{a.kind}: {a.reason[:120]}"
+            for a in asked
+            if a.status != "ok" and not a.reason.startswith("unknown_route")
+        )
+    )
     ids = [a.request_id for a in asked if a.request_id]
 
     with TopicTally(settings) as tally:

@@ -294,8 +294,7 @@ class Guardrails:
             async def classified(text: str, lang: str, budget_s: float) -> list[GuardFinding]:
                 found = rules.scan(text) if use_rules else []
                 if use_head:
-                    async with asyncio.timeout(budget_s):
-                        probs = await d.head.scores(text)
+                    probs = await d.head.scores(text, budget_s=budget_s)
                     label = max(labels, key=lambda k: probs[k])
                     found.append(
                         GuardFinding(
@@ -318,8 +317,7 @@ class Guardrails:
             async def topics(text: str, lang: str, budget_s: float) -> list[GuardFinding]:
                 if not rail.topics:
                     return []
-                async with asyncio.timeout(budget_s):
-                    similarity, topic = await d.topic_similarity(text, rail.topics)
+                similarity, topic = await d.topic_similarity(text, rail.topics, budget_s=budget_s)
                 # Score = how far off-topic: acts when similarity < threshold.
                 off = similarity < rail.threshold
                 score = 1.0 if off else 0.0

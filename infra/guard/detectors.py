@@ -85,13 +85,16 @@ class GuardDetectors:
         await self.pii.close()
         await self.head.close()
 
-    async def topic_similarity(self, text: str, topics: Sequence[str]) -> tuple[float, str]:
-        """The highest cosine similarity of `text` to a topic description, and that topic."""
+    async def topic_similarity(
+        self, text: str, topics: Sequence[str], *, budget_s: float | None = None
+    ) -> tuple[float, str]:
+        """The highest cosine similarity of `text` to a topic description, and that topic.
+        `budget_s` bounds the text's embedding as in `EmbeddingHead.vector`."""
         key = tuple(topics)
         vectors = self._topic_vectors.get(key)
         if vectors is None:
             vectors = self._topic_vectors[key] = await self.head.embed(list(topics))
-        v = (await self.head.embed([text]))[0]
+        v = await self.head.vector(text, budget_s=budget_s)
         sims = vectors @ v
         best = int(np.argmax(sims))
         return float(sims[best]), topics[best]

@@ -16,6 +16,7 @@ starves a linear head, so vectors are centred on the training mean and re-normal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 TRAIN_PATH = Path(__file__).with_name("data") / "train.jsonl"
 LABELS = ("benign", "injection", "violence_weapons", "self_harm", "hate_harassment", "crime_drugs", "sexual")
 _CACHE_ITEMS = 2048
+_BATCH_ITEMS = 64
+_QUEUE_FACTOR = 5
+"""A text waits at most this many budgets for its batch to be sent (as `PiiDetector` waits
+for a free thread): a busy head queues checks, a stuck one fails them."""
 _HEAD_VERSION = b"centred+identifiers/2"
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _LONG_NUMBER = re.compile(r"\+?\d(?:[\s.\-()/]*\d){5,}")
@@ -111,6 +117,18 @@ def _fit_with_cutoffs(
     return w, b, cut.astype(np.float32)
 
 
+@dataclass
+class _Wanted:
+    vector: asyncio.Future[npt.NDArray[np.float32]]
+    sent: asyncio.Event
+
+
+def _retrieve(future: asyncio.Future[npt.NDArray[np.float32]]) -> None:
+    """A batch can fail after every caller gave up on it: its error is theirs, not the loop's."""
+    if not future.cancelled():
+        future.exception()
+
+
 class EmbeddingHead:
     """Label probabilities for texts (see the module docstring). `start()` embeds and fits."""
 
@@ -131,6 +149,12 @@ class EmbeddingHead:
         self._mean: npt.NDArray[np.float32] | None = None
         self._benign_fp = benign_fp
         self._vectors: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
+        self._queued: dict[str, _Wanted] = {}
+        """Texts waiting for the next batch, oldest first."""
+        self._sent: dict[str, _Wanted] = {}
+        """Texts in the batch on the embedder: a second rail asking for one joins it."""
+        self._wake = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -172,28 +196,99 @@ class EmbeddingHead:
         )
 
     async def close(self) -> None:
-        return None
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        for wanted in (*self._queued.values(), *self._sent.values()):
+            if not wanted.vector.done():
+                wanted.vector.cancel()
+        self._queued.clear()
+        self._sent.clear()
+
+    async def vector(self, text: str, *, budget_s: float | None = None) -> npt.NDArray[np.float32]:
+        """The normalised vector of one text, from the cache or through the batcher.
+
+        Texts asked for concurrently (a backlog after a restart, two rails on one question)
+        go to the embedder together, one batch at a time, and a text already on its way is
+        not sent twice. With `budget_s`, the batch that carries the text must return within
+        that many seconds of being sent; time waiting for the batch before it is not counted
+        (a busy machine queues checks, it does not make the detector unavailable), up to
+        `_QUEUE_FACTOR` budgets.
+
+        Raises:
+            TimeoutError: the text's batch ran past its budget, or was never sent.
+            DependencyUnavailable: the embedder failed.
+        """
+        cached = self._vectors.get(text)
+        if cached is not None:
+            return cached
+        wanted = self._sent.get(text) or self._queued.get(text)
+        if wanted is None:
+            wanted = self._queued[text] = _Wanted(asyncio.get_running_loop().create_future(), asyncio.Event())
+            wanted.vector.add_done_callback(_retrieve)
+            self._wake.set()
+            if self._pump is None or self._pump.done():
+                self._pump = asyncio.create_task(self._batches(), name="guard-head-batcher")
+        if budget_s is None:
+            return await asyncio.shield(wanted.vector)
+        async with asyncio.timeout(budget_s * _QUEUE_FACTOR):
+            await wanted.sent.wait()
+        async with asyncio.timeout(budget_s):
+            return await asyncio.shield(wanted.vector)
+
+    async def _batches(self) -> None:
+        """Send what is queued, up to `_BATCH_ITEMS` texts a call, one call at a time: the
+        budget of a text then measures its own batch, not the queue on the server."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queued:
+                batch = dict(list(self._queued.items())[:_BATCH_ITEMS])
+                for text, wanted in batch.items():
+                    del self._queued[text]
+                    self._sent[text] = wanted
+                    wanted.sent.set()
+                try:
+                    vectors = await self._embed_and_remember(list(batch))
+                except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+                    for wanted in batch.values():
+                        if not wanted.vector.done():
+                            wanted.vector.set_exception(exc)
+                else:
+                    for (_text, wanted), v in zip(batch.items(), vectors, strict=True):
+                        if not wanted.vector.done():
+                            wanted.vector.set_result(v)
+                finally:
+                    for text in batch:
+                        self._sent.pop(text, None)
 
     async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Normalised vectors, remembered for the texts seen last (one text is often checked
         by two rails)."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
-        if missing:
-            for i in range(0, len(missing), 64):
-                batch = missing[i : i + 64]
-                vecs = np.array(await self._embedder.embed(batch), dtype=np.float32, copy=True)
-                vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
-                for t, v in zip(batch, vecs, strict=True):
-                    self._vectors[t] = v
-            while len(self._vectors) > _CACHE_ITEMS:
-                self._vectors.popitem(last=False)
-        return np.stack([self._vectors[t] for t in texts])
+        found: dict[str, npt.NDArray[np.float32]] = {}
+        for i in range(0, len(missing), _BATCH_ITEMS):
+            batch = missing[i : i + _BATCH_ITEMS]
+            found.update(zip(batch, await self._embed_and_remember(batch), strict=True))
+        return np.stack([found[t] if t in found else self._vectors[t] for t in texts])
 
-    async def scores(self, text: str) -> dict[str, float]:
+    async def _embed_and_remember(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        vecs = np.array(await self._embedder.embed(texts), dtype=np.float32, copy=True)
+        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
+        for t, v in zip(texts, vecs, strict=True):
+            self._vectors[t] = v
+            self._vectors.move_to_end(t)
+        while len(self._vectors) > _CACHE_ITEMS:
+            self._vectors.popitem(last=False)
+        return vecs
+
+    async def scores(self, text: str, *, budget_s: float | None = None) -> dict[str, float]:
         """Per label, a score where 0.5 is the label's cut-off: the probability above which
         only `benign_fp` of the benign training examples fall, held out by cross-validation.
-        Rails compare it with their threshold like a rule's score."""
-        p = await self.probabilities(text)
+        Rails compare it with their threshold like a rule's score. `budget_s`: see `vector`."""
+        p = await self.probabilities(text, budget_s=budget_s)
         out = {}
         for i, label in enumerate(LABELS):
             cut = float(self._cut[i])
@@ -203,10 +298,11 @@ class EmbeddingHead:
             )
         return out
 
-    async def probabilities(self, text: str) -> dict[str, float]:
+    async def probabilities(self, text: str, *, budget_s: float | None = None) -> dict[str, float]:
         if self._w is None or self._b is None or self._mean is None:
             raise RuntimeError("EmbeddingHead.start() was not awaited")
-        x = _centred(await self.embed([identifiers_replaced(text)]), self._mean)
+        v = await self.vector(identifiers_replaced(text), budget_s=budget_s)
+        x = _centred(v[np.newaxis, :], self._mean)
         logits = x @ self._w + self._b
         logits -= logits.max()
         p = np.exp(logits[0])

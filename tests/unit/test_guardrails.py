@@ -50,7 +50,7 @@ class _Pii:
 class _Head:
     name = "head:fake"
 
-    async def scores(self, text: str) -> dict[str, float]:
+    async def scores(self, text: str, *, budget_s: float | None = None) -> dict[str, float]:
         return {"benign": 0.9, "injection": 0.1, "violence_weapons": 0.1, "self_harm": 0.1,
                 "hate_harassment": 0.1, "crime_drugs": 0.1, "sexual": 0.1}  # fmt: skip
 
@@ -62,7 +62,9 @@ class _Detectors:
         self.safety_rules = SafetyRules()
         self.head = _Head()
 
-    async def topic_similarity(self, text: str, topics: Any) -> tuple[float, str]:
+    async def topic_similarity(
+        self, text: str, topics: Any, *, budget_s: float | None = None
+    ) -> tuple[float, str]:
         return (0.9, topics[0]) if "leave" in text else (0.1, topics[0])
 
 
