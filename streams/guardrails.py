@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from ragstream.infra import telemetry
 from ragstream.infra.embedder import Embedder
-from ragstream.infra.guard.base import detect_language, fold
+from ragstream.infra.guard.base import QUEUE_FACTOR, detect_language, fold
 from ragstream.infra.guard.detectors import GuardDetectors
 from ragstream.infra.guard.pii import mask_spans
 from ragstream.infra.guard.rules import HARM_CATEGORIES, KeywordRules
@@ -228,9 +228,9 @@ class Guardrails:
         detect = self._detector(name, rail, direction)
         budget_s = rail.budget_ms / 1000
         try:
-            # Each detector holds itself to the budget from when its work starts; this bound
-            # covers a detector that never starts (its queue is stuck).
-            async with asyncio.timeout(budget_s * 6):
+            # Each detector holds itself to the budget from when its work starts, after at
+            # most QUEUE_FACTOR budgets of queueing; this bound covers one that does not.
+            async with asyncio.timeout(budget_s * (QUEUE_FACTOR + 1)):
                 findings = await detect(text, lang, budget_s)
         except Exception as exc:  # noqa: BLE001 - a failed detector acts per its fail mode
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"

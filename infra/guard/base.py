@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import unicodedata
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from ragstream.schemas.guard import GuardFinding
 
-__all__ = ["Detector", "detect_language", "fold"]
+__all__ = ["QUEUE_FACTOR", "Detector", "detect_language", "fold", "within_budget"]
+
+_T = TypeVar("_T")
+
+QUEUE_FACTOR = 5
+"""A check waits at most this many budgets for its work to start: a busy machine queues
+checks, a stuck detector fails them."""
 
 
 class Detector(Protocol):
@@ -23,6 +31,19 @@ class Detector(Protocol):
     async def close(self) -> None: ...
 
     async def detect(self, text: str, *, lang: str) -> list[GuardFinding]: ...
+
+
+async def within_budget(started: asyncio.Event, result: Callable[[], Awaitable[_T]], budget_s: float) -> _T:
+    """`result()` awaited within `budget_s` of `started` being set; the wait for `started`
+    is not counted, up to `QUEUE_FACTOR` budgets.
+
+    Raises:
+        TimeoutError: the work never started, or ran past its budget.
+    """
+    async with asyncio.timeout(budget_s * QUEUE_FACTOR):
+        await started.wait()
+    async with asyncio.timeout(budget_s):
+        return await result()
 
 
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})

