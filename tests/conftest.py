@@ -89,6 +89,7 @@ class Stack:
         )
 
 
+SESSION_RAIL_BUDGET_MS = 6000.0
 TEST_KEYWORD = "the"
 """The word the `test-keywords` policy blocks in answers (every English answer has it)."""
 
@@ -101,6 +102,13 @@ def _test_policies() -> dict[str, str]:
 
     policies = {k: v.model_dump(mode="json") for k, v in GuardrailsSettings().policies.items()}
     default = policies["default"]
+    # The session stack shares CI's two cores with workers that neighbouring tests kill and
+    # restart (spaCy and the guard head loading at once): there a 2 s budget made fail-closed
+    # rails block the next test's good questions. These tests are about what the rails decide;
+    # the rails' latency is measured by `make bench` (bench.guard_latency) with the default.
+    for rails in (default["input"], default["context"], default["output"]):
+        for rail in rails.values():
+            rail["budget_ms"] = SESSION_RAIL_BUDGET_MS
     fail_open = json.loads(json.dumps(default))
     for direction in ("input", "context", "output"):
         for rail in fail_open[direction].values():

@@ -119,6 +119,8 @@ def _fit_with_cutoffs(
 class _Wanted:
     vector: asyncio.Future[npt.NDArray[np.float32]]
     sent: asyncio.Event
+    budget_s: float | None
+    """The longest budget of the callers waiting for it (None: one waits without)."""
 
 
 def _retrieve(future: asyncio.Future[npt.NDArray[np.float32]]) -> None:
@@ -222,26 +224,36 @@ class EmbeddingHead:
             return cached
         wanted = self._wanted.get(text)
         if wanted is None:
-            wanted = self._wanted[text] = _Wanted(asyncio.get_running_loop().create_future(), asyncio.Event())
+            wanted = self._wanted[text] = _Wanted(
+                asyncio.get_running_loop().create_future(), asyncio.Event(), budget_s
+            )
             wanted.vector.add_done_callback(_retrieve)
             self._wake.set()
             if self._pump is None or self._pump.done():
                 self._pump = asyncio.create_task(self._batches(), name="guard-head-batcher")
+        elif not wanted.sent.is_set() and wanted.budget_s is not None:
+            wanted.budget_s = None if budget_s is None else max(wanted.budget_s, budget_s)
         if budget_s is None:
             return await asyncio.shield(wanted.vector)
         return await within_budget(wanted.sent, lambda: asyncio.shield(wanted.vector), budget_s)
 
     async def _batches(self) -> None:
         """Send what is queued, up to `_BATCH_ITEMS` texts a call, one call at a time: the
-        budget of a text then measures its own batch, not the queue on the server."""
+        budget of a text then measures its own batch, not the queue on the server. A call
+        that outlives the longest budget in it is given up, so a stuck embedder holds the
+        queue for one budget, not for its own request timeout (a batch with a text someone
+        waits for without a budget waits for that timeout)."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             while batch := [t for t, w in self._wanted.items() if not w.sent.is_set()][:_BATCH_ITEMS]:
+                budgets = [self._wanted[t].budget_s for t in batch]
+                limit_s = None if None in budgets else max(b for b in budgets if b is not None)
                 for text in batch:
                     self._wanted[text].sent.set()
                 try:
-                    vectors = await self._embed_and_remember(batch)
+                    async with asyncio.timeout(limit_s):
+                        vectors = await self._embed_and_remember(batch)
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                     for text in batch:
                         self._wanted.pop(text).vector.set_exception(exc)

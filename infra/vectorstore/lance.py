@@ -204,7 +204,6 @@ class LanceDBVectorStore:
                 "use another vector_store.table or re-index"
             )
         self._table = table
-        indexed = {tuple(ix.columns) for ix in await table.list_indices()}
         wanted: dict[str, FTS | BTree | Bitmap] = {
             _FTS_COLUMN: FTS(),
             "tenant": Bitmap(),
@@ -212,9 +211,19 @@ class LanceDBVectorStore:
             "document_id": BTree(),
         }
         async with self._write_lock:
-            for column, config in wanted.items():
-                if (column,) not in indexed:
-                    await _create_index_once(table, column, config)
+            # Processes opening a new table together race to create its indexes, and a
+            # commit resolved against an older version can leave out an index another one
+            # made: an opener starts only once the latest version has them all.
+            for _ in range(_INDEX_RACE_ATTEMPTS):
+                await table.checkout_latest()  # type: ignore[no-untyped-call]
+                indexed = {tuple(ix.columns) for ix in await table.list_indices()}
+                missing = [column for column in wanted if (column,) not in indexed]
+                if not missing:
+                    break
+                for column in missing:
+                    await _create_index_once(table, column, wanted[column])
+            else:
+                raise StartupError(f"LanceDB table {self._table_name!r}: indexes {missing} keep disappearing")
         if self._optimize_interval_s > 0:
             self._maintenance = asyncio.create_task(self._optimize_forever(), name="lancedb-optimize")
         log.info(

@@ -24,7 +24,8 @@ class _Embedder:
         self.call_s = call_s
         self.in_flight = 0
         self.most_in_flight = 0
-        self.hang = False
+        self.hang_calls = 0
+        """How many of the next calls never return."""
         self.fail: Exception | None = None
 
     async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -32,7 +33,8 @@ class _Embedder:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            if self.hang:
+            if self.hang_calls:
+                self.hang_calls -= 1
                 await asyncio.Event().wait()
             await asyncio.sleep(self.call_s)
             if self.fail is not None:
@@ -76,20 +78,21 @@ async def test_the_budget_counts_from_when_the_batch_is_sent_not_the_wait_before
         await head.close()
 
 
-async def test_a_stuck_embedder_times_out_its_batch_and_the_queue_behind_it() -> None:
+async def test_a_stuck_embedder_fails_each_text_within_two_budgets() -> None:
     emb = _Embedder()
-    emb.hang = True
+    emb.hang_calls = 1000
     head = EmbeddingHead(emb)  # type: ignore[arg-type]
     try:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        with pytest.raises(TimeoutError):
-            await head.vector("sent", budget_s=0.1)
-        assert loop.time() - t0 < 0.4
-        t0 = loop.time()
-        with pytest.raises(TimeoutError):  # never sent: waits at most 5 budgets
+        sent = asyncio.create_task(head.vector("sent", budget_s=0.1))
+        await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):  # queued behind the stuck call, then stuck itself
             await head.vector("queued", budget_s=0.1)
-        assert 0.4 < loop.time() - t0 < 1.0
+        assert loop.time() - t0 < 0.35
+        with pytest.raises(TimeoutError):
+            await sent
+        assert emb.calls == [["sent"], ["queued"]]
     finally:
         await head.close()
 
@@ -105,5 +108,24 @@ async def test_an_embedder_failure_reaches_every_caller_and_the_next_batch_goes_
         assert all(isinstance(r, ConnectionError) for r in results), results
         emb.fail = None
         assert (await head.vector("a", budget_s=1.0)).shape == (4,)
+    finally:
+        await head.close()
+
+
+async def test_a_stuck_call_is_given_up_after_its_longest_budget_and_the_next_batch_goes() -> None:
+    emb = _Embedder()
+    emb.hang_calls = 1
+    head = EmbeddingHead(emb)  # type: ignore[arg-type]
+    try:
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(head.vector("first", budget_s=0.2))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(head.vector("second", budget_s=0.2))
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await first
+        assert (await second).shape == (4,), "sent once the stuck call was given up"
+        assert loop.time() - t0 < 0.3
+        assert emb.calls == [["first"], ["second"]]
     finally:
         await head.close()
